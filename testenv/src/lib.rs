@@ -1,0 +1,1 @@
+//! Placeholder: filled in by the test control plane work.
