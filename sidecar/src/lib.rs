@@ -1,0 +1,18 @@
+//! StreamGate sidecar: the session engine, session stores, policy file and HTTP session API.
+//!
+//! The binary `streamgate-sidecar` is a thin wrapper over [`server::run`]. Tests and tools embed
+//! the sidecar with [`server::Sidecar`].
+#![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod engine;
+pub mod metrics;
+pub mod policy;
+pub mod policy_watch;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod validate;

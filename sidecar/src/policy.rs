@@ -1,0 +1,575 @@
+//! StreamingPolicy: the wire type shared with the operator's CRD, the policy file format, and
+//! resolution of the policy that applies to one account.
+//!
+//! A policy file holds one or more YAML documents, each a `StreamingPolicy` exactly as a user would
+//! `kubectl apply` it. The operator renders a namespace's policies into the same format, so a
+//! sidecar reads the ConfigMap payload and a hand-written file the same way.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group and version of the StreamingPolicy resource.
+pub const API_VERSION: &str = "streamgate.dev/v1alpha1";
+/// Kind of the StreamingPolicy resource.
+pub const KIND: &str = "StreamingPolicy";
+
+/// Smallest allowed `maxStreamsPerAccount`.
+pub const MIN_STREAMS: u32 = 1;
+/// Largest allowed `maxStreamsPerAccount`.
+pub const MAX_STREAMS: u32 = 10_000;
+/// Largest allowed `sessionTTLSeconds` (one day): longer TTLs keep dead players' slots too long.
+pub const MAX_TTL_SECONDS: u32 = 86_400;
+
+/// What happens to a new stream when its account is already at its limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum OnLimitExceeded {
+    /// Refuse the new stream with 429 `limit_exceeded`.
+    #[default]
+    RejectNew,
+    /// Admit the new stream and revoke the account's oldest session (reason `evicted`).
+    EvictOldest,
+}
+
+/// What a sidecar does when the session store cannot be reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum FailurePolicy {
+    /// Admit new streams and keep existing ones: viewers are never punished for our outage.
+    #[default]
+    Open,
+    /// Refuse new streams with 503 `store_unavailable`; existing sessions live until their TTL.
+    Closed,
+}
+
+/// Whether decisions are enforced or only reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum Mode {
+    /// Refuse and cut as the policy says.
+    #[default]
+    Enforce,
+    /// Decide and report (metrics, logs, a response header) but never refuse or cut.
+    DryRun,
+}
+
+fn default_max_streams() -> u32 {
+    3
+}
+fn default_ttl() -> u32 {
+    90
+}
+fn default_heartbeat() -> u32 {
+    30
+}
+
+/// The `spec` of a StreamingPolicy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicySpec {
+    /// Concurrent sessions allowed per account.
+    #[serde(default = "default_max_streams")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_streams_per_account: u32,
+    /// A session expires this many seconds after its last heartbeat. At least twice
+    /// `heartbeatIntervalSeconds`.
+    #[serde(default = "default_ttl", rename = "sessionTTLSeconds")]
+    #[schemars(range(min = 2, max = 86400))]
+    pub session_ttl_seconds: u32,
+    /// Heartbeat interval advertised to players.
+    #[serde(default = "default_heartbeat")]
+    #[schemars(range(min = 1, max = 43200))]
+    pub heartbeat_interval_seconds: u32,
+    /// What happens to a new stream when the account is at its limit.
+    #[serde(default)]
+    pub on_limit_exceeded: OnLimitExceeded,
+    /// Empty: this is the namespace's default policy. Otherwise an override for these accounts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10000))]
+    pub accounts: Vec<String>,
+    /// What to do while the session store is unreachable.
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+    /// `Enforce`, or `DryRun` to decide and report without refusing or cutting.
+    #[serde(default)]
+    pub mode: Mode,
+}
+
+impl Default for PolicySpec {
+    fn default() -> Self {
+        Self {
+            max_streams_per_account: default_max_streams(),
+            session_ttl_seconds: default_ttl(),
+            heartbeat_interval_seconds: default_heartbeat(),
+            on_limit_exceeded: OnLimitExceeded::default(),
+            accounts: Vec::new(),
+            failure_policy: FailurePolicy::default(),
+            mode: Mode::default(),
+        }
+    }
+}
+
+/// A rule of the spec that a value breaks, naming the field as it is written in YAML.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field, e.g. `spec.maxStreamsPerAccount`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl PolicySpec {
+    /// Checks the rules the schema states, plus those that span fields. Returns the first broken one.
+    pub fn validate(&self) -> Result<(), FieldError> {
+        let err = |field: &str, message: String| {
+            Err(FieldError {
+                field: format!("spec.{field}"),
+                message,
+            })
+        };
+        if !(MIN_STREAMS..=MAX_STREAMS).contains(&self.max_streams_per_account) {
+            return err(
+                "maxStreamsPerAccount",
+                format!(
+                    "must be between {MIN_STREAMS} and {MAX_STREAMS}, got {}",
+                    self.max_streams_per_account
+                ),
+            );
+        }
+        if self.heartbeat_interval_seconds == 0 {
+            return err("heartbeatIntervalSeconds", "must be at least 1".into());
+        }
+        if self.session_ttl_seconds > MAX_TTL_SECONDS {
+            return err(
+                "sessionTTLSeconds",
+                format!(
+                    "must be at most {MAX_TTL_SECONDS}, got {}",
+                    self.session_ttl_seconds
+                ),
+            );
+        }
+        if u64::from(self.session_ttl_seconds) < 2 * u64::from(self.heartbeat_interval_seconds) {
+            return err(
+                "sessionTTLSeconds",
+                format!(
+                    "must be at least twice heartbeatIntervalSeconds ({}), got {}",
+                    self.heartbeat_interval_seconds, self.session_ttl_seconds
+                ),
+            );
+        }
+        for (i, account) in self.accounts.iter().enumerate() {
+            if let Err(problem) = crate::validate::check_id(account) {
+                return err(&format!("accounts[{i}]"), problem.to_string());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `metadata` of a policy document: only what the sidecar needs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyMetadata {
+    /// Policy name, unique in its namespace.
+    #[serde(default)]
+    pub name: String,
+    /// Namespace; absent means "whichever namespace the sidecar serves".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// One StreamingPolicy document of a policy file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyDocument {
+    /// Must be `streamgate.dev/v1alpha1`.
+    pub api_version: String,
+    /// Must be `StreamingPolicy`.
+    pub kind: String,
+    /// Name and namespace.
+    #[serde(default)]
+    pub metadata: PolicyMetadata,
+    /// The policy itself.
+    #[serde(default)]
+    pub spec: PolicySpec,
+}
+
+/// Why a policy file could not be loaded. Names the file, the document and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file could not be read.
+    #[error("policy file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A document is not valid YAML or does not fit the schema.
+    #[error("policy file {path}, document {document}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// 1-based index of the document in the file.
+        document: usize,
+        /// What the parser said, including the field.
+        message: String,
+    },
+    /// A document parses but breaks a rule.
+    #[error("policy file {path}, document {document} ({name}): {error}")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// 1-based index of the document in the file.
+        document: usize,
+        /// `metadata.name` of the document.
+        name: String,
+        /// The broken rule.
+        error: FieldError,
+    },
+}
+
+/// A named, validated policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedPolicy {
+    /// `metadata.name`.
+    pub name: String,
+    /// The validated spec.
+    pub spec: PolicySpec,
+}
+
+/// The policy that applies to one account, with where it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EffectivePolicy {
+    /// Name of the policy, or `built-in` when no policy file names a default.
+    pub source: String,
+    /// Concurrent sessions allowed.
+    pub limit: u32,
+    /// Session TTL in seconds.
+    pub ttl_seconds: u32,
+    /// Advertised heartbeat interval in seconds.
+    pub heartbeat_interval_seconds: u32,
+    /// Over-limit action.
+    pub on_limit_exceeded: OnLimitExceeded,
+    /// Store-outage behaviour.
+    pub failure_policy: FailurePolicy,
+    /// Enforce or dry run.
+    pub mode: Mode,
+}
+
+impl EffectivePolicy {
+    fn from_spec(source: &str, spec: &PolicySpec) -> Self {
+        Self {
+            source: source.to_string(),
+            limit: spec.max_streams_per_account,
+            ttl_seconds: spec.session_ttl_seconds,
+            heartbeat_interval_seconds: spec.heartbeat_interval_seconds,
+            on_limit_exceeded: spec.on_limit_exceeded,
+            failure_policy: spec.failure_policy,
+            mode: spec.mode,
+        }
+    }
+
+    /// TTL in milliseconds.
+    pub fn ttl_ms(&self) -> i64 {
+        i64::from(self.ttl_seconds) * 1000
+    }
+}
+
+/// Name reported for the policy used when no default policy is configured.
+pub const BUILT_IN: &str = "built-in";
+
+/// All policies of one namespace, resolved per account.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicySet {
+    default: EffectivePolicy,
+    /// Account -> the override that wins for it.
+    overrides: BTreeMap<String, EffectivePolicy>,
+    policies: Vec<NamedPolicy>,
+}
+
+impl Default for PolicySet {
+    /// The built-in default: limit 3, TTL 90 s, heartbeat 30 s, RejectNew, Open, Enforce.
+    fn default() -> Self {
+        Self::from_policies(Vec::new())
+    }
+}
+
+impl PolicySet {
+    /// Builds the set from validated policies.
+    ///
+    /// Several default policies: the first by name wins, so the choice does not depend on file
+    /// order. An account named by several overrides gets the one with the lowest limit (then the
+    /// first by name), the rule the operator also reports in status.
+    pub fn from_policies(mut policies: Vec<NamedPolicy>) -> Self {
+        policies.sort_by(|a, b| a.name.cmp(&b.name));
+        let default = policies
+            .iter()
+            .find(|p| p.spec.accounts.is_empty())
+            .map(|p| EffectivePolicy::from_spec(&p.name, &p.spec))
+            .unwrap_or_else(|| EffectivePolicy::from_spec(BUILT_IN, &PolicySpec::default()));
+        let mut overrides: BTreeMap<String, EffectivePolicy> = BTreeMap::new();
+        for policy in policies.iter().filter(|p| !p.spec.accounts.is_empty()) {
+            let candidate = EffectivePolicy::from_spec(&policy.name, &policy.spec);
+            for account in &policy.spec.accounts {
+                match overrides.get(account) {
+                    Some(current) if current.limit <= candidate.limit => {}
+                    _ => {
+                        overrides.insert(account.clone(), candidate.clone());
+                    }
+                }
+            }
+        }
+        Self {
+            default,
+            overrides,
+            policies,
+        }
+    }
+
+    /// The policy that applies to `account`.
+    pub fn resolve(&self, account: &str) -> &EffectivePolicy {
+        self.overrides.get(account).unwrap_or(&self.default)
+    }
+
+    /// The namespace's default policy.
+    pub fn default_policy(&self) -> &EffectivePolicy {
+        &self.default
+    }
+
+    /// The policies this set was built from, sorted by name.
+    pub fn policies(&self) -> &[NamedPolicy] {
+        &self.policies
+    }
+
+    /// Parses and validates a policy file's text. `path` only names the source in errors.
+    /// Documents of another namespace than `namespace` are skipped; documents without a
+    /// namespace apply.
+    pub fn from_yaml(text: &str, path: &str, namespace: &str) -> Result<Self, PolicyError> {
+        let mut policies = Vec::new();
+        for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            let number = index + 1;
+            let value =
+                serde_yaml::Value::deserialize(document).map_err(|e| PolicyError::Parse {
+                    path: path.to_string(),
+                    document: number,
+                    message: e.to_string(),
+                })?;
+            // `---` at the end of a file, or a file of comments only, yields an empty document.
+            if value.is_null() {
+                continue;
+            }
+            // serde_path_to_error names the field (`spec.onLimitExceeded`) that serde alone omits.
+            let doc: PolicyDocument =
+                serde_path_to_error::deserialize(value).map_err(|e| PolicyError::Parse {
+                    path: path.to_string(),
+                    document: number,
+                    message: match e.path().to_string().as_str() {
+                        "." => e.inner().to_string(),
+                        field => format!("{field}: {}", e.inner()),
+                    },
+                })?;
+            let invalid = |error: FieldError| PolicyError::Invalid {
+                path: path.to_string(),
+                document: number,
+                name: doc.metadata.name.clone(),
+                error,
+            };
+            if doc.api_version != API_VERSION {
+                return Err(invalid(FieldError {
+                    field: "apiVersion".into(),
+                    message: format!("must be {API_VERSION}, got {:?}", doc.api_version),
+                }));
+            }
+            if doc.kind != KIND {
+                return Err(invalid(FieldError {
+                    field: "kind".into(),
+                    message: format!("must be {KIND}, got {:?}", doc.kind),
+                }));
+            }
+            if doc.metadata.name.is_empty() {
+                return Err(invalid(FieldError {
+                    field: "metadata.name".into(),
+                    message: "is required".into(),
+                }));
+            }
+            doc.spec.validate().map_err(invalid)?;
+            if doc
+                .metadata
+                .namespace
+                .as_deref()
+                .is_some_and(|ns| ns != namespace)
+            {
+                continue;
+            }
+            policies.push(NamedPolicy {
+                name: doc.metadata.name,
+                spec: doc.spec,
+            });
+        }
+        Ok(Self::from_policies(policies))
+    }
+
+    /// Reads and parses a policy file.
+    pub fn load(path: &Path, namespace: &str) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text, &path.display().to_string(), namespace)
+    }
+}
+
+/// Renders policies as a policy file: the format the operator writes into its ConfigMap.
+pub fn render_policy_file(documents: &[PolicyDocument]) -> Result<String, serde_yaml::Error> {
+    let mut out = String::new();
+    for doc in documents {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(doc)?);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DEFAULT_AND_VIP: &str = r#"
+apiVersion: streamgate.dev/v1alpha1
+kind: StreamingPolicy
+metadata: {name: default}
+spec: {maxStreamsPerAccount: 3}
+---
+apiVersion: streamgate.dev/v1alpha1
+kind: StreamingPolicy
+metadata: {name: vip}
+spec:
+  maxStreamsPerAccount: 10
+  onLimitExceeded: EvictOldest
+  accounts: [vip-1, vip-2]
+---
+apiVersion: streamgate.dev/v1alpha1
+kind: StreamingPolicy
+metadata: {name: restricted}
+spec:
+  maxStreamsPerAccount: 1
+  accounts: [vip-2]
+"#;
+
+    #[test]
+    fn resolves_default_and_overrides_with_lowest_limit_winning() {
+        let set = PolicySet::from_yaml(DEFAULT_AND_VIP, "p.yaml", "default").unwrap();
+        assert_eq!(set.resolve("someone").source, "default");
+        assert_eq!(set.resolve("someone").limit, 3);
+        let vip = set.resolve("vip-1");
+        assert_eq!(
+            (vip.source.as_str(), vip.limit, vip.on_limit_exceeded),
+            ("vip", 10, OnLimitExceeded::EvictOldest)
+        );
+        assert_eq!(set.resolve("vip-2").source, "restricted");
+        assert_eq!(set.resolve("vip-2").limit, 1);
+    }
+
+    #[test]
+    fn spec_defaults_match_the_contract() {
+        let set = PolicySet::from_yaml(
+            "apiVersion: streamgate.dev/v1alpha1\nkind: StreamingPolicy\nmetadata: {name: d}\n",
+            "p.yaml",
+            "default",
+        )
+        .unwrap();
+        let p = set.resolve("a");
+        assert_eq!(p.limit, 3);
+        assert_eq!(p.ttl_seconds, 90);
+        assert_eq!(p.heartbeat_interval_seconds, 30);
+        assert_eq!(p.on_limit_exceeded, OnLimitExceeded::RejectNew);
+        assert_eq!(p.failure_policy, FailurePolicy::Open);
+        assert_eq!(p.mode, Mode::Enforce);
+    }
+
+    #[test]
+    fn no_default_policy_falls_back_to_built_in() {
+        let set = PolicySet::from_yaml("", "p.yaml", "default").unwrap();
+        assert_eq!(set.resolve("a").source, BUILT_IN);
+        assert_eq!(set.resolve("a").limit, 3);
+    }
+
+    #[test]
+    fn other_namespaces_are_ignored() {
+        let text = "apiVersion: streamgate.dev/v1alpha1\nkind: StreamingPolicy\nmetadata: {name: d, namespace: other}\nspec: {maxStreamsPerAccount: 7}\n";
+        let set = PolicySet::from_yaml(text, "p.yaml", "default").unwrap();
+        assert_eq!(set.resolve("a").source, BUILT_IN);
+        let set = PolicySet::from_yaml(text, "p.yaml", "other").unwrap();
+        assert_eq!(set.resolve("a").limit, 7);
+    }
+
+    fn error_of(spec: &str) -> String {
+        let text = format!(
+            "apiVersion: streamgate.dev/v1alpha1\nkind: StreamingPolicy\nmetadata: {{name: ok}}\n---\napiVersion: streamgate.dev/v1alpha1\nkind: StreamingPolicy\nmetadata: {{name: bad}}\nspec: {spec}\n"
+        );
+        PolicySet::from_yaml(&text, "policies.yaml", "default")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_file_document_and_field() {
+        let e = error_of("{maxStreamsPerAccount: 0}");
+        assert!(e.contains("policies.yaml"), "{e}");
+        assert!(e.contains("document 2"), "{e}");
+        assert!(e.contains("spec.maxStreamsPerAccount"), "{e}");
+
+        let e = error_of("{sessionTTLSeconds: 50, heartbeatIntervalSeconds: 30}");
+        assert!(e.contains("spec.sessionTTLSeconds"), "{e}");
+        assert!(e.contains("twice"), "{e}");
+
+        let e = error_of("{onLimitExceeded: DropAll}");
+        assert!(e.contains("document 2"), "{e}");
+        assert!(e.contains("DropAll"), "{e}");
+        assert!(e.contains("onLimitExceeded"), "{e}");
+
+        let e = error_of("{maxStreams: 4}");
+        assert!(e.contains("unknown field `maxStreams`"), "{e}");
+
+        let e = error_of("{accounts: [\"has space\"]}");
+        assert!(e.contains("spec.accounts[0]"), "{e}");
+    }
+
+    #[test]
+    fn wrong_kind_is_refused() {
+        let e = PolicySet::from_yaml(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n",
+            "p.yaml",
+            "default",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("apiVersion"), "{e}");
+    }
+
+    #[test]
+    fn rendered_file_parses_back() {
+        let set = PolicySet::from_yaml(DEFAULT_AND_VIP, "p.yaml", "default").unwrap();
+        let docs: Vec<PolicyDocument> = set
+            .policies()
+            .iter()
+            .map(|p| PolicyDocument {
+                api_version: API_VERSION.into(),
+                kind: KIND.into(),
+                metadata: PolicyMetadata {
+                    name: p.name.clone(),
+                    namespace: None,
+                },
+                spec: p.spec.clone(),
+            })
+            .collect();
+        let text = render_policy_file(&docs).unwrap();
+        assert_eq!(PolicySet::from_yaml(&text, "r", "default").unwrap(), set);
+    }
+}

@@ -1,0 +1,187 @@
+//! Session records as stores keep them, and the JSON view the API returns.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// A session id: 128 random bits, written as 32 lowercase hex digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u128);
+
+impl SessionId {
+    /// A new random id from the thread-local CSPRNG, so ids cannot be guessed.
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl FromStr for SessionId {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if !crate::validate::is_session_id(s) {
+            return Err(());
+        }
+        u128::from_str_radix(s, 16).map(Self).map_err(|_| ())
+    }
+}
+
+/// Lifecycle state of a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum SessionState {
+    /// Holds a slot; heartbeats renew it.
+    Active,
+    /// Cut by the limiter or an admin (reason `evicted` or `kicked`).
+    Revoked,
+    /// Missed heartbeats for its TTL.
+    Expired,
+}
+
+/// Why a session is no longer active.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum EndReason {
+    /// Revoked to admit a newer stream of the same account (EvictOldest).
+    Evicted,
+    /// Revoked by an admin.
+    Kicked,
+    /// No heartbeat within the TTL.
+    Expired,
+}
+
+impl EndReason {
+    /// The reason as it appears in JSON and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Evicted => "evicted",
+            EndReason::Kicked => "kicked",
+            EndReason::Expired => "expired",
+        }
+    }
+}
+
+/// A session as a store keeps it. Times are milliseconds since the Unix epoch on the store's clock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// Unique id.
+    pub id: SessionId,
+    /// Account that owns the session.
+    pub account: String,
+    /// The player's stream id, unique among the account's active sessions.
+    pub stream_id: String,
+    /// Current state.
+    pub state: SessionState,
+    /// Why it ended, when not active.
+    pub reason: Option<EndReason>,
+    /// When it was admitted.
+    pub created_at_ms: i64,
+    /// Active: when it expires without a heartbeat. Ended: when it stopped being valid.
+    pub expires_at_ms: i64,
+    /// The TTL it was last renewed with; a cut session stays answerable this long.
+    pub ttl_ms: i64,
+}
+
+impl SessionRecord {
+    /// True while the session holds a slot at `now_ms`.
+    pub fn is_active_at(&self, now_ms: i64) -> bool {
+        self.state == SessionState::Active && now_ms < self.expires_at_ms
+    }
+}
+
+/// A revocation notice: a session was evicted, kicked or expired.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revocation {
+    /// The session as it was cut.
+    pub session: SessionRecord,
+    /// True when this process made the decision, false when it learned of it from the store;
+    /// metrics count local decisions only, so a fleet's counters add up.
+    pub local: bool,
+}
+
+/// A session as the API returns it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Session {
+    /// 32 hex digits; the key for `/v1/sessions/{sessionId}` and the proxy's session header.
+    #[schema(example = "6f1c0f9e2a9b4d8c8e7f00112233aabb")]
+    pub session_id: String,
+    /// The account.
+    pub account: String,
+    /// The player's stream id.
+    pub stream_id: String,
+    /// `active`, `revoked` or `expired`.
+    pub state: SessionState,
+    /// Why the session ended, when it is not active.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<EndReason>,
+    /// When the session was admitted (RFC 3339).
+    pub created_at: String,
+    /// Active: when it expires without a heartbeat. Otherwise: when it ended (RFC 3339).
+    pub expires_at: String,
+    /// How often the player should heartbeat.
+    pub heartbeat_interval_seconds: u32,
+    /// The account's limit of concurrent sessions.
+    pub limit: u32,
+    /// The account's active sessions now.
+    pub active_sessions: u32,
+}
+
+/// Formats store milliseconds as RFC 3339 with millisecond precision.
+pub fn rfc3339(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+impl Session {
+    /// The API view of `record` under the account's current `limit` and heartbeat interval.
+    pub fn view(
+        record: &SessionRecord,
+        limit: u32,
+        heartbeat_interval_seconds: u32,
+        active: u32,
+    ) -> Self {
+        Self {
+            session_id: record.id.to_string(),
+            account: record.account.clone(),
+            stream_id: record.stream_id.clone(),
+            state: record.state,
+            reason: record.reason,
+            created_at: rfc3339(record.created_at_ms),
+            expires_at: rfc3339(record.expires_at_ms),
+            heartbeat_interval_seconds,
+            limit,
+            active_sessions: active,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_id_round_trips_as_32_hex() {
+        let id = SessionId::random();
+        let text = id.to_string();
+        assert_eq!(text.len(), 32);
+        assert_eq!(text.parse::<SessionId>(), Ok(id));
+        assert_eq!(SessionId(1).to_string(), format!("{}1", "0".repeat(31)));
+        assert!("xyz".parse::<SessionId>().is_err());
+    }
+
+    #[test]
+    fn rfc3339_has_millis_and_z() {
+        assert_eq!(rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    }
+}

@@ -1,0 +1,136 @@
+//! Session stores: where sessions live, and the atomic per-account operations on them.
+//!
+//! Every store implements [`SessionStore`]; the contract test suite in `tests/store_contract.rs`
+//! runs against each of them. A store applies [`crate::admission::decide`] atomically per account:
+//! whatever the concurrency, an account never has more active sessions than its limit
+//! (except in DryRun, which admits over the limit by design).
+
+pub mod memory;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+use crate::admission::OverLimit;
+use crate::policy::{Mode, OnLimitExceeded};
+use crate::session::{Revocation, SessionId, SessionRecord};
+
+pub use memory::MemoryStore;
+
+/// The store could not be reached or answered with an error.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("session store unavailable: {0}")]
+pub struct StoreError(pub String);
+
+/// A request to open (or renew) the session of `(account, stream_id)`.
+#[derive(Clone, Debug)]
+pub struct OpenRequest<'a> {
+    /// The account.
+    pub account: &'a str,
+    /// The player's stream id.
+    pub stream_id: &'a str,
+    /// Id for the session if a new one is admitted.
+    pub new_id: SessionId,
+    /// The account's limit.
+    pub limit: u32,
+    /// Session TTL in milliseconds.
+    pub ttl_ms: i64,
+    /// Over-limit action.
+    pub on_limit: OnLimitExceeded,
+    /// Enforce or dry run.
+    pub mode: Mode,
+}
+
+/// What an open did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OpenOutcome {
+    /// `(account, stream_id)` already had an active session: renewed, no new slot used.
+    Renewed {
+        /// The renewed session.
+        session: SessionRecord,
+        /// The account's active sessions.
+        active: u32,
+    },
+    /// A new session was admitted.
+    Admitted {
+        /// The new session.
+        session: SessionRecord,
+        /// Sessions revoked to make room (EvictOldest), oldest first.
+        evicted: Vec<SessionRecord>,
+        /// The account's active sessions, including the new one.
+        active: u32,
+        /// In DryRun at the limit: what enforcement would have done.
+        dry_run: Option<OverLimit>,
+    },
+    /// Refused (RejectNew at the limit).
+    Refused {
+        /// The account's active sessions, oldest first.
+        active: Vec<SessionRecord>,
+    },
+}
+
+/// What a heartbeat found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeartbeatOutcome {
+    /// The session was active and is renewed.
+    Renewed {
+        /// The renewed session.
+        session: SessionRecord,
+        /// The account's active sessions.
+        active: u32,
+    },
+    /// The session was cut (revoked or expired) within the last TTL.
+    Gone(SessionRecord),
+    /// No such session.
+    NotFound,
+}
+
+/// What a kick found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KickOutcome {
+    /// The session was active and is now revoked, reason `kicked`.
+    Kicked(SessionRecord),
+    /// The session had already been cut.
+    AlreadyGone(SessionRecord),
+    /// No such session.
+    NotFound,
+}
+
+/// Where sessions live. All operations on one account are atomic with respect to each other.
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Opens a session for `(account, stream_id)`, or renews it if one is active.
+    async fn open(&self, request: &OpenRequest<'_>) -> Result<OpenOutcome, StoreError>;
+
+    /// Renews the active session of `(account, stream_id)` for `ttl_ms`.
+    async fn heartbeat(
+        &self,
+        account: &str,
+        stream_id: &str,
+        ttl_ms: i64,
+    ) -> Result<HeartbeatOutcome, StoreError>;
+
+    /// Ends the active session of `(account, stream_id)` and frees its slot. `None` if none.
+    async fn end(
+        &self,
+        account: &str,
+        stream_id: &str,
+    ) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// The account's active sessions, oldest first.
+    async fn list(&self, account: &str) -> Result<Vec<SessionRecord>, StoreError>;
+
+    /// One session, active or recently cut, without renewing it.
+    async fn get(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError>;
+
+    /// Revokes a session, reason `kicked`.
+    async fn kick(&self, id: SessionId) -> Result<KickOutcome, StoreError>;
+
+    /// Checks that the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Active sessions across all accounts, when the store can count them cheaply.
+    async fn active_sessions(&self) -> Result<Option<u64>, StoreError>;
+
+    /// Revocation notices (evicted, kicked, expired), local and, for shared stores, remote.
+    fn revocations(&self) -> broadcast::Receiver<Revocation>;
+}
