@@ -206,8 +206,23 @@ impl State {
         index.active.remove(&record.stream_id);
         index.last_cut.insert(record.stream_id.clone(), id);
         self.active_total -= 1;
-        self.schedule(id, deadline);
+        if deadline <= now {
+            // Noticed only after its tombstone time ran out too: answer as if the reaper had
+            // been on time, so behaviour does not depend on when it last ran.
+            self.drop_tombstone(id);
+        } else {
+            self.schedule(id, deadline);
+        }
         record
+    }
+
+    /// The session `id` if it is still answerable at `now`: active, or cut less than one TTL ago.
+    /// A tombstone past its time may linger until the reaper runs; it is not answered.
+    fn answerable(&self, id: &SessionId, now: i64) -> Option<&SessionRecord> {
+        self.sessions
+            .get(id)
+            .filter(|e| e.record.state == SessionState::Active || e.deadline() > now)
+            .map(|e| &e.record)
     }
 
     fn drop_tombstone(&mut self, id: SessionId) {
@@ -366,8 +381,8 @@ impl State {
         let gone = index
             .last_cut
             .get(stream_id)
-            .and_then(|id| self.sessions.get(id))
-            .map(|e| e.record.clone());
+            .and_then(|id| self.answerable(id, now))
+            .cloned();
         (
             gone.map_or(HeartbeatOutcome::NotFound, HeartbeatOutcome::Gone),
             cut,
@@ -402,9 +417,11 @@ impl State {
         };
         let account = entry.record.account.clone();
         let mut cut = self.expire_overdue(&account, now);
-        let entry = &self.sessions[&id];
-        if entry.record.state != SessionState::Active {
-            return (KickOutcome::AlreadyGone(entry.record.clone()), cut);
+        let Some(record) = self.answerable(&id, now) else {
+            return (KickOutcome::NotFound, cut);
+        };
+        if record.state != SessionState::Active {
+            return (KickOutcome::AlreadyGone(record.clone()), cut);
         }
         let kicked = self.end_active(id, now, EndReason::Kicked);
         cut.push(kicked.clone());
@@ -463,7 +480,7 @@ impl SessionStore for MemoryStore {
             let cut = account
                 .map(|a| state.expire_overdue(&a, now))
                 .unwrap_or_default();
-            (state.sessions.get(&id).map(|e| e.record.clone()), cut)
+            (state.answerable(&id, now).cloned(), cut)
         };
         self.publish(cut);
         Ok(found)

@@ -1,0 +1,371 @@
+//! The store contract: every `SessionStore` must pass these, unchanged.
+//!
+//! Cases use real time with short TTLs (a shared store keeps time on its own clock, so it cannot
+//! be moved by the test), and each case uses fresh account names so stores can be shared.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use streamgate_sidecar::policy::{Mode, OnLimitExceeded};
+use streamgate_sidecar::session::{EndReason, SessionId, SessionState};
+use streamgate_sidecar::store::{
+    HeartbeatOutcome, KickOutcome, MemoryStore, OpenOutcome, OpenRequest, SessionStore,
+};
+
+const TTL_MS: i64 = 60_000;
+
+fn account(name: &str) -> String {
+    format!("{name}-{:08x}", rand::random::<u32>())
+}
+
+fn req<'a>(
+    account: &'a str,
+    stream: &'a str,
+    limit: u32,
+    on_limit: OnLimitExceeded,
+) -> OpenRequest<'a> {
+    OpenRequest {
+        account,
+        stream_id: stream,
+        new_id: SessionId::random(),
+        limit,
+        ttl_ms: TTL_MS,
+        on_limit,
+        mode: Mode::Enforce,
+    }
+}
+
+async fn admit(store: &dyn SessionStore, account: &str, stream: &str, limit: u32) -> SessionId {
+    match store
+        .open(&req(account, stream, limit, OnLimitExceeded::RejectNew))
+        .await
+        .unwrap()
+    {
+        OpenOutcome::Admitted { session, .. } => session.id,
+        other => panic!("{stream} not admitted: {other:?}"),
+    }
+}
+
+pub async fn open_renew_list_end(store: Arc<dyn SessionStore>) {
+    let a = account("basic");
+    let request = req(&a, "s1", 2, OnLimitExceeded::RejectNew);
+    let OpenOutcome::Admitted {
+        session,
+        evicted,
+        active,
+        dry_run,
+    } = store.open(&request).await.unwrap()
+    else {
+        panic!("not admitted")
+    };
+    assert_eq!(session.id, request.new_id);
+    assert_eq!(
+        (session.account.as_str(), session.stream_id.as_str()),
+        (a.as_str(), "s1")
+    );
+    assert_eq!(session.state, SessionState::Active);
+    assert_eq!(session.expires_at_ms - session.created_at_ms, TTL_MS);
+    assert_eq!((evicted.len(), active, dry_run), (0, 1, None));
+
+    let again = store
+        .open(&req(&a, "s1", 2, OnLimitExceeded::RejectNew))
+        .await
+        .unwrap();
+    assert!(
+        matches!(again, OpenOutcome::Renewed { session: ref s, active: 1 } if s.id == session.id),
+        "{again:?}"
+    );
+
+    let second = admit(store.as_ref(), &a, "s2", 2).await;
+    let listed = store.list(&a).await.unwrap();
+    assert_eq!(
+        listed.iter().map(|s| s.id).collect::<Vec<_>>(),
+        [session.id, second]
+    );
+    assert_eq!(
+        store.get(second).await.unwrap().map(|s| s.stream_id),
+        Some("s2".into())
+    );
+
+    let ended = store.end(&a, "s1").await.unwrap();
+    assert_eq!(ended.map(|s| s.id), Some(session.id));
+    assert_eq!(store.end(&a, "s1").await.unwrap(), None);
+    assert_eq!(
+        store.heartbeat(&a, "s1", TTL_MS).await.unwrap(),
+        HeartbeatOutcome::NotFound
+    );
+    assert_eq!(store.get(session.id).await.unwrap(), None);
+    assert_eq!(store.list(&a).await.unwrap().len(), 1);
+    assert_eq!(store.list(&account("nobody")).await.unwrap(), vec![]);
+}
+
+pub async fn reject_new_refuses_at_the_limit(store: Arc<dyn SessionStore>) {
+    let a = account("reject");
+    let first = admit(store.as_ref(), &a, "s1", 2).await;
+    let second = admit(store.as_ref(), &a, "s2", 2).await;
+    let refused = store
+        .open(&req(&a, "s3", 2, OnLimitExceeded::RejectNew))
+        .await
+        .unwrap();
+    let OpenOutcome::Refused { active } = refused else {
+        panic!("not refused: {refused:?}")
+    };
+    assert_eq!(
+        active.iter().map(|s| s.id).collect::<Vec<_>>(),
+        [first, second]
+    );
+    assert_eq!(store.list(&a).await.unwrap().len(), 2);
+    assert_eq!(
+        store.heartbeat(&a, "s3", TTL_MS).await.unwrap(),
+        HeartbeatOutcome::NotFound
+    );
+}
+
+pub async fn evict_oldest_revokes_the_oldest(store: Arc<dyn SessionStore>) {
+    let a = account("evict");
+    let first = admit(store.as_ref(), &a, "s1", 2).await;
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let second = admit(store.as_ref(), &a, "s2", 2).await;
+    let mut notices = store.revocations();
+    let outcome = store
+        .open(&req(&a, "s3", 2, OnLimitExceeded::EvictOldest))
+        .await
+        .unwrap();
+    let OpenOutcome::Admitted {
+        session,
+        evicted,
+        active,
+        ..
+    } = outcome
+    else {
+        panic!("not admitted: {outcome:?}")
+    };
+    assert_eq!(active, 2);
+    assert_eq!(evicted.iter().map(|s| s.id).collect::<Vec<_>>(), [first]);
+    assert_eq!(evicted[0].reason, Some(EndReason::Evicted));
+    assert_eq!(
+        store
+            .list(&a)
+            .await
+            .unwrap()
+            .iter()
+            .map(|s| s.id)
+            .collect::<Vec<_>>(),
+        [second, session.id]
+    );
+    match store.heartbeat(&a, "s1", TTL_MS).await.unwrap() {
+        HeartbeatOutcome::Gone(gone) => {
+            assert_eq!(gone.id, first);
+            assert_eq!(gone.state, SessionState::Revoked);
+            assert_eq!(gone.reason, Some(EndReason::Evicted));
+        }
+        other => panic!("expected Gone, got {other:?}"),
+    }
+    let notice = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = notices.recv().await.unwrap();
+            if n.session.id == first {
+                return n;
+            }
+        }
+    })
+    .await
+    .expect("a revocation notice for the evicted session");
+    assert_eq!(notice.session.reason, Some(EndReason::Evicted));
+}
+
+pub async fn dry_run_admits_over_the_limit(store: Arc<dyn SessionStore>) {
+    let a = account("dry");
+    admit(store.as_ref(), &a, "s1", 1).await;
+    let mut request = req(&a, "s2", 1, OnLimitExceeded::RejectNew);
+    request.mode = Mode::DryRun;
+    let outcome = store.open(&request).await.unwrap();
+    assert!(
+        matches!(outcome, OpenOutcome::Admitted { active: 2, ref evicted, dry_run: Some(_), .. } if evicted.is_empty()),
+        "{outcome:?}"
+    );
+    assert_eq!(store.list(&a).await.unwrap().len(), 2);
+}
+
+pub async fn kick_revokes_and_stays_answerable(store: Arc<dyn SessionStore>) {
+    let a = account("kick");
+    let id = admit(store.as_ref(), &a, "s1", 1).await;
+    let mut notices = store.revocations();
+    assert!(
+        matches!(store.kick(id).await.unwrap(), KickOutcome::Kicked(ref k) if k.id == id && k.reason == Some(EndReason::Kicked))
+    );
+    assert!(
+        matches!(store.kick(id).await.unwrap(), KickOutcome::AlreadyGone(ref k) if k.reason == Some(EndReason::Kicked))
+    );
+    assert_eq!(
+        store.kick(SessionId::random()).await.unwrap(),
+        KickOutcome::NotFound
+    );
+    let got = store
+        .get(id)
+        .await
+        .unwrap()
+        .expect("a kicked session is answerable");
+    assert_eq!(
+        (got.state, got.reason),
+        (SessionState::Revoked, Some(EndReason::Kicked))
+    );
+    assert!(
+        matches!(store.heartbeat(&a, "s1", TTL_MS).await.unwrap(), HeartbeatOutcome::Gone(ref g) if g.id == id)
+    );
+    assert_eq!(store.list(&a).await.unwrap(), vec![]);
+    admit(store.as_ref(), &a, "s2", 1).await; // the slot is free
+    let notice = tokio::time::timeout(Duration::from_secs(5), notices.recv())
+        .await
+        .expect("a revocation notice")
+        .unwrap();
+    assert_eq!(
+        (notice.session.id, notice.session.reason),
+        (id, Some(EndReason::Kicked))
+    );
+}
+
+pub async fn sessions_expire_after_their_ttl(store: Arc<dyn SessionStore>) {
+    let a = account("expire");
+    let mut request = req(&a, "s1", 1, OnLimitExceeded::RejectNew);
+    request.ttl_ms = 300;
+    let OpenOutcome::Admitted { session, .. } = store.open(&request).await.unwrap() else {
+        panic!("not admitted")
+    };
+    let mut notices = store.revocations();
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    // The expired session no longer counts...
+    assert_eq!(store.list(&a).await.unwrap(), vec![]);
+    // ...and its heartbeat gets Gone(expired), not a renewal.
+    match store.heartbeat(&a, "s1", 300).await.unwrap() {
+        HeartbeatOutcome::Gone(gone) => {
+            assert_eq!(gone.id, session.id);
+            assert_eq!(
+                (gone.state, gone.reason),
+                (SessionState::Expired, Some(EndReason::Expired))
+            );
+        }
+        other => panic!("expected Gone, got {other:?}"),
+    }
+    let notice = tokio::time::timeout(Duration::from_secs(5), notices.recv())
+        .await
+        .expect("an expiry notice")
+        .unwrap();
+    assert_eq!(notice.session.reason, Some(EndReason::Expired));
+    admit(store.as_ref(), &a, "s2", 1).await;
+}
+
+pub async fn heartbeats_keep_a_session_alive(store: Arc<dyn SessionStore>) {
+    let a = account("renew");
+    let mut request = req(&a, "s1", 1, OnLimitExceeded::RejectNew);
+    request.ttl_ms = 400;
+    store.open(&request).await.unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let outcome = store.heartbeat(&a, "s1", 400).await.unwrap();
+        assert!(
+            matches!(outcome, HeartbeatOutcome::Renewed { active: 1, .. }),
+            "{outcome:?}"
+        );
+    }
+}
+
+pub async fn hostile_ids_are_distinct(store: Arc<dyn SessionStore>) {
+    let base = account("h");
+    let names = [
+        format!("{{{base}}}"),
+        base.clone(),
+        format!("{base}:"),
+        format!("{base}:s1"),
+        format!("}}{base}{{"),
+        format!("{base}{}", "x".repeat(128 - base.len() - 1)),
+    ];
+    for name in &names {
+        admit(store.as_ref(), name, "s1", 1).await;
+        // `s1` under `{base}:` must not be the same key as `s1` under `{base}` etc.
+        admit(store.as_ref(), name, ":s1", 2).await;
+    }
+    for name in &names {
+        let listed = store.list(name).await.unwrap();
+        assert_eq!(listed.len(), 2, "{name}");
+        assert!(listed.iter().all(|s| &s.account == name));
+    }
+}
+
+pub async fn concurrent_opens_never_exceed_the_limit(store: Arc<dyn SessionStore>) {
+    let a = account("race");
+    let opens = (0..200).map(|i| {
+        let store = store.clone();
+        let a = a.clone();
+        tokio::spawn(async move {
+            let stream = format!("s{i}");
+            matches!(
+                store
+                    .open(&req(&a, &stream, 3, OnLimitExceeded::RejectNew))
+                    .await
+                    .unwrap(),
+                OpenOutcome::Admitted { .. }
+            )
+        })
+    });
+    let admitted = join_all(opens)
+        .await
+        .into_iter()
+        .filter(|r| *r.as_ref().unwrap())
+        .count();
+    assert_eq!(admitted, 3);
+    assert_eq!(store.list(&a).await.unwrap().len(), 3);
+}
+
+/// Instantiates every contract case for one store.
+macro_rules! store_contract {
+    ($module:ident, $make:expr) => {
+        mod $module {
+            use super::*;
+
+            async fn store() -> Arc<dyn SessionStore> {
+                $make
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn open_renew_list_end() {
+                super::open_renew_list_end(store().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn reject_new_refuses_at_the_limit() {
+                super::reject_new_refuses_at_the_limit(store().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn evict_oldest_revokes_the_oldest() {
+                super::evict_oldest_revokes_the_oldest(store().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn dry_run_admits_over_the_limit() {
+                super::dry_run_admits_over_the_limit(store().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn kick_revokes_and_stays_answerable() {
+                super::kick_revokes_and_stays_answerable(store().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sessions_expire_after_their_ttl() {
+                super::sessions_expire_after_their_ttl(store().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn heartbeats_keep_a_session_alive() {
+                super::heartbeats_keep_a_session_alive(store().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn hostile_ids_are_distinct() {
+                super::hostile_ids_are_distinct(store().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_opens_never_exceed_the_limit() {
+                super::concurrent_opens_never_exceed_the_limit(store().await).await;
+            }
+        }
+    };
+}
+
+store_contract!(memory, Arc::new(MemoryStore::new()));
