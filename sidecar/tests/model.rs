@@ -1,6 +1,5 @@
 //! Property test: random operation sequences against the memory store agree with a simple model.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -192,8 +191,8 @@ fn run(ops: Vec<Op>, limit: u32, on_limit: OnLimitExceeded) -> Result<(), TestCa
                 }
             }
             // The promise: never more than the limit active, whatever happened.
-            for a in 0..ACCOUNTS.len() {
-                let listed = store.list(ACCOUNTS[a]).await.unwrap();
+            for (a, name) in ACCOUNTS.iter().enumerate() {
+                let listed = store.list(name).await.unwrap();
                 prop_assert!(listed.len() <= limit as usize);
                 model.settle(now);
                 let expected: Vec<SessionId> = model.active(a, now).iter().map(|x| x.id).collect();
