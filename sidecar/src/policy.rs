@@ -66,7 +66,7 @@ fn default_heartbeat() -> u32 {
 
 /// The `spec` of a StreamingPolicy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PolicySpec {
     /// Concurrent sessions allowed per account.
     #[serde(default = "default_max_streams")]
@@ -365,9 +365,14 @@ impl PolicySet {
             if value.is_null() {
                 continue;
             }
-            // serde_path_to_error names the field (`spec.onLimitExceeded`) that serde alone omits.
+            // serde_path_to_error names the field (`spec.onLimitExceeded`) that serde alone omits;
+            // serde_ignored finds misspelt spec fields, which would otherwise be silently dropped.
+            // (The spec is not `deny_unknown_fields`: the CRD embeds it with `flatten`.)
+            let mut unknown = Vec::new();
+            let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+            let ignoring = serde_ignored::Deserializer::new(value, &mut note_unknown);
             let doc: PolicyDocument =
-                serde_path_to_error::deserialize(value).map_err(|e| PolicyError::Parse {
+                serde_path_to_error::deserialize(ignoring).map_err(|e| PolicyError::Parse {
                     path: path.to_string(),
                     document: number,
                     message: match e.path().to_string().as_str() {
@@ -375,6 +380,13 @@ impl PolicySet {
                         field => format!("{field}: {}", e.inner()),
                     },
                 })?;
+            if let Some(field) = unknown.iter().find(|p| p.starts_with("spec.")) {
+                return Err(PolicyError::Parse {
+                    path: path.to_string(),
+                    document: number,
+                    message: format!("{field}: unknown field"),
+                });
+            }
             let invalid = |error: FieldError| PolicyError::Invalid {
                 path: path.to_string(),
                 document: number,
@@ -535,7 +547,7 @@ spec:
         assert!(e.contains("onLimitExceeded"), "{e}");
 
         let e = error_of("{maxStreams: 4}");
-        assert!(e.contains("unknown field `maxStreams`"), "{e}");
+        assert!(e.contains("spec.maxStreams: unknown field"), "{e}");
 
         let e = error_of("{accounts: [\"has space\"]}");
         assert!(e.contains("spec.accounts[0]"), "{e}");

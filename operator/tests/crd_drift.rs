@@ -1,0 +1,11 @@
+//! The committed CRD YAML matches the Rust types.
+
+#[test]
+fn committed_crd_matches_the_types() {
+    let committed = include_str!("../../crds/streamingpolicy.yaml");
+    let generated = streamgate_operator::crd::crd_yaml();
+    assert!(
+        committed == generated,
+        "crds/streamingpolicy.yaml is out of date; regenerate it with\n  cargo run -p streamgate-operator --bin crdgen > crds/streamingpolicy.yaml"
+    );
+}
