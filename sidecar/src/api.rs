@@ -355,7 +355,7 @@ fn path_session_id(path: Result<Path<String>, PathRejection>) -> Result<SessionI
     if !is_session_id(&id) {
         return Err(ApiError::invalid_parameter(
             "sessionId",
-            "must be 32 lowercase hexadecimal digits",
+            "must be 40 lowercase hexadecimal digits",
         ));
     }
     id.parse()
@@ -392,7 +392,7 @@ async fn list_account_sessions(
     get,
     path = "/v1/sessions/{sessionId}",
     tag = "admin",
-    params(("sessionId" = String, Path, description = "32 hex digits")),
+    params(("sessionId" = String, Path, description = "40 hex digits")),
     responses(
         (status = 200, description = "The session (active, revoked or expired)", body = Session),
         (status = 400, description = "Malformed session id", body = ErrorBody),
@@ -416,7 +416,7 @@ async fn get_session(
     delete,
     path = "/v1/sessions/{sessionId}",
     tag = "admin",
-    params(("sessionId" = String, Path, description = "32 hex digits")),
+    params(("sessionId" = String, Path, description = "40 hex digits")),
     responses(
         (status = 204, description = "Revoked"),
         (status = 400, description = "Malformed session id", body = ErrorBody),

@@ -133,7 +133,6 @@ impl Engine {
         let request = OpenRequest {
             account,
             stream_id,
-            new_id: SessionId::random(),
             limit: policy.limit,
             ttl_ms: policy.ttl_ms(),
             on_limit: policy.on_limit_exceeded,
@@ -203,7 +202,7 @@ impl Engine {
         self.metrics.failed_open.inc();
         let now = chrono::Utc::now().timestamp_millis();
         let record = SessionRecord {
-            id: request.new_id,
+            id: SessionId::for_account(request.account),
             account: request.account.to_string(),
             stream_id: request.stream_id.to_string(),
             state: SessionState::Active,

@@ -7,20 +7,42 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// A session id: 128 random bits, written as 32 lowercase hex digits.
+/// A session id: 128 random bits and the 32-bit tag of its account, written as 40 lowercase hex
+/// digits.
+///
+/// The tag lets a shared store find a session's keys from its id alone: the Redis store puts all
+/// keys of an account, and of its sessions, under the account's tag, so one script in one
+/// Redis Cluster slot answers a lookup by id. The tag is derived from the account by hashing, so
+/// callers cannot choose it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionId(pub u128);
+pub struct SessionId {
+    /// 128 bits from a CSPRNG: what makes the id unguessable.
+    pub random: u128,
+    /// [`account_tag`] of the session's account.
+    pub tag: u32,
+}
 
 impl SessionId {
-    /// A new random id from the thread-local CSPRNG, so ids cannot be guessed.
-    pub fn random() -> Self {
-        Self(rand::random())
+    /// A new id for a session of `account`.
+    pub fn for_account(account: &str) -> Self {
+        Self {
+            random: rand::random(),
+            tag: account_tag(account),
+        }
     }
+}
+
+/// The 32-bit tag of an account: the first four bytes of SHA-256 of its id. Stable across
+/// processes and versions, since shared stores key data by it.
+pub fn account_tag(account: &str) -> u32 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(account.as_bytes());
+    u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]])
 }
 
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        write!(f, "{:032x}{:08x}", self.random, self.tag)
     }
 }
 
@@ -31,7 +53,9 @@ impl FromStr for SessionId {
         if !crate::validate::is_session_id(s) {
             return Err(());
         }
-        u128::from_str_radix(s, 16).map(Self).map_err(|_| ())
+        let random = u128::from_str_radix(&s[..32], 16).map_err(|_| ())?;
+        let tag = u32::from_str_radix(&s[32..], 16).map_err(|_| ())?;
+        Ok(Self { random, tag })
     }
 }
 
@@ -112,8 +136,8 @@ pub struct Revocation {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Session {
-    /// 32 hex digits; the key for `/v1/sessions/{sessionId}` and the proxy's session header.
-    #[schema(example = "6f1c0f9e2a9b4d8c8e7f00112233aabb")]
+    /// 40 hex digits; the key for `/v1/sessions/{sessionId}` and the proxy's session header.
+    #[schema(example = "6f1c0f9e2a9b4d8c8e7f00112233aabbdef0b17f")]
     pub session_id: String,
     /// The account.
     pub account: String,
@@ -172,12 +196,27 @@ mod tests {
 
     #[test]
     fn session_id_round_trips_as_32_hex() {
-        let id = SessionId::random();
+        let id = SessionId::for_account("123");
         let text = id.to_string();
-        assert_eq!(text.len(), 32);
+        assert_eq!(text.len(), 40);
         assert_eq!(text.parse::<SessionId>(), Ok(id));
-        assert_eq!(SessionId(1).to_string(), format!("{}1", "0".repeat(31)));
+        let fixed = SessionId {
+            random: 1,
+            tag: 0xab,
+        };
+        assert_eq!(fixed.to_string(), format!("{}1000000ab", "0".repeat(31)));
         assert!("xyz".parse::<SessionId>().is_err());
+    }
+
+    #[test]
+    fn ids_of_one_account_share_its_tag() {
+        let a = SessionId::for_account("acct");
+        let b = SessionId::for_account("acct");
+        assert_ne!(a, b);
+        assert_eq!(a.tag, b.tag);
+        assert_eq!(a.tag, account_tag("acct"));
+        // SHA-256("acct") starts with these bytes; stores depend on the tag never changing.
+        assert_eq!(account_tag("acct"), 0xdef0b17f);
     }
 
     #[test]

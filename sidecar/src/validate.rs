@@ -43,9 +43,9 @@ pub fn check_id(id: &str) -> Result<(), IdProblem> {
     Ok(())
 }
 
-/// A session id as the store issues it: 32 lowercase hex digits (128 random bits).
+/// A session id as stores issue it: 40 lowercase hex digits (128 random bits and a 32-bit tag).
 pub fn is_session_id(id: &str) -> bool {
-    id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    id.len() == 40 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 #[cfg(test)]
@@ -70,9 +70,10 @@ mod tests {
     }
 
     #[test]
-    fn session_ids_are_32_hex() {
-        assert!(is_session_id("0123456789abcdef0123456789abcdef"));
-        assert!(!is_session_id("0123456789ABCDEF0123456789abcdef"));
+    fn session_ids_are_40_hex() {
+        assert!(is_session_id("0123456789abcdef0123456789abcdef01234567"));
+        assert!(!is_session_id("0123456789ABCDEF0123456789abcdef01234567"));
+        assert!(!is_session_id("0123456789abcdef0123456789abcdef"));
         assert!(!is_session_id("abc"));
     }
 }

@@ -29,7 +29,7 @@ async fn reject_new_refuses_the_fourth_stream_and_lists_the_conflicting_sessions
         assert_eq!(body["limit"], 3);
         assert_eq!(body["activeSessions"], i + 1);
         assert_eq!(body["heartbeatIntervalSeconds"], 30);
-        assert_eq!(body["sessionId"].as_str().unwrap().len(), 32);
+        assert_eq!(body["sessionId"].as_str().unwrap().len(), 40);
         assert!(body["createdAt"].as_str().unwrap().ends_with('Z'));
         assert!(body.get("reason").is_none());
     }
@@ -248,7 +248,7 @@ async fn kick_revokes_a_session_and_its_heartbeat_gets_410_kicked() {
         Some(1.0)
     );
 
-    let unknown = "0123456789abcdef0123456789abcdef";
+    let unknown = "0123456789abcdef0123456789abcdef01234567";
     let (status, body) = json(
         t.request(Method::DELETE, &format!("/v1/sessions/{unknown}"))
             .await,

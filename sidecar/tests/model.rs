@@ -108,7 +108,6 @@ fn run(ops: Vec<Op>, limit: u32, on_limit: OnLimitExceeded) -> Result<(), TestCa
                     let request = OpenRequest {
                         account: ACCOUNTS[a],
                         stream_id: STREAMS[s],
-                        new_id: SessionId::random(),
                         limit,
                         ttl_ms: TTL,
                         on_limit,

@@ -28,7 +28,6 @@ fn req<'a>(
     OpenRequest {
         account,
         stream_id: stream,
-        new_id: SessionId::random(),
         limit,
         ttl_ms: TTL_MS,
         on_limit,
@@ -59,7 +58,7 @@ pub async fn open_renew_list_end(store: Arc<dyn SessionStore>) {
     else {
         panic!("not admitted")
     };
-    assert_eq!(session.id, request.new_id);
+    assert_eq!(session.id.tag, streamgate_sidecar::session::account_tag(&a));
     assert_eq!(
         (session.account.as_str(), session.stream_id.as_str()),
         (a.as_str(), "s1")
@@ -199,7 +198,7 @@ pub async fn kick_revokes_and_stays_answerable(store: Arc<dyn SessionStore>) {
         matches!(store.kick(id).await.unwrap(), KickOutcome::AlreadyGone(ref k) if k.reason == Some(EndReason::Kicked))
     );
     assert_eq!(
-        store.kick(SessionId::random()).await.unwrap(),
+        store.kick(SessionId::for_account(&a)).await.unwrap(),
         KickOutcome::NotFound
     );
     let got = store

@@ -330,7 +330,7 @@ impl State {
         cut.extend(evicted.iter().cloned());
 
         let record = SessionRecord {
-            id: request.new_id,
+            id: SessionId::for_account(request.account),
             account: request.account.to_string(),
             stream_id: request.stream_id.to_string(),
             state: SessionState::Active,
@@ -516,7 +516,6 @@ mod tests {
         OpenRequest {
             account,
             stream_id,
-            new_id: SessionId::random(),
             limit: 3,
             ttl_ms: 10_000,
             on_limit: OnLimitExceeded::RejectNew,

@@ -28,8 +28,6 @@ pub struct OpenRequest<'a> {
     pub account: &'a str,
     /// The player's stream id.
     pub stream_id: &'a str,
-    /// Id for the session if a new one is admitted.
-    pub new_id: SessionId,
     /// The account's limit.
     pub limit: u32,
     /// Session TTL in milliseconds.
