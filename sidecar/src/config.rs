@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::store::RedisTarget;
+
 /// How log lines are written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -23,9 +25,15 @@ pub struct Config {
     #[arg(long, env = "STREAMGATE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Session store: `memory` (embedded, this process only).
+    /// Session store: `memory` (embedded, this process only), `redis://HOST:PORT[/DB]` or
+    /// `redis-cluster://HOST:PORT[,HOST:PORT...]` (shared by every sidecar using it).
     #[arg(long, env = "STREAMGATE_STORE", default_value = "memory")]
     pub store: String,
+
+    /// How long a shared store may take to answer before the operation counts as failed and the
+    /// policy's failurePolicy applies.
+    #[arg(long, env = "STREAMGATE_STORE_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub store_timeout: Duration,
 
     /// YAML file of StreamingPolicy documents (or the operator's rendered payload); reloaded on
     /// change. Without it the built-in default applies: 3 streams, TTL 90 s, RejectNew.
@@ -59,30 +67,36 @@ pub struct Config {
 pub enum StoreSpec {
     /// The embedded in-memory store.
     Memory,
+    /// Redis, standalone or Cluster.
+    Redis(RedisTarget),
 }
 
-/// `--store` names a store this build does not know.
+/// `--store` is not a store this build knows.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "--store {0:?}: expected `memory`, `redis://HOST:PORT[/DB]` or `redis-cluster://HOST:PORT[,HOST:PORT...]`{1}"
-)]
-pub struct StoreSpecError(String, &'static str);
+#[error("--store {value:?}: {problem}")]
+pub struct StoreSpecError {
+    value: String,
+    problem: String,
+}
 
 impl StoreSpec {
     /// Parses the `--store` value.
     pub fn parse(value: &str) -> Result<Self, StoreSpecError> {
+        let error = |problem: String| StoreSpecError {
+            value: value.to_string(),
+            problem,
+        };
         match value {
             "memory" => Ok(Self::Memory),
-            v if v.starts_with("redis://")
-                || v.starts_with("rediss://")
-                || v.starts_with("redis-cluster://") =>
-            {
-                Err(StoreSpecError(
-                    v.to_string(),
-                    "; the Redis store is not available in this version yet",
-                ))
+            v if v.starts_with("rediss://") => Err(error(
+                "TLS to Redis is not supported yet; use redis:// on a trusted network".into(),
+            )),
+            v if v.starts_with("redis://") || v.starts_with("redis-cluster://") => {
+                RedisTarget::parse(v).map(Self::Redis).map_err(error)
             }
-            v => Err(StoreSpecError(v.to_string(), "")),
+            _ => Err(error(
+                "expected `memory`, `redis://HOST:PORT[/DB]` or `redis-cluster://HOST:PORT[,HOST:PORT...]`".into(),
+            )),
         }
     }
 }

@@ -14,7 +14,7 @@ use crate::engine::{Engine, Policies};
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
 use crate::policy_watch::PolicyWatcher;
-use crate::store::{MemoryStore, SessionStore};
+use crate::store::{MemoryStore, RedisStore, SessionStore};
 
 /// A sidecar's engine and HTTP application, ready to serve.
 #[derive(Clone)]
@@ -77,6 +77,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let store: Arc<dyn SessionStore> = match StoreSpec::parse(&config.store)? {
         StoreSpec::Memory => Arc::new(MemoryStore::new()),
+        StoreSpec::Redis(target) => Arc::new(RedisStore::new(target, config.store_timeout)),
     };
     let sidecar = Sidecar::with_store(store, policies);
     if let Some(path) = &config.policy_file {

@@ -10,7 +10,8 @@ use futures::future::join_all;
 use streamgate_sidecar::policy::{Mode, OnLimitExceeded};
 use streamgate_sidecar::session::{EndReason, SessionId, SessionState};
 use streamgate_sidecar::store::{
-    HeartbeatOutcome, KickOutcome, MemoryStore, OpenOutcome, OpenRequest, SessionStore,
+    HeartbeatOutcome, KickOutcome, MemoryStore, OpenOutcome, OpenRequest, RedisStore,
+    RedisTarget, SessionStore,
 };
 
 const TTL_MS: i64 = 60_000;
@@ -367,4 +368,19 @@ macro_rules! store_contract {
     };
 }
 
+/// The URL of a Redis the test script started; missing means the run is misconfigured.
+fn redis_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with ./scripts/test, which starts Redis (or eval \"$(scripts/redis-up)\")")
+    })
+}
+
+fn redis_store(name: &str) -> Arc<dyn SessionStore> {
+    let target = RedisTarget::parse(&redis_env(name)).expect("a valid Redis URL");
+    // Generous timeout: the test machine is shared with compilers.
+    Arc::new(RedisStore::new(target, Duration::from_secs(2)))
+}
+
 store_contract!(memory, Arc::new(MemoryStore::new()));
+store_contract!(redis_standalone, redis_store("STREAMGATE_TEST_REDIS"));
+store_contract!(redis_cluster, redis_store("STREAMGATE_TEST_REDIS_CLUSTER"));

@@ -6,6 +6,7 @@
 //! (except in DryRun, which admits over the limit by design).
 
 pub mod memory;
+pub mod redis_store;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
@@ -15,6 +16,7 @@ use crate::policy::{Mode, OnLimitExceeded};
 use crate::session::{Revocation, SessionId, SessionRecord};
 
 pub use memory::MemoryStore;
+pub use redis_store::{RedisStore, RedisTarget};
 
 /// The store could not be reached or answered with an error.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -1,0 +1,19 @@
+-- kick: revokes an active session, reason 'kicked'.
+-- KEYS[1] P..'s:'..id (the account's keys are found from it and share its slot)
+-- ARGV: P, id, origin, channel
+-- Reply: {'kicked', session, expired} | {'gone', session, expired} | {'notfound', false, expired}
+local P, id, origin, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local A = redis.call('HGET', KEYS[1], 'akey')
+if not A then
+  return {'notfound', false, {}}
+end
+local now = now_ms()
+local expired = expire_overdue(P, A, now, origin, channel)
+local rec = record(P, id)
+if not rec then
+  return {'notfound', false, expired}
+end
+if rec[4] ~= 'active' then
+  return {'gone', rec, expired}
+end
+return {'kicked', cut(P, A, id, 'kicked', now, now, origin, channel), expired}
