@@ -4,80 +4,37 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{default_policy, json, metric};
+use common::{SidecarProcess, default_policy, eventually, free_port, metric};
 
-const BIN: &str = env!("CARGO_BIN_EXE_streamgate-sidecar");
+const BIN: &str = common::SIDECAR_BIN;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A running sidecar process, killed on drop.
-struct Process {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start(policy_file: &Path) -> Process {
-    let port = free_port();
-    let child = Command::new(BIN)
-        .env("STREAMGATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("STREAMGATE_POLICY_FILE", policy_file)
-        .args(["--policy-reload-interval", "100ms", "--log-format", "json"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let process = Process {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-    };
-    let client = reqwest::Client::new();
-    for _ in 0..200 {
-        if let Ok(r) = client.get(format!("{}/readyz", process.base)).send().await
-            && r.status() == 200
-        {
-            return process;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("sidecar did not become ready on {}", process.base);
+async fn start(policy_file: &Path) -> SidecarProcess {
+    let policy = policy_file.display().to_string();
+    let process = SidecarProcess::start(&[
+        "--policy-file",
+        &policy,
+        "--policy-reload-interval",
+        "100ms",
+        "--log-format",
+        "json",
+    ])
+    .await;
+    process.wait_ready().await;
+    process
 }
 
 async fn open(base: &str, account: &str, stream: &str) -> (u16, serde_json::Value) {
-    let r = reqwest::Client::new()
-        .put(format!(
-            "{base}/streaming?account={account}&streamId={stream}"
-        ))
-        .send()
-        .await
-        .unwrap();
-    json(r).await
-}
-
-/// Polls `check` until it returns true, for up to ten seconds.
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    for _ in 0..200 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for: {what}");
+    common::streaming_at(
+        &reqwest::Client::new(),
+        base,
+        reqwest::Method::PUT,
+        account,
+        stream,
+    )
+    .await
 }
 
 #[test]

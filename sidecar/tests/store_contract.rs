@@ -10,8 +10,8 @@ use futures::future::join_all;
 use streamgate_sidecar::policy::{Mode, OnLimitExceeded};
 use streamgate_sidecar::session::{EndReason, SessionId, SessionState};
 use streamgate_sidecar::store::{
-    HeartbeatOutcome, KickOutcome, MemoryStore, OpenOutcome, OpenRequest, RedisStore,
-    RedisTarget, SessionStore,
+    HeartbeatOutcome, KickOutcome, MemoryStore, OpenOutcome, OpenRequest, RedisStore, RedisTarget,
+    SessionStore,
 };
 
 const TTL_MS: i64 = 60_000;

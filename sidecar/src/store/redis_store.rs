@@ -19,9 +19,7 @@ use tokio::sync::{OnceCell, broadcast};
 use super::{HeartbeatOutcome, KickOutcome, OpenOutcome, OpenRequest, SessionStore, StoreError};
 use crate::admission::OverLimit;
 use crate::policy::{Mode, OnLimitExceeded};
-use crate::session::{
-    EndReason, Revocation, SessionId, SessionRecord, SessionState, account_tag,
-};
+use crate::session::{EndReason, Revocation, SessionId, SessionRecord, SessionState, account_tag};
 
 /// Channel on which cuts are published.
 pub const REVOCATION_CHANNEL: &str = "streamgate:revocations";
@@ -92,7 +90,8 @@ struct Scripts {
 
 impl Scripts {
     fn load() -> Self {
-        let with_common = |body: &str| Script::new(&format!("{}\n{body}", include_str!("lua/common.lua")));
+        let with_common =
+            |body: &str| Script::new(&format!("{}\n{body}", include_str!("lua/common.lua")));
         Self {
             open: with_common(include_str!("lua/open.lua")),
             heartbeat: with_common(include_str!("lua/heartbeat.lua")),
@@ -143,9 +142,7 @@ impl AccountKeys {
         for suffix in ["streams", "age", "exp", "cut"] {
             invocation.key(format!("{}{suffix}", self.account_prefix));
         }
-        invocation
-            .arg(&self.tag_prefix)
-            .arg(&self.account_prefix);
+        invocation.arg(&self.tag_prefix).arg(&self.account_prefix);
     }
 }
 
@@ -247,9 +244,7 @@ impl RedisStore {
     }
 
     fn origin_and_channel(&self, invocation: &mut ScriptInvocation<'_>) {
-        invocation
-            .arg(&self.inner.origin)
-            .arg(REVOCATION_CHANNEL);
+        invocation.arg(&self.inner.origin).arg(REVOCATION_CHANNEL);
     }
 }
 
@@ -315,7 +310,18 @@ async fn listen_for_revocations(inner: std::sync::Weak<Inner>) {
 /// Parses `origin TAB id TAB account TAB stream TAB state TAB reason TAB created TAB expires TAB ttl`.
 fn parse_notice(payload: &str) -> Option<(String, SessionRecord)> {
     let fields: Vec<&str> = payload.split('\t').collect();
-    let [origin, id, account, stream, state, reason, created, expires, ttl] = fields[..] else {
+    let [
+        origin,
+        id,
+        account,
+        stream,
+        state,
+        reason,
+        created,
+        expires,
+        ttl,
+    ] = fields[..]
+    else {
         return None;
     };
     let record = SessionRecord {
@@ -398,14 +404,14 @@ fn session(value: &Value) -> Option<Option<SessionRecord>> {
 }
 
 fn sessions(value: &Value) -> Option<Vec<SessionRecord>> {
-    items(value)?
-        .iter()
-        .map(|v| session(v).flatten())
-        .collect()
+    items(value)?.iter().map(|v| session(v).flatten()).collect()
 }
 
 /// Splits a reply `{kind, ..., expired}` into its kind, its fields and the expired sessions.
-fn reply<'a>(what: &str, value: &'a Value) -> Result<(String, &'a [Value], Vec<SessionRecord>), StoreError> {
+fn reply<'a>(
+    what: &str,
+    value: &'a Value,
+) -> Result<(String, &'a [Value], Vec<SessionRecord>), StoreError> {
     let parts = items(value).ok_or_else(|| malformed(what, value))?;
     let (Some(kind), Some(last)) = (parts.first().and_then(text), parts.last()) else {
         return Err(malformed(what, value));
@@ -656,7 +662,10 @@ mod tests {
         assert_eq!(origin, "o");
         assert_eq!(record.account, "{a}:b");
         assert_eq!(record.reason, Some(EndReason::Kicked));
-        assert_eq!((record.created_at_ms, record.expires_at_ms, record.ttl_ms), (1, 2, 3));
+        assert_eq!(
+            (record.created_at_ms, record.expires_at_ms, record.ttl_ms),
+            (1, 2, 3)
+        );
         assert!(parse_notice("garbage").is_none());
     }
 }

@@ -125,3 +125,97 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
         (name == name_and_labels).then(|| value.parse().ok())?
     })
 }
+
+/// The `streamgate-sidecar` binary built for these tests.
+pub const SIDECAR_BIN: &str = env!("CARGO_BIN_EXE_streamgate-sidecar");
+
+/// A free loopback port (free when asked; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `streamgate-sidecar` process, killed on drop.
+pub struct SidecarProcess {
+    pub child: std::process::Child,
+    pub base: String,
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl SidecarProcess {
+    /// Starts the binary on a free port with `args`, and waits until it serves `/healthz`.
+    pub async fn start(args: &[&str]) -> Self {
+        let port = free_port();
+        let child = std::process::Command::new(SIDECAR_BIN)
+            .env("STREAMGATE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let process = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let client = Client::new();
+        for _ in 0..300 {
+            if let Ok(r) = client.get(format!("{}/healthz", process.base)).send().await
+                && r.status() == 200
+            {
+                return process;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("sidecar did not start on {}", process.base);
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        eventually("the sidecar is ready", async || {
+            Client::new()
+                .get(format!("{}/readyz", self.base))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+    }
+}
+
+/// Polls `check` until it returns true, for up to twenty seconds.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    for _ in 0..400 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// `METHOD base/streaming?account=A&streamId=S`.
+pub async fn streaming_at(
+    client: &Client,
+    base: &str,
+    method: Method,
+    account: &str,
+    stream: &str,
+) -> (u16, Value) {
+    let query = form_query(&[("account", account), ("streamId", stream)]);
+    let response = client
+        .request(method, format!("{base}/streaming?{query}"))
+        .send()
+        .await
+        .unwrap();
+    json(response).await
+}

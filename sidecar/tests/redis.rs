@@ -1,0 +1,529 @@
+//! Many sidecar processes sharing one Redis: the limit holds across processes, state survives a
+//! sidecar restart, a Redis outage is handled by the failure policy, and account ids cannot steer
+//! Redis Cluster slots.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::DateTime;
+use common::{SidecarProcess, default_policy, eventually, free_port, json, streaming_at};
+use futures::future::join_all;
+use reqwest::{Client, Method};
+use streamgate_sidecar::policy::{Mode, OnLimitExceeded};
+use streamgate_sidecar::session::account_tag;
+use streamgate_sidecar::store::{OpenOutcome, OpenRequest, RedisStore, RedisTarget, SessionStore};
+
+fn redis_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run the tests with ./scripts/test, which starts Redis (or eval \"$(scripts/redis-up)\")"
+        )
+    })
+}
+
+fn unique(name: &str) -> String {
+    format!("{name}-{:08x}", rand::random::<u32>())
+}
+
+fn write_policy(dir: &Path, spec: &str) -> PathBuf {
+    let path = dir.join(format!("{}.yaml", unique("policy")));
+    std::fs::write(&path, default_policy(spec)).unwrap();
+    path
+}
+
+async fn sidecars(n: usize, store: &str, policy: &Path) -> Vec<SidecarProcess> {
+    let policy = policy.display().to_string();
+    let mut started = Vec::new();
+    for _ in 0..n {
+        let p = SidecarProcess::start(&[
+            "--store",
+            store,
+            "--store-timeout",
+            "2s",
+            "--policy-file",
+            &policy,
+        ])
+        .await;
+        p.wait_ready().await;
+        started.push(p);
+    }
+    started
+}
+
+fn millis(rfc3339: &str) -> i64 {
+    DateTime::parse_from_rfc3339(rfc3339)
+        .unwrap()
+        .timestamp_millis()
+}
+
+/// Sessions' lifetimes `[start, end)` in ms; the largest number alive at any instant.
+fn max_concurrent(intervals: &[(i64, i64)]) -> usize {
+    let mut events: Vec<(i64, i32)> = Vec::new();
+    for &(start, end) in intervals {
+        events.push((start, 1));
+        events.push((end, -1));
+    }
+    // At equal times an end comes before a start: the store cuts the victim, then admits.
+    events.sort();
+    let (mut alive, mut peak) = (0i32, 0i32);
+    for (_, delta) in events {
+        alive += delta;
+        peak = peak.max(alive);
+    }
+    peak as usize
+}
+
+/// Opens `n` streams of one account concurrently, spread over `sidecars`. With `with_ends`, every
+/// seventh viewer ends its stream right after opening it. Returns how many were admitted and every
+/// admitted session's lifetime.
+async fn history_of_concurrent_opens(
+    sidecars: &[SidecarProcess],
+    account: &str,
+    n: usize,
+    with_ends: bool,
+) -> (usize, Vec<(i64, i64)>) {
+    let client = Client::new();
+    let opens = (0..n).map(|i| {
+        let client = client.clone();
+        let base = sidecars[i % sidecars.len()].base.clone();
+        let account = account.to_string();
+        tokio::spawn(async move {
+            let stream = format!("viewer-{i}");
+            let (status, body) = streaming_at(&client, &base, Method::PUT, &account, &stream).await;
+            // Record when the end was asked for, a lower bound of when the store ended it, so
+            // the check cannot fail on our own latency.
+            let ended_at = if with_ends && status == 201 && i % 7 == 0 {
+                let asked = chrono::Utc::now().timestamp_millis();
+                let (end, _) =
+                    streaming_at(&client, &base, Method::DELETE, &account, &stream).await;
+                (end == 204).then_some(asked)
+            } else {
+                None
+            };
+            (status, body, ended_at)
+        })
+    });
+    let results: Vec<_> = join_all(opens)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let admitted = results.iter().filter(|(s, _, _)| *s == 201).count();
+    let refused = results.iter().filter(|(s, _, _)| *s == 429).count();
+    assert_eq!(admitted + refused, n, "only 201 and 429 expected");
+
+    // Every admitted session's fate, from the store's own clock.
+    let mut lifetimes = Vec::new();
+    for (status, body, ended_at) in &results {
+        if *status != 201 {
+            continue;
+        }
+        let start = millis(body["createdAt"].as_str().unwrap());
+        let id = body["sessionId"].as_str().unwrap();
+        let end = match ended_at {
+            Some(at) => *at,
+            None => {
+                let (status, now) = json(
+                    client
+                        .get(format!("{}/v1/sessions/{id}", sidecars[0].base))
+                        .send()
+                        .await
+                        .unwrap(),
+                )
+                .await;
+                assert_eq!(status, 200, "{now}");
+                match now["state"].as_str().unwrap() {
+                    "active" => i64::MAX,
+                    _ => millis(now["expiresAt"].as_str().unwrap()),
+                }
+            }
+        };
+        lifetimes.push((start, end));
+    }
+    (admitted, lifetimes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_sidecars_never_admit_more_than_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "  maxStreamsPerAccount: 3");
+    let fleet = sidecars(4, &redis_env("STREAMGATE_TEST_REDIS"), &policy).await;
+    let account = unique("race");
+    let (admitted, lifetimes) = history_of_concurrent_opens(&fleet, &account, 300, false).await;
+    assert_eq!(admitted, 3);
+    assert!(
+        max_concurrent(&lifetimes) <= 3,
+        "more than 3 alive at once: {lifetimes:?}"
+    );
+    let (_, list) = json(
+        Client::new()
+            .get(format!("{}/v1/accounts/{account}/sessions", fleet[3].base))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(list["sessions"].as_array().unwrap().len() <= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_sidecars_evicting_keep_exactly_the_limit_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(
+        dir.path(),
+        "  maxStreamsPerAccount: 3\n  onLimitExceeded: EvictOldest",
+    );
+    let fleet = sidecars(4, &redis_env("STREAMGATE_TEST_REDIS"), &policy).await;
+    let account = unique("evict-race");
+    let (admitted, lifetimes) = history_of_concurrent_opens(&fleet, &account, 300, true).await;
+    assert_eq!(admitted, 300, "EvictOldest admits every new stream");
+    assert!(
+        max_concurrent(&lifetimes) <= 3,
+        "more than 3 alive at once: {lifetimes:?}"
+    );
+    let still_active = lifetimes.iter().filter(|(_, end)| *end == i64::MAX).count();
+    assert!(still_active <= 3);
+}
+
+#[tokio::test]
+async fn sessions_outlive_a_sidecar_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "  maxStreamsPerAccount: 2");
+    let store = redis_env("STREAMGATE_TEST_REDIS");
+    let mut fleet = sidecars(2, &store, &policy).await;
+    let account = unique("restart");
+    let client = Client::new();
+    let (status, first) = streaming_at(&client, &fleet[0].base, Method::PUT, &account, "tv").await;
+    assert_eq!(status, 201);
+    assert_eq!(
+        streaming_at(&client, &fleet[0].base, Method::PUT, &account, "phone")
+            .await
+            .0,
+        201
+    );
+
+    // The first sidecar dies without warning; the other one carries on with its sessions.
+    fleet.remove(0);
+    let (status, renewed) =
+        streaming_at(&client, &fleet[0].base, Method::GET, &account, "tv").await;
+    assert_eq!(status, 200, "{renewed}");
+    assert_eq!(renewed["sessionId"], first["sessionId"]);
+    assert_eq!(renewed["activeSessions"], 2);
+    assert_eq!(
+        streaming_at(&client, &fleet[0].base, Method::PUT, &account, "tablet")
+            .await
+            .0,
+        429,
+        "the dead sidecar's sessions still count"
+    );
+
+    // A replacement sidecar sees the same state.
+    let replacement = sidecars(1, &store, &policy).await;
+    let (status, again) =
+        streaming_at(&client, &replacement[0].base, Method::GET, &account, "tv").await;
+    assert_eq!(status, 200);
+    assert_eq!(again["sessionId"], first["sessionId"]);
+}
+
+#[tokio::test]
+async fn a_kick_on_one_sidecar_is_seen_by_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_policy(dir.path(), "  maxStreamsPerAccount: 2");
+    let fleet = sidecars(2, &redis_env("STREAMGATE_TEST_REDIS"), &policy).await;
+    let account = unique("kick");
+    let client = Client::new();
+    let (_, session) = streaming_at(&client, &fleet[0].base, Method::PUT, &account, "tv").await;
+    let id = session["sessionId"].as_str().unwrap();
+    let kicked = client
+        .delete(format!("{}/v1/sessions/{id}", fleet[1].base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(kicked.status(), 204);
+    let (status, gone) = streaming_at(&client, &fleet[0].base, Method::GET, &account, "tv").await;
+    assert_eq!(status, 410);
+    assert_eq!(gone["reason"], "kicked");
+}
+
+/// A redis-server of this test's own, so it can be stopped and started again.
+struct OwnRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let mut redis = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        redis.restart();
+        redis
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and data directory. The append-only file keeps the data.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (./scripts/test installs it)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_outage_follows_the_failure_policy_and_recovers_without_restarts() {
+    let mut redis = OwnRedis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let open_policy = write_policy(
+        dir.path(),
+        "  maxStreamsPerAccount: 2\n  failurePolicy: Open",
+    );
+    let closed_policy = write_policy(
+        dir.path(),
+        "  maxStreamsPerAccount: 2\n  failurePolicy: Closed",
+    );
+    let url = redis.url();
+    let args = |policy: &Path| {
+        vec![
+            "--store".to_string(),
+            url.clone(),
+            "--store-timeout".to_string(),
+            "300ms".to_string(),
+            "--policy-file".to_string(),
+            policy.display().to_string(),
+        ]
+    };
+    let open_args = args(&open_policy);
+    let closed_args = args(&closed_policy);
+    let fail_open =
+        SidecarProcess::start(&open_args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let fail_closed =
+        SidecarProcess::start(&closed_args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    fail_open.wait_ready().await;
+    fail_closed.wait_ready().await;
+    let client = Client::new();
+    let (status, before_open) =
+        streaming_at(&client, &fail_open.base, Method::PUT, "acct-o", "tv").await;
+    assert_eq!(status, 201);
+    let (status, before_closed) =
+        streaming_at(&client, &fail_closed.base, Method::PUT, "acct-c", "tv").await;
+    assert_eq!(status, 201);
+
+    // Load keeps flowing through the outage; every answer must be a proper HTTP response.
+    let load = {
+        let (client, a, b) = (
+            client.clone(),
+            fail_open.base.clone(),
+            fail_closed.base.clone(),
+        );
+        tokio::spawn(async move {
+            let mut statuses: HashMap<u16, usize> = HashMap::new();
+            for i in 0..150 {
+                let base = if i % 2 == 0 { &a } else { &b };
+                let (status, _) =
+                    streaming_at(&client, base, Method::PUT, "load", &format!("s{i}")).await;
+                *statuses.entry(status).or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        })
+    };
+
+    redis.stop();
+    eventually("both sidecars report unready", async || {
+        let a = client
+            .get(format!("{}/readyz", fail_open.base))
+            .send()
+            .await
+            .unwrap();
+        let b = client
+            .get(format!("{}/readyz", fail_closed.base))
+            .send()
+            .await
+            .unwrap();
+        a.status() == 503 && b.status() == 503
+    })
+    .await;
+
+    // Open admits without the store, and says so.
+    let response = client
+        .put(format!(
+            "{}/streaming?account=acct-o&streamId=phone",
+            fail_open.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(
+        response.headers()["x-streamgate-degraded"],
+        "store-unavailable"
+    );
+    // Closed refuses new streams with 503 store_unavailable.
+    let (status, body) =
+        streaming_at(&client, &fail_closed.base, Method::PUT, "acct-c", "phone").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "store_unavailable");
+    // Nobody is cut by the outage: heartbeats answer 503 (retry), never 410.
+    for base in [&fail_open.base, &fail_closed.base] {
+        let account = if base == &fail_open.base {
+            "acct-o"
+        } else {
+            "acct-c"
+        };
+        let (status, body) = streaming_at(&client, base, Method::GET, account, "tv").await;
+        assert_eq!(status, 503, "{body}");
+    }
+
+    redis.restart();
+    for (sidecar, account, before) in [
+        (&fail_open, "acct-o", &before_open),
+        (&fail_closed, "acct-c", &before_closed),
+    ] {
+        sidecar.wait_ready().await;
+        eventually("heartbeats succeed again", async || {
+            let (status, body) =
+                streaming_at(&client, &sidecar.base, Method::GET, account, "tv").await;
+            status == 200 && body["sessionId"] == before["sessionId"]
+        })
+        .await;
+    }
+    assert_eq!(
+        streaming_at(&client, &fail_closed.base, Method::PUT, "acct-c", "phone")
+            .await
+            .0,
+        201,
+        "new streams are admitted again"
+    );
+
+    let statuses = load.await.unwrap();
+    assert!(
+        statuses.keys().all(|s| [201, 429, 503].contains(s)),
+        "{statuses:?}"
+    );
+    // Both sidecars are still the same processes: nothing crashed.
+    let mut fail_open = fail_open;
+    let mut fail_closed = fail_closed;
+    assert!(fail_open.child.try_wait().unwrap().is_none());
+    assert!(fail_closed.child.try_wait().unwrap().is_none());
+}
+
+#[tokio::test]
+async fn hostile_account_ids_land_in_the_slot_the_store_chooses() {
+    let target = RedisTarget::parse(&redis_env("STREAMGATE_TEST_REDIS_CLUSTER")).unwrap();
+    let store = Arc::new(RedisStore::new(target.clone(), Duration::from_secs(2)));
+    let RedisTarget::Cluster(nodes) = target else {
+        unreachable!()
+    };
+    let suffix = unique("");
+    let accounts = [
+        format!("{{steer}}{suffix}"),
+        format!("steer{suffix}"),
+        format!("{{steer{suffix}}}"),
+        format!("a:{{b}}:{suffix}"),
+        format!("a{suffix}:"),
+        format!("{suffix}{}", "}{".repeat(50)),
+    ];
+    for account in &accounts {
+        let outcome = store
+            .open(&OpenRequest {
+                account,
+                stream_id: "s1",
+                limit: 1,
+                ttl_ms: 60_000,
+                on_limit: OnLimitExceeded::RejectNew,
+                mode: Mode::Enforce,
+            })
+            .await
+            .unwrap();
+        assert!(matches!(outcome, OpenOutcome::Admitted { .. }), "{account}");
+    }
+
+    let client = redis::cluster::ClusterClient::new(nodes).unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    for account in &accounts {
+        let hex: String = account.bytes().map(|b| format!("{b:02x}")).collect();
+        let tag = format!("{:08x}", account_tag(account));
+        let expected_slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(&tag)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let streams_key = format!("sg:{{{tag}}}:a:{hex}:streams");
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(&streams_key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(slot, expected_slot, "{account}");
+        // The account's key exists and holds only its own stream.
+        let fields: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&streams_key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(fields.keys().collect::<Vec<_>>(), ["s1"], "{account}");
+    }
+    // Each account was admitted on its own: six accounts, six sessions, no collisions.
+    for account in &accounts {
+        assert_eq!(store.list(account).await.unwrap().len(), 1, "{account}");
+    }
+}
+
+#[test]
+fn the_history_checker_counts_overlaps() {
+    assert_eq!(max_concurrent(&[(0, 10), (5, 15), (10, 20)]), 2);
+    assert_eq!(max_concurrent(&[(0, 10), (0, 10), (9, i64::MAX)]), 3);
+    // A session cut in the same millisecond another is admitted does not overlap it.
+    assert_eq!(max_concurrent(&[(0, 10), (10, 20)]), 1);
+}
