@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use streamgate_sidecar::policy::PolicySpec;
 
 /// Desired state: the sidecar's policy spec.
-#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "streamgate.dev",
     version = "v1alpha1",

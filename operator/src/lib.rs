@@ -1,2 +1,185 @@
 //! StreamGate operator library: the StreamingPolicy CRD, its reconciler and the injection webhook.
+//!
+//! The binary `streamgate-operator` is a thin wrapper over [`run`].
+#![forbid(unsafe_code)]
+
+pub mod config;
 pub mod crd;
+pub mod metrics;
+pub mod reconcile;
+pub mod render;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::ListParams;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
+use kube_lease_manager::LeaseManagerBuilder;
+
+use crate::config::Config;
+use crate::crd::StreamingPolicy;
+use crate::metrics::Metrics;
+use crate::reconcile::{Context, MANAGED_BY, MANAGED_BY_LABEL, error_policy, reconcile};
+
+/// Fails with instructions when the StreamingPolicy CRD is not installed.
+pub async fn check_crd_installed(client: &Client) -> anyhow::Result<()> {
+    let api: Api<StreamingPolicy> = Api::all(client.clone());
+    match api.list_metadata(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => anyhow::bail!(
+            "the StreamingPolicy CRD (streamingpolicies.streamgate.dev) is not installed in this cluster; \
+             install it with `kubectl apply -f crds/streamingpolicy.yaml` or with the StreamGate Helm chart"
+        ),
+        Err(error) => Err(error).context("cannot list StreamingPolicies"),
+    }
+}
+
+/// Runs the controller until it stops (SIGTERM/SIGINT).
+pub async fn run_controller(client: Client, metrics: Arc<Metrics>) {
+    let context = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "streamgate-operator".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+        client: client.clone(),
+        metrics,
+    });
+    let policies: Api<StreamingPolicy> = Api::all(client.clone());
+    let config_maps: Api<ConfigMap> = Api::all(client);
+    Controller::new(policies, watcher::Config::default())
+        .owns(
+            config_maps,
+            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
+        )
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            match result {
+                Ok((policy, _)) => tracing::debug!(policy = %policy.name, "reconciled"),
+                Err(error) => tracing::debug!(%error, "reconcile error"),
+            }
+        })
+        .await;
+}
+
+#[derive(Clone)]
+struct Health {
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+fn health_router(health: Health) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(h): State<Health>| async move {
+                if h.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|State(h): State<Health>| async move { h.metrics.render() }),
+        )
+        .with_state(health)
+}
+
+/// Runs the operator as configured: health and metrics endpoints, leader election, and the
+/// controller while this replica leads.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let client = Client::try_default().await.context(
+        "cannot configure a Kubernetes client (in-cluster service account or KUBECONFIG)",
+    )?;
+    check_crd_installed(&client).await?;
+
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("--metrics-listen {}: cannot bind", config.metrics_listen))?;
+    let app = health_router(Health {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let identity = config
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("streamgate-operator-{:08x}", rand::random::<u32>()));
+    let lease_seconds = config.lease_duration.as_secs().max(2);
+    let manager = LeaseManagerBuilder::new(client.clone(), &config.lease_name)
+        .with_namespace(&config.namespace)
+        .with_identity(&identity)
+        .with_duration(lease_seconds)
+        .with_grace((lease_seconds / 3).max(1))
+        .build()
+        .await
+        .context("cannot set up leader election")?;
+    let (mut leading, lease_task) = manager.watch().await;
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(%identity, lease = %config.lease_name, namespace = %config.namespace, "waiting to lead");
+    while !*leading.borrow_and_update() {
+        tokio::select! {
+            changed = leading.changed() => changed.context("leader election stopped")?,
+            () = shutdown_signal() => return Ok(()),
+        }
+    }
+    tracing::info!(%identity, "leading: starting the controller");
+    metrics.leader.set(1);
+    let result = tokio::select! {
+        () = run_controller(client, metrics.clone()) => Ok(()),
+        lost = async {
+            loop {
+                if leading.changed().await.is_err() || !*leading.borrow() {
+                    return;
+                }
+            }
+        } => {
+            let () = lost;
+            // Another replica may already be reconciling: stop at once and let the
+            // Deployment restart us as a standby.
+            Err(anyhow::anyhow!("lost the leader Lease"))
+        }
+    };
+    metrics.leader.set(0);
+    drop(leading); // closing the channel makes the lease task release the Lease
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), lease_task).await;
+    result
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
