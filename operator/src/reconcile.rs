@@ -310,6 +310,150 @@ mod tests {
         assert_eq!(flipped.conditions[0].last_transition_time, "t3");
     }
 
+    /// The API server as a scripted mock: answers each expected request in turn.
+    mod mock {
+        use http::{Request, Response};
+        use kube::client::Body;
+
+        pub type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+        pub fn client() -> (kube::Client, Handle) {
+            let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+            (kube::Client::new(service, "default"), handle)
+        }
+
+        pub async fn expect(
+            handle: &mut Handle,
+            method: &str,
+            path: &str,
+            status: u16,
+            body: serde_json::Value,
+        ) {
+            let (request, respond) = handle.next_request().await.expect("the API was called");
+            assert_eq!(request.method().as_str(), method);
+            assert_eq!(request.uri().path(), path);
+            respond.send_response(
+                Response::builder()
+                    .status(status)
+                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap(),
+            );
+        }
+
+        pub fn status(code: u16, reason: &str) -> serde_json::Value {
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Status", "status": "Failure",
+                "message": format!("mock {reason}"), "reason": reason, "code": code
+            })
+        }
+    }
+
+    fn test_context(client: kube::Client) -> Arc<Context> {
+        Arc::new(Context {
+            recorder: Recorder::new(
+                client.clone(),
+                kube::runtime::events::Reporter {
+                    controller: "test".into(),
+                    instance: None,
+                },
+            ),
+            client,
+            metrics: Arc::new(Metrics::new()),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_refused_configmap_write_fails_the_reconcile_and_is_counted() {
+        let (client, mut api) = mock::client();
+        let ctx = test_context(client);
+        let server = tokio::spawn(async move {
+            let mut p = StreamingPolicy::new("default", StreamingPolicySpec::default());
+            p.metadata.namespace = Some("media".into());
+            p.metadata.uid = Some("u1".into());
+            mock::expect(&mut api, "GET", "/apis/streamgate.dev/v1alpha1/namespaces/media/streamingpolicies", 200,
+                serde_json::json!({"apiVersion": "streamgate.dev/v1alpha1", "kind": "StreamingPolicyList", "metadata": {}, "items": [p]})).await;
+            mock::expect(
+                &mut api,
+                "GET",
+                "/api/v1/namespaces/media/configmaps/streamgate-policies",
+                404,
+                mock::status(404, "NotFound"),
+            )
+            .await;
+            mock::expect(
+                &mut api,
+                "PATCH",
+                "/api/v1/namespaces/media/configmaps/streamgate-policies",
+                403,
+                mock::status(403, "Forbidden"),
+            )
+            .await;
+        });
+        let error = sync_namespace("media", &ctx).await.unwrap_err();
+        server.await.unwrap();
+        assert!(
+            matches!(&error, Error::KubeApi(kube::Error::Api(s)) if s.code == 403),
+            "{error:?}"
+        );
+
+        let policy = Arc::new(StreamingPolicy::new(
+            "default",
+            StreamingPolicySpec::default(),
+        ));
+        let action = error_policy(policy, &error, ctx.clone());
+        assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+        assert!(
+            ctx.metrics
+                .render()
+                .contains(r#"streamgate_operator_reconcile_failures_total{error="KubeApi"} 1"#)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_status_write_fails_the_reconcile_after_the_configmap_is_written() {
+        let (client, mut api) = mock::client();
+        let ctx = test_context(client);
+        let server = tokio::spawn(async move {
+            let mut p = StreamingPolicy::new("default", StreamingPolicySpec::default());
+            p.metadata.namespace = Some("media".into());
+            p.metadata.uid = Some("u1".into());
+            p.metadata.generation = Some(1);
+            let cm = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "streamgate-policies", "namespace": "media"}, "data": {}});
+            mock::expect(&mut api, "GET", "/apis/streamgate.dev/v1alpha1/namespaces/media/streamingpolicies", 200,
+                serde_json::json!({"apiVersion": "streamgate.dev/v1alpha1", "kind": "StreamingPolicyList", "metadata": {}, "items": [p]})).await;
+            mock::expect(
+                &mut api,
+                "GET",
+                "/api/v1/namespaces/media/configmaps/streamgate-policies",
+                200,
+                cm.clone(),
+            )
+            .await;
+            mock::expect(
+                &mut api,
+                "PATCH",
+                "/api/v1/namespaces/media/configmaps/streamgate-policies",
+                200,
+                cm,
+            )
+            .await;
+            mock::expect(
+                &mut api,
+                "PATCH",
+                "/apis/streamgate.dev/v1alpha1/namespaces/media/streamingpolicies/default/status",
+                500,
+                mock::status(500, "InternalError"),
+            )
+            .await;
+        });
+        let error = sync_namespace("media", &ctx).await.unwrap_err();
+        server.await.unwrap();
+        assert!(
+            matches!(&error, Error::KubeApi(kube::Error::Api(s)) if s.code == 500),
+            "{error:?}"
+        );
+    }
+
     #[test]
     fn error_names_are_metric_labels() {
         assert_eq!(

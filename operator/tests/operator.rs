@@ -1,0 +1,355 @@
+//! The reconciler against a real kube-apiserver: policies applied with kubectl become the
+//! namespace's rendered ConfigMap and a Ready status; edits, deletions and hand edits of the
+//! ConfigMap are reconciled; invalid policies are refused by the API server.
+
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use streamgate_operator::crd::{StreamingPolicy, StreamingPolicySpec};
+use streamgate_operator::metrics::Metrics;
+use streamgate_operator::reconcile::FINALIZER;
+use streamgate_operator::render::{CONFIGMAP_NAME, POLICY_FILE_KEY};
+use streamgate_sidecar::policy::{OnLimitExceeded, PolicySet, PolicySpec};
+use streamgate_testenv::{
+    ControlPlane, create_namespace, install_crds, wait_until, workspace_root,
+};
+use tokio::sync::OnceCell;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The shared control plane, with the CRD installed and one operator controller running on a
+/// runtime of its own (each test has its own runtime, which ends with the test).
+async fn setup() -> Result<(&'static ControlPlane, Client)> {
+    static STARTED: OnceCell<()> = OnceCell::const_new();
+    let cp = streamgate_testenv::shared().await?;
+    let client = cp.client().await?;
+    STARTED
+        .get_or_try_init(|| async {
+            install_crds(&client, &workspace_root().join("crds/streamingpolicy.yaml")).await?;
+            let kubeconfig = cp.kubeconfig_path().to_path_buf();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+                runtime.block_on(async move {
+                    let config = kube::Config::from_custom_kubeconfig(
+                        kube::config::Kubeconfig::read_from(&kubeconfig).expect("kubeconfig"),
+                        &kube::config::KubeConfigOptions::default(),
+                    )
+                    .await
+                    .expect("kube config");
+                    let client = Client::try_from(config).expect("client");
+                    streamgate_operator::run_controller(client, Arc::new(Metrics::new())).await;
+                });
+            });
+            anyhow::Ok(())
+        })
+        .await?;
+    Ok((cp, client))
+}
+
+fn run(mut cmd: std::process::Command) -> Result<Output> {
+    let out = cmd.output().context("running kubectl")?;
+    if !out.status.success() {
+        bail!(
+            "{:?} failed: {}{}",
+            cmd.get_args().collect::<Vec<_>>(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+async fn rendered(client: &Client, ns: &str) -> Result<Option<String>> {
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    Ok(cms
+        .get_opt(CONFIGMAP_NAME)
+        .await?
+        .and_then(|cm| cm.data?.remove(POLICY_FILE_KEY)))
+}
+
+/// Waits until the rendered file of `ns`, as a sidecar reads it, satisfies `check`.
+async fn wait_for_rendering(
+    client: &Client,
+    ns: &str,
+    what: &str,
+    check: impl Fn(&PolicySet) -> bool,
+) -> Result<String> {
+    let check = &check;
+    wait_until(WAIT, what, || async move {
+        Ok(match rendered(client, ns).await? {
+            Some(file) => PolicySet::from_yaml(&file, "rendered", ns).is_ok_and(|s| check(&s)),
+            None => false,
+        })
+    })
+    .await?;
+    Ok(rendered(client, ns).await?.expect("rendered"))
+}
+
+fn ready_condition(policy: &StreamingPolicy) -> Option<(String, String, Option<i64>)> {
+    let status = policy.status.as_ref()?;
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready")?;
+    Some((
+        ready.status.clone(),
+        ready.reason.clone(),
+        ready.observed_generation,
+    ))
+}
+
+#[tokio::test]
+async fn kubectl_apply_renders_the_policy_reports_ready_and_a_sidecar_enforces_it() -> Result<()> {
+    let (cp, client) = setup().await?;
+    let ns = create_namespace(&client, "apply", &[]).await?;
+    let example = workspace_root().join("examples/streamingpolicy.yaml");
+    let mut apply = cp.kubectl();
+    apply.args(["apply", "-n", &ns, "-f"]).arg(&example);
+    run(apply)?;
+
+    let policies: Api<StreamingPolicy> = Api::namespaced(client.clone(), &ns);
+    wait_until(
+        WAIT,
+        "the policy reports Ready=True for its generation",
+        || {
+            let policies = policies.clone();
+            async move {
+                let p = policies.get("default").await?;
+                Ok(ready_condition(&p)
+                    == Some(("True".into(), "Rendered".into(), p.metadata.generation))
+                    && p.status.as_ref().unwrap().observed_generation == p.metadata.generation)
+            }
+        },
+    )
+    .await?;
+    let policy = policies.get("default").await?;
+    assert!(policy.finalizers().iter().any(|f| f == FINALIZER));
+
+    let file = wait_for_rendering(&client, &ns, "the rendered ConfigMap", |s| {
+        s.resolve("anyone").source == "default"
+    })
+    .await?;
+    let cm: ConfigMap = Api::namespaced(client.clone(), &ns)
+        .get(CONFIGMAP_NAME)
+        .await?;
+    let owners = cm.metadata.owner_references.unwrap_or_default();
+    assert_eq!(owners.len(), 1);
+    assert_eq!(owners[0].uid, policy.uid().unwrap());
+
+    // A sidecar handed the rendered payload enforces it: limit 3, RejectNew.
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("policies.yaml");
+    std::fs::write(&path, &file)?;
+    let policies = PolicySet::load(&path, &ns)?;
+    let sidecar = streamgate_sidecar::server::Sidecar::in_memory(policies);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let serving = sidecar.clone();
+    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
+    let http = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for stream in ["a", "b", "c", "d"] {
+        let r = http
+            .put(format!("{base}/streaming?account=123&streamId={stream}"))
+            .send()
+            .await?;
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, [201, 201, 201, 429]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn edits_and_deletions_follow_and_a_hand_deleted_configmap_comes_back() -> Result<()> {
+    let (_, client) = setup().await?;
+    let ns = create_namespace(&client, "lifecycle", &[]).await?;
+    let policies: Api<StreamingPolicy> = Api::namespaced(client.clone(), &ns);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+
+    let default = StreamingPolicy::new("default", StreamingPolicySpec::default());
+    policies.create(&PostParams::default(), &default).await?;
+    let vip = StreamingPolicy::new(
+        "vip",
+        StreamingPolicySpec {
+            policy: PolicySpec {
+                max_streams_per_account: 10,
+                on_limit_exceeded: OnLimitExceeded::EvictOldest,
+                accounts: vec!["vip-1".into()],
+                ..PolicySpec::default()
+            },
+        },
+    );
+    policies.create(&PostParams::default(), &vip).await?;
+    wait_for_rendering(&client, &ns, "both policies rendered", |s| {
+        s.resolve("anyone").limit == 3 && s.resolve("vip-1").limit == 10
+    })
+    .await?;
+
+    // Edit: the new limit reaches the ConfigMap.
+    let patch = serde_json::json!({"spec": {"maxStreamsPerAccount": 5}});
+    policies
+        .patch("default", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    wait_for_rendering(&client, &ns, "the edited limit rendered", |s| {
+        s.resolve("anyone").limit == 5
+    })
+    .await?;
+
+    // Delete: the policy leaves the ConfigMap, then its finalizer is released and it is gone.
+    policies.delete("vip", &DeleteParams::default()).await?;
+    wait_for_rendering(&client, &ns, "the deleted policy removed", |s| {
+        s.resolve("vip-1").source == "default"
+    })
+    .await?;
+    wait_until(WAIT, "the deleted policy is gone", || {
+        let policies = policies.clone();
+        async move { Ok(policies.get_opt("vip").await?.is_none()) }
+    })
+    .await?;
+
+    // Deleted by hand: recreated.
+    cms.delete(CONFIGMAP_NAME, &DeleteParams::default()).await?;
+    wait_for_rendering(&client, &ns, "the ConfigMap recreated", |s| {
+        s.resolve("anyone").limit == 5
+    })
+    .await?;
+
+    // Edited by hand: put right.
+    let tamper = serde_json::json!({"data": {POLICY_FILE_KEY: "# emptied by hand\n"}});
+    cms.patch(
+        CONFIGMAP_NAME,
+        &PatchParams::default(),
+        &Patch::Merge(&tamper),
+    )
+    .await?;
+    wait_for_rendering(&client, &ns, "the ConfigMap restored", |s| {
+        s.resolve("anyone").limit == 5
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn overlapping_overrides_are_reported_in_both_statuses() -> Result<()> {
+    let (_, client) = setup().await?;
+    let ns = create_namespace(&client, "overlap", &[]).await?;
+    let policies: Api<StreamingPolicy> = Api::namespaced(client.clone(), &ns);
+    for (name, limit) in [("gold", 6), ("silver", 2)] {
+        let p = StreamingPolicy::new(
+            name,
+            StreamingPolicySpec {
+                policy: PolicySpec {
+                    max_streams_per_account: limit,
+                    accounts: vec!["shared-account".into()],
+                    ..PolicySpec::default()
+                },
+            },
+        );
+        policies.create(&PostParams::default(), &p).await?;
+    }
+    for name in ["gold", "silver"] {
+        wait_until(WAIT, "the overlap is reported", || {
+            let policies = policies.clone();
+            async move {
+                let p = policies.get(name).await?;
+                Ok(ready_condition(&p)
+                    .is_some_and(|(_, reason, _)| reason == "OverlappingOverrides"))
+            }
+        })
+        .await?;
+        let p = policies.get(name).await?;
+        let message = &p.status.unwrap().conditions[0].message;
+        assert!(message.contains("shared-account"), "{message}");
+        assert!(message.contains("2 from \"silver\""), "{message}");
+    }
+    wait_for_rendering(&client, &ns, "the lower limit applies", |s| {
+        s.resolve("shared-account").limit == 2
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_policies_are_refused_by_the_api_server_naming_the_field() -> Result<()> {
+    let (cp, client) = setup().await?;
+    let ns = create_namespace(&client, "invalid", &[]).await?;
+    let cases = [
+        ("maxStreamsPerAccount: 0", "spec.maxStreamsPerAccount"),
+        ("maxStreamsPerAccount: 20000", "spec.maxStreamsPerAccount"),
+        (
+            "sessionTTLSeconds: 40\n  heartbeatIntervalSeconds: 30",
+            "spec.sessionTTLSeconds",
+        ),
+        ("onLimitExceeded: DropEverything", "spec.onLimitExceeded"),
+        ("mode: Sometimes", "spec.mode"),
+    ];
+    let dir = tempfile::tempdir()?;
+    for (i, (spec, field)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad-{i}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: streamgate.dev/v1alpha1\nkind: StreamingPolicy\nmetadata:\n  name: bad-{i}\nspec:\n  {spec}\n"
+            ),
+        )?;
+        let out = cp
+            .kubectl()
+            .args(["apply", "-n", &ns, "-f"])
+            .arg(&path)
+            .output()?;
+        assert!(!out.status.success(), "{spec} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(field), "{spec}: {stderr}");
+    }
+    let policies: Api<StreamingPolicy> = Api::namespaced(client.clone(), &ns);
+    assert!(policies.list(&Default::default()).await?.items.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_spec_the_schema_cannot_catch_is_reported_and_the_last_good_version_stays() -> Result<()>
+{
+    let (_, client) = setup().await?;
+    let ns = create_namespace(&client, "semantic", &[]).await?;
+    let policies: Api<StreamingPolicy> = Api::namespaced(client.clone(), &ns);
+    let vip = StreamingPolicy::new(
+        "vip",
+        StreamingPolicySpec {
+            policy: PolicySpec {
+                max_streams_per_account: 7,
+                accounts: vec!["vip-1".into()],
+                ..PolicySpec::default()
+            },
+        },
+    );
+    policies.create(&PostParams::default(), &vip).await?;
+    wait_for_rendering(&client, &ns, "the good version rendered", |s| {
+        s.resolve("vip-1").limit == 7
+    })
+    .await?;
+
+    // An account id with a space passes the schema but no sidecar would accept it.
+    let patch =
+        serde_json::json!({"spec": {"maxStreamsPerAccount": 1, "accounts": ["vip-1", "bad id"]}});
+    policies
+        .patch("vip", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    wait_until(WAIT, "Ready=False naming the field", || {
+        let policies = policies.clone();
+        async move {
+            let p = policies.get("vip").await?;
+            Ok(ready_condition(&p)
+                == Some(("False".into(), "InvalidSpec".into(), p.metadata.generation)))
+        }
+    })
+    .await?;
+    let p = policies.get("vip").await?;
+    let message = &p.status.unwrap().conditions[0].message;
+    assert!(message.contains("spec.accounts[1]"), "{message}");
+    let file = rendered(&client, &ns).await?.unwrap();
+    let set = PolicySet::from_yaml(&file, "r", &ns)?;
+    assert_eq!(set.resolve("vip-1").limit, 7, "the last good version stays");
+    Ok(())
+}
