@@ -3,11 +3,14 @@
 //! The binary `streamgate-operator` is a thin wrapper over [`run`].
 #![forbid(unsafe_code)]
 
+pub mod certs;
 pub mod config;
 pub mod crd;
+pub mod inject;
 pub mod metrics;
 pub mod reconcile;
 pub mod render;
+pub mod webhook;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,7 +71,9 @@ pub async fn run_controller(client: Client, metrics: Arc<Metrics>) {
         .for_each(|result| async move {
             match result {
                 Ok((policy, _)) => tracing::debug!(policy = %policy.name, "reconciled"),
-                Err(error) => tracing::debug!(%error, "reconcile error"),
+                // Reconcile failures are logged by error_policy; watch failures only here.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                Err(error) => tracing::warn!(%error, "controller error"),
             }
         })
         .await;
@@ -78,6 +83,8 @@ pub async fn run_controller(client: Client, metrics: Arc<Metrics>) {
 struct Health {
     metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    /// The webhook's certificate, when this process serves the webhook: not ready until loaded.
+    webhook_cert: Option<Arc<certs::ServingCert>>,
 }
 
 fn health_router(health: Health) -> Router {
@@ -86,7 +93,12 @@ fn health_router(health: Health) -> Router {
         .route(
             "/readyz",
             get(|State(h): State<Health>| async move {
-                if h.ready.load(Ordering::Relaxed) {
+                if h.webhook_cert.as_ref().is_some_and(|c| !c.is_loaded()) {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no webhook certificate yet",
+                    )
+                } else if h.ready.load(Ordering::Relaxed) {
                     (StatusCode::OK, "ready")
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "starting")
@@ -100,8 +112,8 @@ fn health_router(health: Health) -> Router {
         .with_state(health)
 }
 
-/// Runs the operator as configured: health and metrics endpoints, leader election, and the
-/// controller while this replica leads.
+/// Runs the operator as configured: health and metrics endpoints, the injection webhook (on
+/// every replica), leader election, and the controller while this replica leads.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let client = Client::try_default().await.context(
         "cannot configure a Kubernetes client (in-cluster service account or KUBECONFIG)",
@@ -110,12 +122,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
+    // Every replica serves the webhook, leader or not: the API server calls any of them.
+    let webhook_cert = if config.webhook {
+        Some(
+            webhook::start(client.clone(), &config, metrics.clone())
+                .await?
+                .cert,
+        )
+    } else {
+        None
+    };
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| format!("--metrics-listen {}: cannot bind", config.metrics_listen))?;
     let app = health_router(Health {
         metrics: metrics.clone(),
         ready: ready.clone(),
+        webhook_cert,
     });
     tokio::spawn(async move { axum::serve(listener, app).await });
 

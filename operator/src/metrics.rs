@@ -14,6 +14,16 @@ pub struct ErrorLabel {
     pub error: String,
 }
 
+/// Labels of the injection counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InjectionLabel {
+    /// `injected`, `skipped` or `rejected`.
+    pub decision: String,
+    /// For `skipped`, the skip reason (`AlreadyInjected`, `OptedOut`, `NotOptedIn`, ...); for
+    /// `rejected`, `InvalidAnnotation`; for `injected`, `Injected`.
+    pub reason: String,
+}
+
 /// All metrics of one operator process.
 pub struct Metrics {
     registry: Registry,
@@ -25,6 +35,10 @@ pub struct Metrics {
     pub duration: Histogram,
     /// 1 while this process holds the leader Lease.
     pub leader: Gauge,
+    /// Injection webhook decisions, by decision and reason.
+    pub injections: Family<InjectionLabel, Counter>,
+    /// Expiry of the webhook's serving certificate, Unix seconds (0 until one is loaded).
+    pub webhook_cert_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -58,8 +72,22 @@ impl Metrics {
             "1 while this process holds the leader Lease",
             leader.clone(),
         );
+        let injections = Family::<InjectionLabel, Counter>::default();
+        registry.register(
+            "injections",
+            "Sidecar injection webhook decisions, by decision and reason",
+            injections.clone(),
+        );
+        let webhook_cert_expiry = Gauge::default();
+        registry.register(
+            "webhook_certificate_expiry_timestamp_seconds",
+            "When the webhook's serving certificate expires (Unix seconds)",
+            webhook_cert_expiry.clone(),
+        );
         Self {
             registry,
+            injections,
+            webhook_cert_expiry,
             reconciles,
             failures,
             duration,
@@ -74,6 +102,26 @@ impl Metrics {
                 error: error.to_string(),
             })
             .inc();
+    }
+
+    /// Counts one injection decision.
+    pub fn count_injection(&self, decision: &str, reason: &str) {
+        self.injections
+            .get_or_create(&InjectionLabel {
+                decision: decision.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// How many injection decisions with these labels were counted.
+    pub fn injection_count(&self, decision: &str, reason: &str) -> u64 {
+        self.injections
+            .get_or_create(&InjectionLabel {
+                decision: decision.to_string(),
+                reason: reason.to_string(),
+            })
+            .get()
     }
 
     /// The Prometheus text exposition.
