@@ -46,6 +46,8 @@ pub enum ErrorCode {
     SessionGone,
     /// The session store is unreachable.
     StoreUnavailable,
+    /// Proxy mode: the streaming container did not answer.
+    UpstreamUnavailable,
 }
 
 /// Error body: `error` and `message` always, the other fields where they apply.
@@ -110,6 +112,28 @@ impl ApiError {
         );
         e.body.parameter = Some(parameter.to_string());
         e
+    }
+
+    /// 403 with `code`: a media request the proxy refuses.
+    pub fn forbidden(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
+    }
+
+    /// 403 `session_gone`: a media request for a cut session.
+    pub fn forbidden_gone(message: impl Into<String>, session: Session) -> Self {
+        let mut e = Self::new(StatusCode::FORBIDDEN, ErrorCode::SessionGone, message);
+        e.body.reason = session.reason;
+        e.body.session = Some(session);
+        e
+    }
+
+    /// 502 `upstream_unavailable`.
+    pub fn bad_gateway(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorCode::UpstreamUnavailable,
+            message,
+        )
     }
 
     /// 404 `not_found`.
@@ -522,12 +546,13 @@ fn add_openapi_path(doc: &mut utoipa::openapi::OpenApi) {
     );
 }
 
-/// The sidecar's HTTP application.
-pub fn router(engine: Engine) -> Router {
+/// The sidecar's HTTP application. With a `proxy`, every request outside the session API is a
+/// media request for the upstream.
+pub fn router(engine: Engine, proxy: Option<Arc<crate::proxy::Proxy>>) -> Router {
     let (routes, mut doc) = documented_routes();
     add_openapi_path(&mut doc);
     let document = Arc::new(doc.to_json().expect("the OpenAPI document serializes"));
-    routes
+    let routes = routes
         .route(
             "/openapi.json",
             get(move || {
@@ -540,10 +565,19 @@ pub fn router(engine: Engine) -> Router {
                 }
             }),
         )
-        .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
+        // Only the session API's own routes: proxied uploads are the upstream's business.
+        .route_layer(middleware::from_fn(refuse_bodies));
+    let routes = match proxy {
+        Some(proxy) => routes.fallback_service(
+            Router::new()
+                .fallback(crate::proxy::forward)
+                .with_state(proxy),
+        ),
+        None => routes.fallback(unknown_route),
+    };
+    routes
         .layer(middleware::from_fn_with_state(engine.clone(), observe))
-        .layer(middleware::from_fn(refuse_bodies))
         .layer(TraceLayer::new_for_http())
         .with_state(engine)
 }

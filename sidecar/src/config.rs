@@ -40,6 +40,16 @@ pub struct Config {
     #[arg(long, env = "STREAMGATE_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,
 
+    /// Turns on the enforcing proxy: requests outside the session API are media requests,
+    /// forwarded to this URL (the streaming container) only with an active session.
+    #[arg(long, env = "STREAMGATE_UPSTREAM", value_parser = parse_upstream)]
+    pub upstream: Option<reqwest::Url>,
+
+    /// A missing policy file is not an error: the built-in default applies until the file
+    /// appears (as with an optional ConfigMap volume that is created later).
+    #[arg(long, env = "STREAMGATE_POLICY_FILE_OPTIONAL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub policy_file_optional: bool,
+
     /// Namespace whose policies apply; documents of other namespaces are ignored.
     #[arg(long, env = "STREAMGATE_NAMESPACE", default_value = "default")]
     pub namespace: String,
@@ -60,6 +70,14 @@ pub struct Config {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+}
+
+fn parse_upstream(value: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(value).map_err(|e| format!("not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err("expected http://HOST[:PORT][/PATH] or https://...".into());
+    }
+    Ok(url)
 }
 
 /// Which store `--store` selects.

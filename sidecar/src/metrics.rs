@@ -74,6 +74,21 @@ pub struct Metrics {
     pub policy_reloads: Family<ResultLabel, Counter>,
     /// HTTP request durations.
     pub http_requests: Family<HttpLabels, Histogram>,
+    /// Proxy mode: media requests forwarded upstream.
+    pub proxied: Counter,
+    /// Proxy mode: media requests refused (no, unknown or cut session; upstream down).
+    pub proxy_refused: Counter,
+    /// Proxy mode: responses in flight cut because their session was, by reason and dry run.
+    pub streams_cut: Family<CutLabels, Counter>,
+}
+
+/// Labels of the stream-cut counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CutLabels {
+    /// `evicted`, `kicked` or `expired`.
+    pub reason: String,
+    /// `true` when the policy is DryRun and the stream was left running.
+    pub dry_run: String,
 }
 
 impl Default for Metrics {
@@ -155,7 +170,28 @@ impl Metrics {
             "Duration of HTTP requests to the session API",
             http_requests.clone(),
         );
+        let proxied = Counter::default();
+        registry.register(
+            "proxy_requests_forwarded",
+            "Media requests forwarded to the upstream",
+            proxied.clone(),
+        );
+        let proxy_refused = Counter::default();
+        registry.register(
+            "proxy_requests_refused",
+            "Media requests refused: no, unknown or cut session, or the upstream did not answer",
+            proxy_refused.clone(),
+        );
+        let streams_cut = Family::<CutLabels, Counter>::default();
+        registry.register(
+            "streams_cut",
+            "Responses in flight cut because their session was (dry_run=true: would have been)",
+            streams_cut.clone(),
+        );
         Self {
+            proxied,
+            proxy_refused,
+            streams_cut,
             registry,
             admitted,
             refused,
@@ -200,6 +236,26 @@ impl Metrics {
                 operation: operation.into(),
             })
             .inc();
+    }
+
+    /// Counts responses cut (or, in DryRun, left running) for `reason`.
+    pub fn count_stream_cut(&self, reason: EndReason, dry_run: bool, n: usize) {
+        self.streams_cut
+            .get_or_create(&CutLabels {
+                reason: reason.as_str().into(),
+                dry_run: dry_run.to_string(),
+            })
+            .inc_by(n as u64);
+    }
+
+    /// Counts a media request forwarded upstream.
+    pub fn count_proxied(&self) {
+        self.proxied.inc();
+    }
+
+    /// Counts a refused media request.
+    pub fn count_proxy_refusal(&self) {
+        self.proxy_refused.inc();
     }
 
     /// Counts a policy reload.

@@ -14,12 +14,14 @@ use crate::engine::{Engine, Policies};
 use crate::metrics::Metrics;
 use crate::policy::PolicySet;
 use crate::policy_watch::PolicyWatcher;
+use crate::proxy::Proxy;
 use crate::store::{MemoryStore, RedisStore, SessionStore};
 
 /// A sidecar's engine and HTTP application, ready to serve.
 #[derive(Clone)]
 pub struct Sidecar {
     engine: Engine,
+    proxy: Option<Arc<Proxy>>,
 }
 
 impl Sidecar {
@@ -33,7 +35,19 @@ impl Sidecar {
         let policies: Policies = Arc::new(ArcSwap::from_pointee(policies));
         Self {
             engine: Engine::new(store, policies, Arc::new(Metrics::new())),
+            proxy: None,
         }
+    }
+
+    /// Turns on the enforcing proxy in front of `upstream`.
+    pub fn with_upstream(mut self, upstream: reqwest::Url) -> Self {
+        self.proxy = Some(Proxy::new(self.engine.clone(), upstream));
+        self
+    }
+
+    /// The enforcing proxy, when on.
+    pub fn proxy(&self) -> Option<&Arc<Proxy>> {
+        self.proxy.as_ref()
     }
 
     /// The session engine.
@@ -43,7 +57,7 @@ impl Sidecar {
 
     /// The HTTP application.
     pub fn router(&self) -> Router {
-        api::router(self.engine.clone())
+        api::router(self.engine.clone(), self.proxy.clone())
     }
 
     /// Serves on `listener` until `shutdown` completes, then lets in-flight requests finish.
@@ -61,6 +75,11 @@ impl Sidecar {
 /// Runs the sidecar as configured until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let policies = match &config.policy_file {
+        Some(path) if config.policy_file_optional && !path.exists() => {
+            tracing::warn!(path = %path.display(),
+                "policy file not there yet: the built-in default applies until it appears");
+            PolicySet::default()
+        }
         Some(path) => PolicySet::load(path, &config.namespace)?,
         None => PolicySet::default(),
     };
@@ -79,7 +98,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         StoreSpec::Memory => Arc::new(MemoryStore::new()),
         StoreSpec::Redis(target) => Arc::new(RedisStore::new(target, config.store_timeout)),
     };
-    let sidecar = Sidecar::with_store(store, policies);
+    let mut sidecar = Sidecar::with_store(store, policies);
+    if let Some(upstream) = &config.upstream {
+        tracing::info!(%upstream, "enforcing proxy on: media requests need an active session");
+        sidecar = sidecar.with_upstream(upstream.clone());
+    }
     if let Some(path) = &config.policy_file {
         let watcher = PolicyWatcher::new(
             path.clone(),

@@ -1,0 +1,386 @@
+//! The enforcing proxy: streams of cut sessions are closed, requests without an active session
+//! never reach the streaming container.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{default_policy, json, metric};
+use futures::StreamExt;
+use reqwest::{Client, Method};
+use serde_json::Value;
+use streamgate_sidecar::demo_origin::{self, OriginStats};
+use streamgate_sidecar::policy::PolicySet;
+use streamgate_sidecar::server::Sidecar;
+use streamgate_sidecar::store::{MemoryStore, RedisStore, RedisTarget, SessionStore};
+use tokio::sync::oneshot;
+
+async fn origin() -> (String, OriginStats) {
+    let stats = OriginStats::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = demo_origin::router(stats.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, stats)
+}
+
+async fn sidecar(store: Arc<dyn SessionStore>, policy: &str, upstream: &str) -> (String, Sidecar) {
+    let policies = PolicySet::from_yaml(policy, "test.yaml", "default").unwrap();
+    let sidecar = Sidecar::with_store(store, policies).with_upstream(upstream.parse().unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let serving = sidecar.clone();
+    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
+    (base, sidecar)
+}
+
+async fn open(base: &str, account: &str, stream: &str) -> (u16, Value) {
+    common::streaming_at(&Client::new(), base, Method::PUT, account, stream).await
+}
+
+/// A viewer pulling the live stream through the proxy.
+struct Viewer {
+    bytes: Arc<AtomicU64>,
+    ended: oneshot::Receiver<(Instant, bool)>,
+}
+
+impl Viewer {
+    /// Starts pulling `/live` with `session`; the body must start flowing.
+    async fn watch(base: &str, session: &str) -> Self {
+        let response = Client::new()
+            .get(format!("{base}/live?interval_ms=20"))
+            .header("X-StreamGate-Session", session)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let bytes = Arc::new(AtomicU64::new(0));
+        let (tx, ended) = oneshot::channel();
+        let counter = bytes.clone();
+        tokio::spawn(async move {
+            let mut body = response.bytes_stream();
+            let mut clean = true;
+            while let Some(chunk) = body.next().await {
+                match chunk {
+                    Ok(chunk) => {
+                        counter.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                    }
+                    Err(_) => {
+                        clean = false;
+                        break;
+                    }
+                }
+            }
+            let _ = tx.send((Instant::now(), clean));
+        });
+        let viewer = Self { bytes, ended };
+        viewer.wait_for_bytes().await;
+        viewer
+    }
+
+    fn received(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
+    }
+
+    /// Waits until more bytes arrive than now.
+    async fn wait_for_bytes(&self) {
+        let before = self.received();
+        for _ in 0..200 {
+            if self.received() > before {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the stream stopped flowing");
+    }
+
+    /// When the stream ended and whether it ended cleanly; panics if it is still running after
+    /// `limit`.
+    async fn ended_within(self, limit: Duration) -> (Instant, bool) {
+        tokio::time::timeout(limit, self.ended)
+            .await
+            .expect("the stream was not cut in time")
+            .unwrap()
+    }
+}
+
+fn id(session: &Value) -> String {
+    session["sessionId"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn evicting_the_oldest_viewer_closes_its_stream_and_no_other() {
+    let (upstream, _) = origin().await;
+    let policy = default_policy("  maxStreamsPerAccount: 3\n  onLimitExceeded: EvictOldest");
+    let (base, _sidecar) = sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
+
+    let mut viewers = Vec::new();
+    let mut sessions = Vec::new();
+    for stream in ["tv", "phone", "tablet"] {
+        let (status, session) = open(&base, "acct", stream).await;
+        assert_eq!(status, 201);
+        viewers.push(Viewer::watch(&base, &id(&session)).await);
+        sessions.push(session);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+
+    let (status, fourth) = open(&base, "acct", "laptop").await;
+    let admitted = Instant::now();
+    assert_eq!(status, 201);
+    let fourth_viewer = Viewer::watch(&base, &id(&fourth)).await;
+
+    let mut rest = viewers.split_off(1);
+    let first = viewers.pop().unwrap();
+    let (ended, clean) = first.ended_within(Duration::from_secs(5)).await;
+    assert!(!clean, "a cut stream must not end like a finished one");
+    assert!(
+        ended.duration_since(admitted) < Duration::from_secs(1),
+        "cut {:?} after the fourth viewer was admitted",
+        ended.duration_since(admitted)
+    );
+    rest.push(fourth_viewer);
+    for viewer in &rest {
+        viewer.wait_for_bytes().await;
+    }
+
+    // The evicted viewer's segment requests are refused from now on.
+    let response = Client::new()
+        .get(format!(
+            "{base}/hls/segment0.ts?session={}",
+            id(&sessions[0])
+        ))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(response).await;
+    assert_eq!(status, 403);
+    assert_eq!(body["error"], "session_gone");
+    assert_eq!(body["reason"], "evicted");
+    // Segments flow for an active viewer, with the session in the query.
+    let response = Client::new()
+        .get(format!(
+            "{base}/hls/segment1.ts?session={}",
+            id(&sessions[1])
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.bytes().await.unwrap().len(),
+        demo_origin::SEGMENT_BYTES
+    );
+    let m = Client::new()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            r#"streamgate_streams_cut_total{reason="evicted",dry_run="false"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kick_on_one_sidecar_cuts_a_stream_flowing_through_another() {
+    let url = std::env::var("STREAMGATE_TEST_REDIS").unwrap_or_else(|_| {
+        panic!("STREAMGATE_TEST_REDIS is not set: run the tests with ./scripts/test, which starts Redis")
+    });
+    let (upstream, _) = origin().await;
+    let policy = default_policy("  maxStreamsPerAccount: 2");
+    let store = |url: &str| -> Arc<dyn SessionStore> {
+        Arc::new(RedisStore::new(
+            RedisTarget::parse(url).unwrap(),
+            Duration::from_secs(2),
+        ))
+    };
+    let (a, _) = sidecar(store(&url), &policy, &upstream).await;
+    let (b, _) = sidecar(store(&url), &policy, &upstream).await;
+    let account = format!("proxy-kick-{:08x}", rand::random::<u32>());
+    let (status, session) = open(&a, &account, "tv").await;
+    assert_eq!(status, 201);
+    let viewer = Viewer::watch(&b, &id(&session)).await;
+    // Let b's revocation subscription settle before the kick.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let kicked = Client::new()
+        .delete(format!("{a}/v1/sessions/{}", id(&session)))
+        .send()
+        .await
+        .unwrap();
+    let at = Instant::now();
+    assert_eq!(kicked.status(), 204);
+    let (ended, clean) = viewer.ended_within(Duration::from_secs(5)).await;
+    assert!(!clean);
+    assert!(
+        ended.duration_since(at) < Duration::from_secs(1),
+        "cut {:?} after the kick",
+        ended.duration_since(at)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_viewer_that_stops_heartbeating_is_cut_after_the_ttl() {
+    let (upstream, _) = origin().await;
+    let policy = default_policy(
+        "  maxStreamsPerAccount: 1\n  sessionTTLSeconds: 2\n  heartbeatIntervalSeconds: 1",
+    );
+    let (base, _) = sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
+    let (_, session) = open(&base, "acct", "tv").await;
+    let opened = Instant::now();
+    let viewer = Viewer::watch(&base, &id(&session)).await;
+    let (ended, clean) = viewer.ended_within(Duration::from_secs(10)).await;
+    assert!(!clean);
+    assert!(
+        ended.duration_since(opened) >= Duration::from_millis(1900),
+        "cut before the TTL ran out"
+    );
+    let (status, gone) =
+        common::streaming_at(&Client::new(), &base, Method::GET, "acct", "tv").await;
+    assert_eq!(status, 410);
+    assert_eq!(gone["reason"], "expired");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn heartbeats_keep_a_stream_flowing_past_the_ttl() {
+    let (upstream, _) = origin().await;
+    let policy = default_policy(
+        "  maxStreamsPerAccount: 1\n  sessionTTLSeconds: 2\n  heartbeatIntervalSeconds: 1",
+    );
+    let (base, _) = sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
+    let (_, session) = open(&base, "acct", "tv").await;
+    let mut viewer = Viewer::watch(&base, &id(&session)).await;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (status, _) =
+            common::streaming_at(&Client::new(), &base, Method::GET, "acct", "tv").await;
+        assert_eq!(status, 200);
+    }
+    assert!(
+        viewer.ended.try_recv().is_err(),
+        "a renewed session's stream was cut"
+    );
+    viewer.wait_for_bytes().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dry_run_cuts_nothing_and_counts_what_it_would_cut() {
+    let (upstream, _) = origin().await;
+    let policy =
+        default_policy("  maxStreamsPerAccount: 1\n  onLimitExceeded: EvictOldest\n  mode: DryRun");
+    let (base, _) = sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
+    let (_, first) = open(&base, "acct", "tv").await;
+    let mut first_viewer = Viewer::watch(&base, &id(&first)).await;
+    let (status, _) = open(&base, "acct", "phone").await;
+    assert_eq!(status, 201);
+
+    // An admin kick revokes the session, but in DryRun its stream keeps flowing.
+    let kicked = Client::new()
+        .delete(format!("{base}/v1/sessions/{}", id(&first)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(kicked.status(), 204);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first_viewer.wait_for_bytes().await;
+    assert!(
+        first_viewer.ended.try_recv().is_err(),
+        "DryRun cut a stream"
+    );
+    // And its next media request is let through too.
+    let response = Client::new()
+        .get(format!("{base}/hls/index.m3u8"))
+        .header("X-StreamGate-Session", id(&first))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let m = Client::new()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&m, r#"streamgate_dry_run_decisions_total{would="evict"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"streamgate_streams_cut_total{reason="kicked",dry_run="true"}"#
+        ),
+        Some(2.0),
+        "the stream in flight and the later request: {m}"
+    );
+}
+
+#[tokio::test]
+async fn requests_without_an_active_session_never_reach_the_upstream() {
+    let (upstream, stats) = origin().await;
+    let policy = default_policy("  maxStreamsPerAccount: 2");
+    let (base, _) = sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
+    let (_, ended) = open(&base, "acct", "tv").await;
+    let (status, _) =
+        common::streaming_at(&Client::new(), &base, Method::DELETE, "acct", "tv").await;
+    assert_eq!(status, 204);
+
+    let client = Client::new();
+    let forged = "0123456789abcdef0123456789abcdef01234567";
+    let attempts = [
+        (client.get(format!("{base}/live")), "invalid_request"),
+        (
+            client.get(format!("{base}/hls/index.m3u8?session=not-an-id")),
+            "not_found",
+        ),
+        (
+            client
+                .get(format!("{base}/hls/index.m3u8"))
+                .header("X-StreamGate-Session", forged),
+            "not_found",
+        ),
+        (
+            client.get(format!("{base}/live?session={forged}")),
+            "not_found",
+        ),
+        (
+            client
+                .get(format!("{base}/live"))
+                .header("X-StreamGate-Session", id(&ended)),
+            "not_found",
+        ),
+        (
+            client
+                .post(format!("{base}/upload"))
+                .header("X-StreamGate-Session", forged)
+                .body("x"),
+            "not_found",
+        ),
+    ];
+    for (request, code) in attempts {
+        let (status, body) = json(request.send().await.unwrap()).await;
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["error"], code, "{body}");
+    }
+    assert_eq!(
+        stats.requests(),
+        0,
+        "a refused request reached the upstream"
+    );
+
+    // The session API itself is still served by the sidecar, not proxied.
+    let (status, _) = json(client.get(format!("{base}/healthz")).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(stats.requests(), 0);
+}
