@@ -78,9 +78,23 @@ pub struct SimulateArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
     pub heartbeat_interval: Option<Duration>,
 
+    /// Also pull this media path (e.g. `/live`) through the sidecar's enforcing proxy with each
+    /// viewer's session, and report when a viewer's stream is cut.
+    #[arg(long, value_name = "PATH", value_parser = parse_media_path)]
+    pub media: Option<String>,
+
     /// Delay between viewer starts, so that viewers open in order (0s: all at once).
     #[arg(long, default_value = "100ms", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub stagger: Duration,
+}
+
+/// A media path: starts with `/`.
+pub fn parse_media_path(value: &str) -> Result<String, String> {
+    if value.starts_with('/') && !value.contains(char::is_whitespace) {
+        Ok(value.to_string())
+    } else {
+        Err("expected a path starting with / (e.g. /live or /hls/index.m3u8)".into())
+    }
 }
 
 /// Flags of `streamctl load`.

@@ -63,6 +63,9 @@ pub struct ViewerReport {
     pub reason: Option<String>,
     /// Heartbeats answered 200.
     pub heartbeats: u32,
+    /// With `--media`: bytes of media received through the proxy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media_bytes: Option<u64>,
     /// The account's limit, when the sidecar said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
@@ -510,6 +513,7 @@ mod tests {
             ended_at: None,
             reason: None,
             heartbeats: 0,
+            media_bytes: None,
             limit: None,
             active: None,
             message: None,

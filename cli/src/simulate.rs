@@ -2,7 +2,7 @@
 //! each reporting whether it was admitted, refused or cut, and when.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::bail;
@@ -54,6 +54,8 @@ struct Run {
     deadline: Instant,
     heartbeat_override: Option<Duration>,
     counters: Counters,
+    /// With `--media`: a client without a request timeout (streams are long) and the URL.
+    media: Option<(reqwest::Client, reqwest::Url)>,
 }
 
 impl Run {
@@ -75,11 +77,21 @@ pub async fn run(
     }
     let run_tag = format!("{:08x}", rand::random::<u32>());
     let start = Instant::now();
+    let media = match &args.media {
+        Some(path) => Some((
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build()?,
+            client.base().join(path.trim_start_matches('/'))?,
+        )),
+        None => None,
+    };
     let run = Arc::new(Run {
         client,
         start,
         deadline: start + args.duration,
         heartbeat_override: args.heartbeat_interval,
+        media,
         counters: Counters::default(),
     });
     let viewers: Vec<Viewer> = (1..=args.streams)
@@ -149,6 +161,7 @@ async fn play(run: Arc<Run>, viewer: Viewer) -> ViewerReport {
         ended_at: None,
         reason: None,
         heartbeats: 0,
+        media_bytes: None,
         limit: None,
         active: None,
         message: None,
@@ -189,9 +202,46 @@ async fn play(run: Arc<Run>, viewer: Viewer) -> ViewerReport {
         .unwrap_or(Duration::from_secs(u64::from(
             session.heartbeat_interval_seconds.max(1),
         )));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let (media_tx, mut media_end) = tokio::sync::oneshot::channel::<String>();
+    let media_task = run.media.clone().map(|(http, url)| {
+        report.media_bytes = Some(0);
+        tokio::spawn(pull_media(
+            http,
+            url,
+            session.session_id.clone(),
+            bytes.clone(),
+            media_tx,
+        ))
+    });
     let mut next = Instant::now() + interval;
-    while next < run.deadline {
-        sleep_until(next).await;
+    // Watching media: a clean end of a finite file is not a cut, so stop listening for it then.
+    let mut media_open = media_task.is_some();
+    loop {
+        tokio::select! {
+            () = sleep_until(next.min(run.deadline)) => {}
+            ended = &mut media_end, if media_open => {
+                let Ok(why) = ended else {
+                    media_open = false;
+                    continue;
+                };
+                // The proxy cut the stream. A heartbeat tells why.
+                report.media_bytes = Some(bytes.load(Ordering::Relaxed));
+                c.watching.fetch_sub(1, Ordering::Relaxed);
+                c.cut.fetch_add(1, Ordering::Relaxed);
+                report.outcome = Outcome::Cut;
+                report.at = run.now();
+                report.reason = match run.client.heartbeat(&viewer.account, &viewer.stream_id).await {
+                    Ok(Beat::Gone(body)) => Some(body.reason.unwrap_or_else(|| "gone".into())),
+                    _ => Some("stream_closed".into()),
+                };
+                report.message = Some(why);
+                return report;
+            }
+        }
+        if Instant::now() >= run.deadline {
+            break;
+        }
         match run
             .client
             .heartbeat(&viewer.account, &viewer.stream_id)
@@ -226,6 +276,10 @@ async fn play(run: Arc<Run>, viewer: Viewer) -> ViewerReport {
     }
 
     sleep_until(run.deadline).await;
+    if let Some(task) = media_task {
+        task.abort();
+        report.media_bytes = Some(bytes.load(Ordering::Relaxed));
+    }
     c.watching.fetch_sub(1, Ordering::Relaxed);
     match run.client.end(&viewer.account, &viewer.stream_id).await {
         Ok(ended) => {
@@ -238,4 +292,46 @@ async fn play(run: Arc<Run>, viewer: Viewer) -> ViewerReport {
         }
         Err(e) => fail(report, format!("end: {}", e.short())),
     }
+}
+
+/// Pulls the media URL with the session until the stream ends, counting bytes. Sends why it
+/// ended; dropped (the run ended first) when aborted.
+async fn pull_media(
+    http: reqwest::Client,
+    url: reqwest::Url,
+    session: String,
+    bytes: Arc<AtomicU64>,
+    ended: tokio::sync::oneshot::Sender<String>,
+) {
+    use futures::StreamExt;
+    let response = match http
+        .get(url)
+        .header("X-StreamGate-Session", session)
+        .send()
+        .await
+    {
+        Ok(response) => response,
+        Err(e) => {
+            let _ = ended.send(format!("media request failed: {e}"));
+            return;
+        }
+    };
+    if !response.status().is_success() {
+        let _ = ended.send(format!("media request refused: {}", response.status()));
+        return;
+    }
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(chunk) => {
+                bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                let _ = ended.send("stream closed by the proxy".into());
+                return;
+            }
+        }
+    }
+    // A clean end (a finite file) drops `ended` without a message: not a cut.
+    drop(ended);
 }

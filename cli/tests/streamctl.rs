@@ -333,3 +333,48 @@ async fn unreachable_endpoint_is_a_clear_error() {
         assert!(stderr.contains(&url), "{command}: {stderr}");
     }
 }
+
+/// A sidecar in proxy mode in front of the demo origin.
+async fn start_proxying_sidecar(policy: &str) -> String {
+    let origin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", origin.local_addr().unwrap());
+    let app = streamgate_sidecar::demo_origin::router(Default::default());
+    tokio::spawn(async move { axum::serve(origin, app).await });
+    let set = PolicySet::from_yaml(policy, "test", "default").expect("the test policy is valid");
+    let sidecar = Sidecar::in_memory(set).with_upstream(upstream.parse().unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { sidecar.serve(listener, std::future::pending()).await });
+    format!("http://{address}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_pulls_media_through_the_proxy_and_reports_the_cut_stream() {
+    let endpoint = start_proxying_sidecar(
+        "apiVersion: streamgate.dev/v1alpha1\nkind: StreamingPolicy\nmetadata: {name: d}\nspec: {maxStreamsPerAccount: 1, onLimitExceeded: EvictOldest}\n",
+    )
+    .await;
+    let report = streamctl_json(&[
+        "simulate",
+        "--endpoint",
+        &endpoint,
+        "--account",
+        "media-acct",
+        "--streams",
+        "2",
+        "--duration",
+        "3s",
+        "--stagger",
+        "1s",
+        "--media",
+        "/live?interval_ms=20",
+    ])
+    .await;
+    let viewers = report["viewers"].as_array().unwrap();
+    let first = &viewers[0];
+    assert_eq!(first["outcome"], "cut", "{report}");
+    assert_eq!(first["reason"], "evicted", "{report}");
+    assert!(first["mediaBytes"].as_u64().unwrap() > 0, "{report}");
+    let second = &viewers[1];
+    assert_eq!(second["outcome"], "admitted", "{report}");
+}

@@ -155,3 +155,33 @@ async fn sigterm_shuts_down_cleanly() {
     let status = waited.expect("the sidecar exits after SIGTERM");
     assert!(status.success(), "exit status {status}");
 }
+
+#[tokio::test]
+async fn an_optional_policy_file_may_appear_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policies.yaml");
+    let policy = path.display().to_string();
+    let sidecar = SidecarProcess::start(&[
+        "--policy-file",
+        &policy,
+        "--policy-file-optional",
+        "true",
+        "--policy-reload-interval",
+        "100ms",
+    ])
+    .await;
+    sidecar.wait_ready().await;
+    let base = sidecar.base.clone();
+    // Built-in default until the file exists: 3 streams.
+    for stream in ["a", "b", "c"] {
+        assert_eq!(open(&base, "acct", stream).await.0, 201);
+    }
+    let (status, body) = open(&base, "acct", "d").await;
+    assert_eq!((status, body["limit"].as_u64()), (429, Some(3)));
+
+    std::fs::write(&path, default_policy("  maxStreamsPerAccount: 5")).unwrap();
+    eventually("the file's limit applies once it appears", async || {
+        open(&base, "acct", "d").await.0 == 201
+    })
+    .await;
+}
