@@ -5,7 +5,9 @@
 -- P .. 'a:' .. hex(account) .. ':' (hex, so `{`, `}` and `:` in an account id cannot steer the
 -- Redis Cluster slot or collide with another account's keys).
 --   A..'streams'  HASH  streamId -> sessionId of its active session
---   A..'age'      ZSET  sessionId -> createdAt (ms): admission order, for EvictOldest
+--   A..'age'      ZSET  sessionId -> createdAt (ms) * 1000 + A..'seq' mod 1000: admission
+--                       order, for EvictOldest, exact even within one millisecond
+--   A..'seq'      STRING admission counter of the account
 --   A..'exp'      ZSET  sessionId -> expiresAt (ms): finds overdue sessions without a scan
 --   A..'cut'      HASH  streamId -> sessionId most recently cut, so a heartbeat can answer 410
 --   P..'s:'..id   HASH  the session: account, stream, state, reason, created, expires, ttl, akey

@@ -44,9 +44,11 @@ redis.call('HSET', skey, 'account', account, 'stream', stream, 'state', 'active'
   'created', now, 'expires', expires, 'ttl', ttl, 'akey', A)
 redis.call('PEXPIREAT', skey, expires + ttl)
 redis.call('HSET', KEYS[1], stream, id)
-redis.call('ZADD', KEYS[2], now, id)
+local seq = redis.call('INCR', A .. 'seq') % 1000
+redis.call('ZADD', KEYS[2], now * 1000 + seq, id)
 redis.call('ZADD', KEYS[3], expires, id)
 keep(KEYS[1], expires + ttl)
 keep(KEYS[2], expires + ttl)
 keep(KEYS[3], expires + ttl)
+keep(A .. 'seq', expires + ttl)
 return {'admitted', redis.call('ZCARD', KEYS[2]), record(P, id), evicted, dry_run, expired}
