@@ -9,6 +9,7 @@
 //! expiry time passes.
 
 use std::collections::HashMap;
+use std::future::Future as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -278,7 +279,6 @@ where
     }
 }
 
-use std::future::Future as _;
 
 fn session_id_of(request: &Request) -> Result<SessionId, ApiError> {
     let from_header = request
