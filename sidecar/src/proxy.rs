@@ -279,7 +279,6 @@ where
     }
 }
 
-
 fn session_id_of(request: &Request) -> Result<SessionId, ApiError> {
     let from_header = request
         .headers()

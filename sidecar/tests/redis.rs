@@ -527,3 +527,35 @@ fn the_history_checker_counts_overlaps() {
     // A session cut in the same millisecond another is admitted does not overlap it.
     assert_eq!(max_concurrent(&[(0, 10), (10, 20)]), 1);
 }
+
+#[tokio::test]
+async fn scripts_are_sent_again_after_redis_forgets_them() {
+    let url = redis_env("STREAMGATE_TEST_REDIS");
+    let store = RedisStore::new(RedisTarget::parse(&url).unwrap(), Duration::from_secs(2));
+    let account = unique("noscript");
+    let request = |stream: &'static str| OpenRequest {
+        account: &account,
+        stream_id: stream,
+        limit: 2,
+        ttl_ms: 60_000,
+        on_limit: OnLimitExceeded::RejectNew,
+        mode: Mode::Enforce,
+    };
+    assert!(matches!(
+        store.open(&request("s1")).await.unwrap(),
+        OpenOutcome::Admitted { .. }
+    ));
+    // What a Redis restart or failover does to the script cache.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.open(&request("s2")).await.unwrap(),
+        OpenOutcome::Admitted { active: 2, .. }
+    ));
+    assert_eq!(store.list(&account).await.unwrap().len(), 2);
+}

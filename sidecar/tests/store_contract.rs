@@ -256,6 +256,39 @@ pub async fn sessions_expire_after_their_ttl(store: Arc<dyn SessionStore>) {
     admit(store.as_ref(), &a, "s2", 1).await;
 }
 
+pub async fn a_long_forgotten_session_does_not_block_the_account(store: Arc<dyn SessionStore>) {
+    // One session expires and its tombstone time runs out while a longer-lived session keeps
+    // the account's data alive; the account must still work.
+    let a = account("forgotten");
+    let mut short = req(&a, "short", 3, OnLimitExceeded::RejectNew);
+    short.ttl_ms = 300;
+    let mut long = req(&a, "long", 3, OnLimitExceeded::RejectNew);
+    long.ttl_ms = 10_000;
+    store.open(&short).await.unwrap();
+    store.open(&long).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let outcome = store
+        .open(&req(&a, "new", 3, OnLimitExceeded::RejectNew))
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, OpenOutcome::Admitted { active: 2, .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        store.heartbeat(&a, "short", 300).await.unwrap(),
+        HeartbeatOutcome::NotFound
+    );
+    let streams: Vec<String> = store
+        .list(&a)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.stream_id)
+        .collect();
+    assert_eq!(streams, ["long", "new"]);
+}
+
 pub async fn heartbeats_keep_a_session_alive(store: Arc<dyn SessionStore>) {
     let a = account("renew");
     let mut request = req(&a, "s1", 1, OnLimitExceeded::RejectNew);
@@ -351,6 +384,10 @@ macro_rules! store_contract {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sessions_expire_after_their_ttl() {
                 super::sessions_expire_after_their_ttl(store().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_long_forgotten_session_does_not_block_the_account() {
+                super::a_long_forgotten_session_does_not_block_the_account(store().await).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn heartbeats_keep_a_session_alive() {

@@ -51,6 +51,19 @@ end
 -- Returns the cut session.
 local function cut(P, A, id, reason, at, now, origin, channel)
   local skey = P .. 's:' .. id
+  if redis.call('EXISTS', skey) == 0 then
+    -- Its hash already expired (nobody touched the account for a whole tombstone time): drop
+    -- what still points at it. Nothing to answer for, nothing to announce.
+    redis.call('ZREM', A .. 'age', id)
+    redis.call('ZREM', A .. 'exp', id)
+    local streams = redis.call('HGETALL', A .. 'streams')
+    for i = 1, #streams, 2 do
+      if streams[i + 1] == id then
+        redis.call('HDEL', A .. 'streams', streams[i])
+      end
+    end
+    return false
+  end
   local state = 'revoked'
   if reason == 'expired' then
     state = 'expired'
@@ -81,7 +94,10 @@ local function expire_overdue(P, A, now, origin, channel)
   local overdue = redis.call('ZRANGEBYSCORE', A .. 'exp', '-inf', now, 'WITHSCORES')
   local expired = {}
   for i = 1, #overdue, 2 do
-    expired[#expired + 1] = cut(P, A, overdue[i], 'expired', tonumber(overdue[i + 1]), now, origin, channel)
+    local rec = cut(P, A, overdue[i], 'expired', tonumber(overdue[i + 1]), now, origin, channel)
+    if rec then
+      expired[#expired + 1] = rec
+    end
   end
   return expired
 end

@@ -34,7 +34,10 @@ local evicted = {}
 if evict > 0 then
   local oldest = redis.call('ZRANGE', KEYS[2], 0, evict - 1)
   for i = 1, #oldest do
-    evicted[#evicted + 1] = cut(P, A, oldest[i], 'evicted', now, now, origin, channel)
+    local rec = cut(P, A, oldest[i], 'evicted', now, now, origin, channel)
+    if rec then
+      evicted[#evicted + 1] = rec
+    end
   end
 end
 
