@@ -32,8 +32,8 @@ const OPEN: &str = include_str!("../src/store/lua/open.lua");
 const END: &str = include_str!("../src/store/lua/end.lua");
 /// The sidecar publishes cuts here; the scripts need the name even when nothing is cut.
 const CHANNEL: &str = "streamgate:revocations";
-/// Session TTL, as in the bench policy (90 s), so floor sessions age like the sidecar's.
-const TTL_MS: i64 = 90_000;
+/// Session TTL, as in `bench/redis`'s policy (1 h), so floor sessions age like the sidecar's.
+const TTL_MS: i64 = 3_600_000;
 /// Limit per account: as in the bench policy, high enough that no open is refused.
 const LIMIT: u32 = 10_000;
 /// Per-request time limit, as `streamctl`'s default.
