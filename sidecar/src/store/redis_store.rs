@@ -243,6 +243,18 @@ impl RedisStore {
         }
     }
 
+    /// Runs a script that takes a session id (`get`, `kick`): KEYS the session's hash, ARGV
+    /// the tag prefix, the id, origin and channel.
+    async fn run_for_session(&self, script: &Script, id: SessionId) -> Result<Value, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(session_key(id))
+            .arg(tag_prefix(id.tag))
+            .arg(id.to_string());
+        self.origin_and_channel(&mut invocation);
+        self.run(&invocation).await
+    }
+
     fn origin_and_channel(&self, invocation: &mut ScriptInvocation<'_>) {
         invocation.arg(&self.inner.origin).arg(REVOCATION_CHANNEL);
     }
@@ -540,13 +552,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn get(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError> {
-        let mut invocation = self.inner.scripts.get.prepare_invoke();
-        invocation
-            .key(session_key(id))
-            .arg(tag_prefix(id.tag))
-            .arg(id.to_string());
-        self.origin_and_channel(&mut invocation);
-        let value = self.run(&invocation).await?;
+        let value = self.run_for_session(&self.inner.scripts.get, id).await?;
         let parts = items(&value).ok_or_else(|| malformed("get", &value))?;
         let [found, expired] = parts else {
             return Err(malformed("get", &value));
@@ -556,13 +562,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn kick(&self, id: SessionId) -> Result<KickOutcome, StoreError> {
-        let mut invocation = self.inner.scripts.kick.prepare_invoke();
-        invocation
-            .key(session_key(id))
-            .arg(tag_prefix(id.tag))
-            .arg(id.to_string());
-        self.origin_and_channel(&mut invocation);
-        let value = self.run(&invocation).await?;
+        let value = self.run_for_session(&self.inner.scripts.kick, id).await?;
         let bad = || malformed("kick", &value);
         let (kind, fields, expired) = reply("kick", &value)?;
         self.publish_local(expired);
