@@ -168,14 +168,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     metrics.leader.set(1);
     let result = tokio::select! {
         () = run_controller(client, metrics.clone()) => Ok(()),
-        lost = async {
+        () = async {
             loop {
                 if leading.changed().await.is_err() || !*leading.borrow() {
                     return;
                 }
             }
         } => {
-            let () = lost;
             // Another replica may already be reconciling: stop at once and let the
             // Deployment restart us as a standby.
             Err(anyhow::anyhow!("lost the leader Lease"))
