@@ -201,16 +201,7 @@ impl Engine {
     fn admit_without_store(&self, request: &OpenRequest<'_>, policy: &EffectivePolicy) -> Opened {
         self.metrics.failed_open.inc();
         let now = chrono::Utc::now().timestamp_millis();
-        let record = SessionRecord {
-            id: SessionId::for_account(request.account),
-            account: request.account.to_string(),
-            stream_id: request.stream_id.to_string(),
-            state: SessionState::Active,
-            reason: None,
-            created_at_ms: now,
-            expires_at_ms: now + request.ttl_ms,
-            ttl_ms: request.ttl_ms,
-        };
+        let record = request.new_session(now);
         Opened::Created {
             session: self.view(&record, policy, 0),
             dry_run: None,

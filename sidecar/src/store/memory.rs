@@ -329,16 +329,7 @@ impl State {
             .collect();
         cut.extend(evicted.iter().cloned());
 
-        let record = SessionRecord {
-            id: SessionId::for_account(request.account),
-            account: request.account.to_string(),
-            stream_id: request.stream_id.to_string(),
-            state: SessionState::Active,
-            reason: None,
-            created_at_ms: now,
-            expires_at_ms: now + request.ttl_ms,
-            ttl_ms: request.ttl_ms,
-        };
+        let record = request.new_session(now);
         let seq = self.next_seq;
         self.next_seq += 1;
         self.schedule(record.id, record.expires_at_ms);

@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 
 use crate::admission::OverLimit;
 use crate::policy::{Mode, OnLimitExceeded};
-use crate::session::{Revocation, SessionId, SessionRecord};
+use crate::session::{Revocation, SessionId, SessionRecord, SessionState};
 
 pub use memory::MemoryStore;
 pub use redis_store::{RedisStore, RedisTarget};
@@ -38,6 +38,22 @@ pub struct OpenRequest<'a> {
     pub on_limit: OnLimitExceeded,
     /// Enforce or dry run.
     pub mode: Mode,
+}
+
+impl OpenRequest<'_> {
+    /// The active session this request creates when admitted at `now_ms`, with a fresh id.
+    pub fn new_session(&self, now_ms: i64) -> SessionRecord {
+        SessionRecord {
+            id: SessionId::for_account(self.account),
+            account: self.account.to_string(),
+            stream_id: self.stream_id.to_string(),
+            state: SessionState::Active,
+            reason: None,
+            created_at_ms: now_ms,
+            expires_at_ms: now_ms + self.ttl_ms,
+            ttl_ms: self.ttl_ms,
+        }
+    }
 }
 
 /// What an open did.
