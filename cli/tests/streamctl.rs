@@ -338,7 +338,7 @@ async fn unreachable_endpoint_is_a_clear_error() {
 async fn start_proxying_sidecar(policy: &str) -> String {
     let origin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream = format!("http://{}", origin.local_addr().unwrap());
-    let app = streamgate_sidecar::demo_origin::router(Default::default());
+    let app = streamgate_demo_origin::router(Default::default());
     tokio::spawn(async move { axum::serve(origin, app).await });
     let set = PolicySet::from_yaml(policy, "test", "default").expect("the test policy is valid");
     let sidecar = Sidecar::in_memory(set).with_upstream(upstream.parse().unwrap());

@@ -8,7 +8,6 @@ pub mod admission;
 pub mod api;
 pub mod clock;
 pub mod config;
-pub mod demo_origin;
 pub mod engine;
 pub mod metrics;
 pub mod policy;

@@ -11,7 +11,7 @@ use common::{default_policy, json, metric};
 use futures::StreamExt;
 use reqwest::{Client, Method};
 use serde_json::Value;
-use streamgate_sidecar::demo_origin::{self, OriginStats};
+use streamgate_demo_origin::{self as demo_origin, OriginStats};
 use streamgate_sidecar::policy::PolicySet;
 use streamgate_sidecar::server::Sidecar;
 use streamgate_sidecar::store::{MemoryStore, RedisStore, RedisTarget, SessionStore};
@@ -169,8 +169,8 @@ async fn evicting_the_oldest_viewer_closes_its_stream_and_no_other() {
         .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(
-        response.bytes().await.unwrap().len(),
-        demo_origin::SEGMENT_BYTES
+        response.bytes().await.unwrap(),
+        demo_origin::media::fixture_segment(1)
     );
     let m = Client::new()
         .get(format!("{base}/metrics"))

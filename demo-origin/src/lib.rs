@@ -1,24 +1,27 @@
-//! A tiny streaming origin for demos, tests and benchmarks: an endless chunked live stream, a
-//! few HLS segments and a large file. It stands in for the streaming container behind the
-//! enforcing proxy (`cargo run -p streamgate-sidecar --example demo-origin`).
+//! A small streaming origin for demos, tests and benchmarks, standing in for the streaming
+//! container behind StreamGate's enforcing proxy.
+//!
+//! It serves real, decodable media: a committed fixture of H.264 in MPEG-TS segments (see
+//! `media/make.sh`), as a VOD playlist long enough for eviction tests and as a live-like sliding
+//! playlist whose media sequence follows the clock. It also serves an endless chunked stream and
+//! a large file (for the proxy's streaming and throughput tests) and counts the requests it saw,
+//! so tests can prove a refused request never reached it.
+#![forbid(unsafe_code)]
+
+pub mod media;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::stream;
 use serde::Deserialize;
-
-/// Number of HLS segments in the demo playlist.
-pub const SEGMENTS: u32 = 5;
-/// Size of one HLS segment.
-pub const SEGMENT_BYTES: usize = 64 * 1024;
 
 /// Counts the requests the origin has seen, so tests can prove a request never reached it.
 #[derive(Clone, Default)]
@@ -45,12 +48,19 @@ struct FileParams {
     mib: Option<usize>,
 }
 
-/// The origin's routes: `/live` (endless chunked stream, `?interval_ms=`), `/hls/index.m3u8`,
-/// `/hls/segment{N}.ts`, `/file` (`?mib=` MiB of data) and `/healthz`.
+/// The origin's routes:
+/// - `/hls/index.m3u8`: VOD playlist of [`media::VOD_SEGMENTS`] segments `segment{N}.ts` (the
+///   fixture looped, with `EXT-X-DISCONTINUITY` at each loop);
+/// - `/hls/live.m3u8`: live-like sliding playlist of segments `live{SEQ}.ts`, the media sequence
+///   computed from the clock;
+/// - `/live`: an endless chunked byte stream (`?interval_ms=`);
+/// - `/file`: `?mib=` MiB of data with a Content-Length;
+/// - `/healthz`.
 pub fn router(stats: OriginStats) -> Router {
     Router::new()
         .route("/live", get(live))
-        .route("/hls/index.m3u8", get(playlist))
+        .route("/hls/index.m3u8", get(vod_playlist))
+        .route("/hls/live.m3u8", get(live_playlist))
         .route("/hls/{segment}", get(segment))
         .route("/file", get(file))
         .route("/healthz", get(|| async { "ok" }))
@@ -63,6 +73,17 @@ pub fn router(stats: OriginStats) -> Router {
                 next.run(request).await
             },
         ))
+}
+
+/// Serves [`router`] on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    stats: OriginStats,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(stats))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 async fn live(Query(params): Query<LiveParams>) -> Response {
@@ -79,29 +100,35 @@ async fn live(Query(params): Query<LiveParams>) -> Response {
         .into_response()
 }
 
-async fn playlist() -> Response {
-    let mut m3u8 = String::from("#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n");
-    for n in 0..SEGMENTS {
-        m3u8.push_str(&format!("#EXTINF:2.0,\nsegment{n}.ts\n"));
-    }
-    m3u8.push_str("#EXT-X-ENDLIST\n");
-    (
+fn playlist_response(m3u8: String) -> Response {
+    let mut response = (
         [(header::CONTENT_TYPE, "application/vnd.apple.mpegurl")],
         m3u8,
     )
-        .into_response()
+        .into_response();
+    // A live playlist changes every segment; players must not reuse a cached one.
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+async fn vod_playlist() -> Response {
+    playlist_response(media::vod_playlist())
+}
+
+async fn live_playlist() -> Response {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    playlist_response(media::live_playlist(now))
 }
 
 async fn segment(Path(name): Path<String>) -> Response {
-    let number = name
-        .strip_prefix("segment")
-        .and_then(|n| n.strip_suffix(".ts"))
-        .and_then(|n| n.parse::<u32>().ok())
-        .filter(|n| *n < SEGMENTS);
-    match number {
-        Some(n) => (
+    match media::segment_for_uri(&name) {
+        Some(bytes) => (
             [(header::CONTENT_TYPE, "video/mp2t")],
-            vec![n as u8; SEGMENT_BYTES],
+            Bytes::from_static(bytes),
         )
             .into_response(),
         None => StatusCode::NOT_FOUND.into_response(),
