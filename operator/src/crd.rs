@@ -1,6 +1,6 @@
 //! The StreamingPolicy custom resource (`streamgate.dev/v1alpha1`).
 //!
-//! The spec is the sidecar's [`PolicySpec`], flattened, so the YAML a user applies and the YAML a
+//! The spec is the policy crate's [`PolicySpec`], flattened, so the YAML a user applies and the YAML a
 //! sidecar reads with `--policy-file` have one definition. Rules that span fields are CEL rules,
 //! checked by the API server before anything is stored.
 
@@ -8,7 +8,7 @@ use kube::CustomResource;
 use kube::core::crd::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use streamgate_sidecar::policy::PolicySpec;
+use streamgate_policy::PolicySpec;
 
 /// Desired state: the sidecar's policy spec.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -24,11 +24,18 @@ use streamgate_sidecar::policy::PolicySpec;
     validation = Rule::new("self.spec.sessionTTLSeconds >= 2 * self.spec.heartbeatIntervalSeconds")
         .message("spec.sessionTTLSeconds must be at least twice spec.heartbeatIntervalSeconds")
         .field_path(".spec.sessionTTLSeconds"),
+    // Strings of format date-time are timestamps in CEL, so this compares instants, not text.
+    validation = Rule::new("!has(self.spec.activeFrom) || !has(self.spec.activeUntil) || self.spec.activeFrom < self.spec.activeUntil")
+        .message("spec.activeUntil must be later than spec.activeFrom")
+        .field_path(".spec.activeUntil"),
     printcolumn = r#"{"name":"Limit","type":"integer","jsonPath":".spec.maxStreamsPerAccount"}"#,
     printcolumn = r#"{"name":"TTL","type":"integer","jsonPath":".spec.sessionTTLSeconds"}"#,
     printcolumn = r#"{"name":"Over-Limit","type":"string","jsonPath":".spec.onLimitExceeded"}"#,
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Active-From","type":"string","jsonPath":".spec.activeFrom"}"#,
+    printcolumn = r#"{"name":"Active-Until","type":"string","jsonPath":".spec.activeUntil"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct StreamingPolicySpec {

@@ -129,7 +129,7 @@ pub async fn sync_namespace(namespace: &str, ctx: &Context) -> Result<(), Error>
             deleting: p.meta().deletion_timestamp.is_some(),
         })
         .collect();
-    let rendering = render(namespace, &inputs, &previous);
+    let rendering = render(namespace, &inputs, &previous, chrono::Utc::now());
 
     let live: Vec<&StreamingPolicy> = listed
         .iter()

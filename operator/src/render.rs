@@ -3,8 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use streamgate_sidecar::policy::{
-    API_VERSION, KIND, PolicyDocument, PolicyMetadata, PolicySpec, render_policy_file,
+use chrono::{DateTime, SecondsFormat, Utc};
+use streamgate_policy::{
+    API_VERSION, KIND, PolicyDocument, PolicyMetadata, PolicySpec, Window, render_policy_file,
 };
 
 /// Name of the ConfigMap the sidecars of a namespace mount.
@@ -43,6 +44,9 @@ pub struct Rendering {
     pub rendered: BTreeSet<String>,
     /// Verdict per policy that is not being deleted.
     pub verdicts: BTreeMap<String, Verdict>,
+    /// The next instant at which a policy's `activeFrom` / `activeUntil` window opens or closes:
+    /// the namespace must be rendered again then, with no other event.
+    pub next_boundary: Option<DateTime<Utc>>,
 }
 
 /// Reasons reported in the `Ready` condition.
@@ -55,6 +59,10 @@ pub mod reasons {
     pub const SHADOWED_DEFAULT: &str = "ShadowedDefault";
     /// The spec breaks a rule the schema cannot express; the last good version stays in force.
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// Valid, but its `activeFrom` is still ahead: not rendered yet.
+    pub const SCHEDULED: &str = "Scheduled";
+    /// Valid, but its `activeUntil` has passed: no longer rendered.
+    pub const EXPIRED: &str = "Expired";
 }
 
 /// Parses a policy file previously rendered into the ConfigMap: name -> spec. Unreadable content
@@ -76,12 +84,14 @@ pub fn previous_specs(policy_file: &str) -> BTreeMap<String, PolicySpec> {
     specs
 }
 
-/// Renders the policies of `namespace`. `previous` holds the specs of the last rendering, so an
-/// invalid edit keeps the last good version in force.
+/// Renders the policies of `namespace` as they stand at `now`. `previous` holds the specs of the
+/// last rendering, so an invalid edit keeps the last good version in force. Policies outside
+/// their `activeFrom` / `activeUntil` window are left out.
 pub fn render(
     namespace: &str,
     policies: &[PolicyInput],
     previous: &BTreeMap<String, PolicySpec>,
+    now: DateTime<Utc>,
 ) -> Rendering {
     let mut live: Vec<&PolicyInput> = policies.iter().filter(|p| !p.deleting).collect();
     live.sort_by(|a, b| a.name.cmp(&b.name));
@@ -113,6 +123,31 @@ pub fn render(
             }
         }
     }
+
+    // Out of their window: reported, not rendered. The rendered ones keep their window, so a
+    // sidecar also stops applying an override at `activeUntil` before the re-rendered file
+    // reaches it.
+    let next_boundary = in_force
+        .iter()
+        .filter_map(|(_, spec)| spec.next_boundary_after(now))
+        .min();
+    in_force.retain(|(name, spec)| {
+        let verdict = match spec.window_at(now) {
+            Window::Active => return true,
+            Window::Scheduled(from) => Verdict {
+                ready: false,
+                reason: reasons::SCHEDULED,
+                message: format!("not in force before activeFrom {}", rfc3339(from)),
+            },
+            Window::Expired(until) => Verdict {
+                ready: false,
+                reason: reasons::EXPIRED,
+                message: format!("no longer in force since activeUntil {}", rfc3339(until)),
+            },
+        };
+        verdicts.entry(name.clone()).or_insert(verdict);
+        false
+    });
 
     // The first default by name applies, as in the sidecar.
     let defaults: Vec<&String> = in_force
@@ -202,7 +237,12 @@ pub fn render(
         policy_file,
         rendered: in_force.into_iter().map(|(name, _)| name).collect(),
         verdicts,
+        next_boundary,
     }
+}
+
+fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
 fn describe(spec: &PolicySpec) -> String {
@@ -220,7 +260,15 @@ fn describe(spec: &PolicySpec) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use streamgate_sidecar::policy::{OnLimitExceeded, PolicySet};
+    use streamgate_policy::{OnLimitExceeded, PolicySet};
+
+    fn now() -> DateTime<Utc> {
+        at("2030-01-01T12:00:00Z")
+    }
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text).unwrap().into()
+    }
 
     fn input(name: &str, limit: u32, accounts: &[&str]) -> PolicyInput {
         PolicyInput {
@@ -238,7 +286,12 @@ mod tests {
     fn renders_a_file_the_sidecar_enforces() {
         let mut vip = input("vip", 10, &["vip-1"]);
         vip.spec.on_limit_exceeded = OnLimitExceeded::EvictOldest;
-        let r = render("media", &[input("default", 2, &[]), vip], &BTreeMap::new());
+        let r = render(
+            "media",
+            &[input("default", 2, &[]), vip],
+            &BTreeMap::new(),
+            now(),
+        );
         let set = PolicySet::from_yaml(&r.policy_file, "rendered", "media").unwrap();
         assert_eq!(set.resolve("anyone").limit, 2);
         assert_eq!(set.resolve("vip-1").limit, 10);
@@ -262,11 +315,13 @@ mod tests {
             "ns",
             &[input("b", 2, &[]), input("a", 3, &["x"])],
             &BTreeMap::new(),
+            now(),
         );
         let b = render(
             "ns",
             &[input("a", 3, &["x"]), input("b", 2, &[])],
             &BTreeMap::new(),
+            now(),
         );
         assert_eq!(a, b);
     }
@@ -275,7 +330,12 @@ mod tests {
     fn deleting_policies_are_left_out() {
         let mut gone = input("gone", 1, &[]);
         gone.deleting = true;
-        let r = render("ns", &[gone, input("kept", 4, &["a"])], &BTreeMap::new());
+        let r = render(
+            "ns",
+            &[gone, input("kept", 4, &["a"])],
+            &BTreeMap::new(),
+            now(),
+        );
         assert!(!r.policy_file.contains("gone"));
         assert_eq!(r.rendered, BTreeSet::from(["kept".to_string()]));
         assert!(!r.verdicts.contains_key("gone"));
@@ -285,10 +345,10 @@ mod tests {
     fn an_invalid_spec_keeps_the_last_good_version() {
         let good = input("default", 3, &[]);
         let previous = previous_specs(
-            &render("ns", std::slice::from_ref(&good), &BTreeMap::new()).policy_file,
+            &render("ns", std::slice::from_ref(&good), &BTreeMap::new(), now()).policy_file,
         );
         let bad = input("default", 3, &["has space"]);
-        let r = render("ns", std::slice::from_ref(&bad), &previous);
+        let r = render("ns", std::slice::from_ref(&bad), &previous, now());
         let verdict = &r.verdicts["default"];
         assert!(!verdict.ready);
         assert_eq!(verdict.reason, reasons::INVALID_SPEC);
@@ -307,7 +367,7 @@ mod tests {
         assert_eq!(set.policies()[0].spec, good.spec);
 
         // Never valid: not applied at all.
-        let r = render("ns", &[bad], &BTreeMap::new());
+        let r = render("ns", &[bad], &BTreeMap::new(), now());
         assert!(r.rendered.is_empty());
         assert!(r.verdicts["default"].message.contains("not applied"));
     }
@@ -318,6 +378,7 @@ mod tests {
             "ns",
             &[input("gold", 5, &["a", "b"]), input("silver", 2, &["b"])],
             &BTreeMap::new(),
+            now(),
         );
         for name in ["gold", "silver"] {
             let v = &r.verdicts[name];
@@ -337,10 +398,58 @@ mod tests {
             "ns",
             &[input("zeta", 9, &[]), input("alpha", 1, &[])],
             &BTreeMap::new(),
+            now(),
         );
         assert!(r.verdicts["alpha"].ready);
         assert_eq!(r.verdicts["zeta"].reason, reasons::SHADOWED_DEFAULT);
         assert!(!r.verdicts["zeta"].ready);
+    }
+
+    #[test]
+    fn overrides_outside_their_window_are_left_out_and_reported() {
+        let windowed = |name: &str, from: Option<&str>, until: Option<&str>| {
+            let mut p = input(name, 7, &["x"]);
+            p.spec.active_from = from.map(at);
+            p.spec.active_until = until.map(at);
+            p
+        };
+        let policies = [
+            input("default", 2, &[]),
+            windowed("later", Some("2030-01-02T00:00:00Z"), None),
+            windowed("past", None, Some("2030-01-01T11:00:00Z")),
+            windowed(
+                "now",
+                Some("2030-01-01T11:00:00Z"),
+                Some("2030-01-01T13:00:00Z"),
+            ),
+        ];
+        let r = render("ns", &policies, &BTreeMap::new(), now());
+        assert_eq!(
+            r.rendered,
+            BTreeSet::from(["default".to_string(), "now".to_string()])
+        );
+        assert_eq!(r.verdicts["later"].reason, reasons::SCHEDULED);
+        assert!(!r.verdicts["later"].ready);
+        assert!(r.verdicts["later"].message.contains("2030-01-02T00:00:00Z"));
+        assert_eq!(r.verdicts["past"].reason, reasons::EXPIRED);
+        assert!(r.verdicts["now"].ready);
+        // "now" ends before "later" starts.
+        assert_eq!(r.next_boundary, Some(at("2030-01-01T13:00:00Z")));
+        let set = PolicySet::from_yaml(&r.policy_file, "r", "ns").unwrap();
+        assert_eq!(set.resolve_at("x", now()).limit, 7);
+        // The rendered override carries its window: the sidecar lapses it on time by itself.
+        assert_eq!(set.resolve_at("x", at("2030-01-01T13:00:00Z")).limit, 2);
+
+        // At the boundary, a new rendering drops it and schedules the next boundary.
+        let r = render(
+            "ns",
+            &policies,
+            &BTreeMap::new(),
+            at("2030-01-01T13:00:00Z"),
+        );
+        assert_eq!(r.verdicts["now"].reason, reasons::EXPIRED);
+        assert_eq!(r.next_boundary, Some(at("2030-01-02T00:00:00Z")));
+        assert_eq!(r.rendered, BTreeSet::from(["default".to_string()]));
     }
 
     #[test]

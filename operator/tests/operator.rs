@@ -14,7 +14,7 @@ use streamgate_operator::crd::{StreamingPolicy, StreamingPolicySpec};
 use streamgate_operator::metrics::Metrics;
 use streamgate_operator::reconcile::FINALIZER;
 use streamgate_operator::render::{CONFIGMAP_NAME, POLICY_FILE_KEY};
-use streamgate_sidecar::policy::{OnLimitExceeded, PolicySet, PolicySpec};
+use streamgate_policy::{OnLimitExceeded, PolicySet, PolicySpec};
 use streamgate_testenv::{
     ControlPlane, create_namespace, install_crds, wait_until, workspace_root,
 };

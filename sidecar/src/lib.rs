@@ -10,10 +10,12 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod metrics;
-pub mod policy;
 pub mod policy_watch;
 pub mod proxy;
 pub mod server;
 pub mod session;
 pub mod store;
 pub mod validate;
+
+/// The policy types, validation and resolution, from the `streamgate-policy` crate.
+pub use streamgate_policy as policy;

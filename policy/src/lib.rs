@@ -4,11 +4,17 @@
 //! A policy file holds one or more YAML documents, each a `StreamingPolicy` exactly as a user would
 //! `kubectl apply` it. The operator renders a namespace's policies into the same format, so a
 //! sidecar reads the ConfigMap payload and a hand-written file the same way.
+//!
+//! This crate holds no HTTP, Redis or Kubernetes client: the sidecar and the operator both link it.
+#![forbid(unsafe_code)]
+
+pub mod id;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
+use chrono::{DateTime, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -94,6 +100,27 @@ pub struct PolicySpec {
     /// `Enforce`, or `DryRun` to decide and report without refusing or cutting.
     #[serde(default)]
     pub mode: Mode,
+    /// The policy is in force from this instant on (RFC 3339). Absent: since ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Absent rather than null in the schema, so CEL rules can compare it when present.
+    #[schemars(with = "DateTime<Utc>")]
+    pub active_from: Option<DateTime<Utc>>,
+    /// The policy is in force until this instant, excluded (RFC 3339). Absent: for ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Absent rather than null in the schema, so CEL rules can compare it when present.
+    #[schemars(with = "DateTime<Utc>")]
+    pub active_until: Option<DateTime<Utc>>,
+}
+
+/// Where an instant lies relative to a policy's `activeFrom` / `activeUntil` window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Window {
+    /// In force now.
+    Active,
+    /// Not yet in force: it starts at this instant.
+    Scheduled(DateTime<Utc>),
+    /// No longer in force: it ended at this instant.
+    Expired(DateTime<Utc>),
 }
 
 impl Default for PolicySpec {
@@ -106,6 +133,8 @@ impl Default for PolicySpec {
             accounts: Vec::new(),
             failure_policy: FailurePolicy::default(),
             mode: Mode::default(),
+            active_from: None,
+            active_until: None,
         }
     }
 }
@@ -164,12 +193,44 @@ impl PolicySpec {
                 ),
             );
         }
+        if let (Some(from), Some(until)) = (self.active_from, self.active_until)
+            && from >= until
+        {
+            return err(
+                "activeUntil",
+                format!(
+                    "must be later than activeFrom ({}), got {}",
+                    from.to_rfc3339(),
+                    until.to_rfc3339()
+                ),
+            );
+        }
         for (i, account) in self.accounts.iter().enumerate() {
-            if let Err(problem) = crate::validate::check_id(account) {
+            if let Err(problem) = crate::id::check_id(account) {
                 return err(&format!("accounts[{i}]"), problem.to_string());
             }
         }
         Ok(())
+    }
+
+    /// Whether the policy is in force at `now`: from `activeFrom` included to `activeUntil`
+    /// excluded.
+    pub fn window_at(&self, now: DateTime<Utc>) -> Window {
+        match (self.active_from, self.active_until) {
+            (_, Some(until)) if now >= until => Window::Expired(until),
+            (Some(from), _) if now < from => Window::Scheduled(from),
+            _ => Window::Active,
+        }
+    }
+
+    /// The first window boundary strictly after `now`, when the policy's state will change
+    /// without any edit. `None` when it never will.
+    pub fn next_boundary_after(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        [self.active_from, self.active_until]
+            .into_iter()
+            .flatten()
+            .filter(|at| *at > now)
+            .min()
     }
 }
 
@@ -285,12 +346,38 @@ impl EffectivePolicy {
 /// Name reported for the policy used when no default policy is configured.
 pub const BUILT_IN: &str = "built-in";
 
-/// All policies of one namespace, resolved per account.
+/// A policy that may apply, with the window in which it does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Candidate {
+    policy: EffectivePolicy,
+    active_from: Option<DateTime<Utc>>,
+    active_until: Option<DateTime<Utc>>,
+}
+
+impl Candidate {
+    fn new(name: &str, spec: &PolicySpec) -> Self {
+        Self {
+            policy: EffectivePolicy::from_spec(name, spec),
+            active_from: spec.active_from,
+            active_until: spec.active_until,
+        }
+    }
+
+    fn active_at(&self, now: DateTime<Utc>) -> bool {
+        self.active_from.is_none_or(|from| now >= from)
+            && self.active_until.is_none_or(|until| now < until)
+    }
+}
+
+/// All policies of one namespace, resolved per account and per instant (policies may carry an
+/// `activeFrom` / `activeUntil` window).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicySet {
-    default: EffectivePolicy,
-    /// Account -> the override that wins for it.
-    overrides: BTreeMap<String, EffectivePolicy>,
+    /// Default policies (no accounts), first by name first.
+    defaults: Vec<Candidate>,
+    /// Account -> the overrides naming it, the one that wins first (lowest limit, then name).
+    overrides: BTreeMap<String, Vec<Candidate>>,
+    built_in: EffectivePolicy,
     policies: Vec<NamedPolicy>,
 }
 
@@ -304,43 +391,73 @@ impl Default for PolicySet {
 impl PolicySet {
     /// Builds the set from validated policies.
     ///
-    /// Several default policies: the first by name wins, so the choice does not depend on file
-    /// order. An account named by several overrides gets the one with the lowest limit (then the
-    /// first by name), the rule the operator also reports in status.
+    /// Several default policies in force: the first by name wins, so the choice does not depend
+    /// on file order. An account named by several overrides in force gets the one with the
+    /// lowest limit (then the first by name), the rule the operator also reports in status.
     pub fn from_policies(mut policies: Vec<NamedPolicy>) -> Self {
         policies.sort_by(|a, b| a.name.cmp(&b.name));
-        let default = policies
+        let defaults = policies
             .iter()
-            .find(|p| p.spec.accounts.is_empty())
-            .map(|p| EffectivePolicy::from_spec(&p.name, &p.spec))
-            .unwrap_or_else(|| EffectivePolicy::from_spec(BUILT_IN, &PolicySpec::default()));
-        let mut overrides: BTreeMap<String, EffectivePolicy> = BTreeMap::new();
+            .filter(|p| p.spec.accounts.is_empty())
+            .map(|p| Candidate::new(&p.name, &p.spec))
+            .collect();
+        let mut overrides: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
         for policy in policies.iter().filter(|p| !p.spec.accounts.is_empty()) {
-            let candidate = EffectivePolicy::from_spec(&policy.name, &policy.spec);
             for account in &policy.spec.accounts {
-                match overrides.get(account) {
-                    Some(current) if current.limit <= candidate.limit => {}
-                    _ => {
-                        overrides.insert(account.clone(), candidate.clone());
-                    }
-                }
+                overrides
+                    .entry(account.clone())
+                    .or_default()
+                    .push(Candidate::new(&policy.name, &policy.spec));
             }
         }
+        for candidates in overrides.values_mut() {
+            // Stable: equal limits keep name order.
+            candidates.sort_by_key(|c| c.policy.limit);
+            candidates.dedup_by(|a, b| a.policy.source == b.policy.source);
+        }
         Self {
-            default,
+            defaults,
             overrides,
+            built_in: EffectivePolicy::from_spec(BUILT_IN, &PolicySpec::default()),
             policies,
         }
     }
 
-    /// The policy that applies to `account`.
+    /// The policy that applies to `account` now.
     pub fn resolve(&self, account: &str) -> &EffectivePolicy {
-        self.overrides.get(account).unwrap_or(&self.default)
+        self.resolve_at(account, Utc::now())
     }
 
-    /// The namespace's default policy.
+    /// The policy that applies to `account` at `now`: the winning override in force, else the
+    /// default policy in force, else the built-in default.
+    pub fn resolve_at(&self, account: &str, now: DateTime<Utc>) -> &EffectivePolicy {
+        self.overrides
+            .get(account)
+            .and_then(|candidates| candidates.iter().find(|c| c.active_at(now)))
+            .map(|c| &c.policy)
+            .unwrap_or_else(|| self.default_policy_at(now))
+    }
+
+    /// The namespace's default policy now.
     pub fn default_policy(&self) -> &EffectivePolicy {
-        &self.default
+        self.default_policy_at(Utc::now())
+    }
+
+    /// The namespace's default policy at `now`.
+    pub fn default_policy_at(&self, now: DateTime<Utc>) -> &EffectivePolicy {
+        self.defaults
+            .iter()
+            .find(|c| c.active_at(now))
+            .map(|c| &c.policy)
+            .unwrap_or(&self.built_in)
+    }
+
+    /// The first instant after `now` at which some policy's window opens or closes.
+    pub fn next_boundary_after(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.policies
+            .iter()
+            .filter_map(|p| p.spec.next_boundary_after(now))
+            .min()
     }
 
     /// The policies this set was built from, sorted by name.
@@ -551,6 +668,84 @@ spec:
 
         let e = error_of("{accounts: [\"has space\"]}");
         assert!(e.contains("spec.accounts[0]"), "{e}");
+    }
+
+    const WINDOWED: &str = r#"
+apiVersion: streamgate.dev/v1alpha1
+kind: StreamingPolicy
+metadata: {name: default}
+spec: {maxStreamsPerAccount: 3}
+---
+apiVersion: streamgate.dev/v1alpha1
+kind: StreamingPolicy
+metadata: {name: weekend}
+spec:
+  maxStreamsPerAccount: 5
+  accounts: [x]
+  activeFrom: "2030-01-05T00:00:00Z"
+  activeUntil: "2030-01-06T23:00:00+00:00"
+---
+apiVersion: streamgate.dev/v1alpha1
+kind: StreamingPolicy
+metadata: {name: a-holiday}
+spec:
+  maxStreamsPerAccount: 1
+  activeUntil: "2030-01-01T00:00:00Z"
+"#;
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text).unwrap().into()
+    }
+
+    #[test]
+    fn windows_apply_from_included_to_until_excluded() {
+        let set = PolicySet::from_yaml(WINDOWED, "p.yaml", "default").unwrap();
+        // Until the holiday default expires it wins (first by name among the defaults in force).
+        assert_eq!(set.resolve_at("y", at("2029-12-31T23:59:59Z")).limit, 1);
+        assert_eq!(set.resolve_at("y", at("2030-01-01T00:00:00Z")).limit, 3);
+        assert_eq!(set.resolve_at("x", at("2030-01-04T23:59:59Z")).limit, 3);
+        assert_eq!(set.resolve_at("x", at("2030-01-05T00:00:00Z")).limit, 5);
+        assert_eq!(set.resolve_at("x", at("2030-01-06T22:59:59Z")).limit, 5);
+        assert_eq!(set.resolve_at("x", at("2030-01-06T23:00:00Z")).limit, 3);
+        assert_eq!(
+            set.next_boundary_after(at("2030-01-02T00:00:00Z")),
+            Some(at("2030-01-05T00:00:00Z"))
+        );
+        assert_eq!(set.next_boundary_after(at("2030-01-07T00:00:00Z")), None);
+    }
+
+    #[test]
+    fn window_state_names_the_boundary() {
+        let set = PolicySet::from_yaml(WINDOWED, "p.yaml", "default").unwrap();
+        let weekend = &set
+            .policies()
+            .iter()
+            .find(|p| p.name == "weekend")
+            .unwrap()
+            .spec;
+        let from = at("2030-01-05T00:00:00Z");
+        let until = at("2030-01-06T23:00:00Z");
+        assert_eq!(
+            weekend.window_at(at("2030-01-01T00:00:00Z")),
+            Window::Scheduled(from)
+        );
+        assert_eq!(weekend.window_at(from), Window::Active);
+        assert_eq!(weekend.window_at(until), Window::Expired(until));
+    }
+
+    #[test]
+    fn an_empty_or_reversed_window_is_refused() {
+        let e = error_of(
+            "{activeFrom: \"2030-01-02T00:00:00Z\", activeUntil: \"2030-01-01T00:00:00Z\"}",
+        );
+        assert!(e.contains("spec.activeUntil"), "{e}");
+        assert!(e.contains("later than activeFrom"), "{e}");
+        let e = error_of(
+            "{activeFrom: \"2030-01-01T00:00:00Z\", activeUntil: \"2030-01-01T00:00:00Z\"}",
+        );
+        assert!(e.contains("spec.activeUntil"), "{e}");
+        let e = error_of("{activeUntil: \"next sunday\"}");
+        assert!(e.contains("activeUntil"), "{e}");
     }
 
     #[test]
