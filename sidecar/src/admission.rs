@@ -1,7 +1,10 @@
 //! The admission decision: a pure function of the account's active sessions and its policy.
 //!
-//! Every store applies this rule atomically per account (the memory store under its lock, the
-//! Redis store inside one Lua script), so the rule lives here once and is tested directly.
+//! This is the specification of the rule. Every store applies it atomically per account: the
+//! memory store calls [`decide`] under its lock; the Redis store cannot call Rust from inside its
+//! Lua script, so `store/lua/common.lua` carries the same rule as `decide()`. One decision table,
+//! `admission_decisions.tsv`, drives the unit tests of both (the Lua against a real Redis in
+//! `tests/admission_table.rs`), so the two cannot drift apart unnoticed.
 
 use crate::policy::{Mode, OnLimitExceeded};
 
@@ -56,10 +59,79 @@ pub fn oldest<T: Clone, K: Ord + Clone>(sessions: &[(i64, K, T)], n: usize) -> V
     sorted.into_iter().take(n).map(|s| s.2.clone()).collect()
 }
 
+/// The shared decision table (`admission_decisions.tsv`).
+pub const DECISION_TABLE: &str = include_str!("admission_decisions.tsv");
+
+/// One row of [`DECISION_TABLE`]: the inputs and the expected decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableRow {
+    /// Active sessions of the account.
+    pub active: usize,
+    /// Its limit.
+    pub limit: u32,
+    /// Over-limit action.
+    pub on_limit: OnLimitExceeded,
+    /// Enforce or dry run.
+    pub mode: Mode,
+    /// The expected decision.
+    pub expected: Decision,
+}
+
+/// Parses [`DECISION_TABLE`]. Panics on a malformed row: the table is part of the source.
+pub fn decision_table() -> Vec<TableRow> {
+    DECISION_TABLE
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|line| {
+            let f: Vec<&str> = line.split('\t').collect();
+            let [active, limit, on_limit, mode, decision, evict, would] = f[..] else {
+                panic!("decision table row needs 7 columns: {line:?}");
+            };
+            let evict: usize = evict.parse().expect("evict is a number");
+            let expected = match (decision, would) {
+                ("admit", _) => Decision::Admit,
+                ("refuse", _) => Decision::Refuse,
+                ("evict", _) => Decision::AdmitEvicting(evict),
+                ("dryrun", "refuse") => Decision::AdmitDryRun(OverLimit::Refuse),
+                ("dryrun", "evict") => Decision::AdmitDryRun(OverLimit::Evict(evict)),
+                _ => panic!("unknown decision in {line:?}"),
+            };
+            TableRow {
+                active: active.parse().expect("active is a number"),
+                limit: limit.parse().expect("limit is a number"),
+                on_limit: match on_limit {
+                    "reject" => OnLimitExceeded::RejectNew,
+                    "evict" => OnLimitExceeded::EvictOldest,
+                    _ => panic!("unknown onLimit in {line:?}"),
+                },
+                mode: match mode {
+                    "enforce" => Mode::Enforce,
+                    "dryrun" => Mode::DryRun,
+                    _ => panic!("unknown mode in {line:?}"),
+                },
+                expected,
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use OnLimitExceeded::*;
+
+    #[test]
+    fn decide_follows_the_shared_decision_table() {
+        let table = decision_table();
+        assert!(table.len() >= 15, "the table lost rows");
+        for row in table {
+            assert_eq!(
+                decide(row.active, row.limit, row.on_limit, row.mode),
+                row.expected,
+                "{row:?}"
+            );
+        }
+    }
 
     #[test]
     fn under_limit_admits_in_any_mode() {

@@ -1,184 +1,32 @@
 //! The session API over HTTP: the prototype's `/streaming` endpoints, the `/v1` admin endpoints,
-//! health, readiness, metrics and the OpenAPI document generated from these handlers.
+//! health, readiness, metrics and the OpenAPI document generated from these handlers. The
+//! routes are composed with the enforcing proxy in [`crate::server`]; errors are
+//! [`crate::error`]'s.
 
-use std::sync::Arc;
-use std::time::Instant;
-
+use axum::Json;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{FromRequestParts, MatchedPath, Path, Request, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tower_http::trace::TraceLayer;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::admission::OverLimit;
-use crate::engine::{Engine, Heartbeat, Kicked, Opened, Unavailable};
-use crate::metrics::HttpLabels;
-use crate::session::{EndReason, Session, SessionId};
+use crate::engine::{Engine, Heartbeat, Kicked, Opened};
+use crate::error::{ApiError, ErrorBody, ErrorCode};
+use crate::session::{Session, SessionId};
 use crate::validate::{IdProblem, check_id, is_session_id};
 
 /// Largest request body accepted. The API takes its input from the URL; a body is a client bug.
-pub const MAX_BODY_BYTES: u64 = 8 * 1024;
+pub const MAX_BODY_BYTES: usize = 8 * 1024;
 
 /// Header set on a DryRun admission that enforcement would have refused or that would have evicted.
 pub const DRY_RUN_HEADER: &str = "x-streamgate-dry-run";
 /// Header set on an admission made without the store (failurePolicy Open during an outage).
 pub const DEGRADED_HEADER: &str = "x-streamgate-degraded";
-
-/// Machine-readable error codes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
-    /// The request is malformed; `parameter` names the culprit when there is one.
-    InvalidRequest,
-    /// The account is at its limit (RejectNew).
-    LimitExceeded,
-    /// No such session or route.
-    NotFound,
-    /// The session was cut; `reason` says why.
-    SessionGone,
-    /// The session store is unreachable.
-    StoreUnavailable,
-    /// Proxy mode: the streaming container did not answer.
-    UpstreamUnavailable,
-}
-
-/// Error body: `error` and `message` always, the other fields where they apply.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ErrorBody {
-    /// Machine-readable code.
-    pub error: ErrorCode,
-    /// Human-readable explanation.
-    pub message: String,
-    /// The request parameter at fault (`invalid_request`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parameter: Option<String>,
-    /// The account's limit (`limit_exceeded`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub limit: Option<u32>,
-    /// The account's active sessions count (`limit_exceeded`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub active: Option<u32>,
-    /// The account's active sessions, oldest first (`limit_exceeded`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sessions: Option<Vec<Session>>,
-    /// Why the session was cut (`session_gone`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<EndReason>,
-    /// The cut session (`session_gone`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub session: Option<Session>,
-}
-
-/// An error response.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    // Boxed: the body is large and most results are Ok.
-    body: Box<ErrorBody>,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, error: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            body: Box::new(ErrorBody {
-                error,
-                message: message.into(),
-                parameter: None,
-                limit: None,
-                active: None,
-                sessions: None,
-                reason: None,
-                session: None,
-            }),
-        }
-    }
-
-    /// 400 `invalid_request` naming `parameter`.
-    pub fn invalid_parameter(parameter: &str, message: impl Into<String>) -> Self {
-        let mut e = Self::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidRequest,
-            format!("parameter `{parameter}` {}", message.into()),
-        );
-        e.body.parameter = Some(parameter.to_string());
-        e
-    }
-
-    /// 403 with `code`: a media request the proxy refuses.
-    pub fn forbidden(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, code, message)
-    }
-
-    /// 403 `session_gone`: a media request for a cut session.
-    pub fn forbidden_gone(message: impl Into<String>, session: Session) -> Self {
-        let mut e = Self::new(StatusCode::FORBIDDEN, ErrorCode::SessionGone, message);
-        e.body.reason = session.reason;
-        e.body.session = Some(session);
-        e
-    }
-
-    /// 502 `upstream_unavailable`.
-    pub fn bad_gateway(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::BAD_GATEWAY,
-            ErrorCode::UpstreamUnavailable,
-            message,
-        )
-    }
-
-    /// 404 `not_found`.
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
-    }
-
-    /// 410 `session_gone` for a cut session.
-    pub fn gone(session: Session) -> Self {
-        let reason = session.reason.unwrap_or(EndReason::Expired);
-        let mut e = Self::new(
-            StatusCode::GONE,
-            ErrorCode::SessionGone,
-            format!(
-                "session {} of account {:?} was cut ({}); open a new session to keep watching",
-                session.session_id,
-                session.account,
-                reason.as_str()
-            ),
-        );
-        e.body.reason = Some(reason);
-        e.body.session = Some(session);
-        e
-    }
-}
-
-impl From<Unavailable> for ApiError {
-    fn from(error: Unavailable) -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::StoreUnavailable,
-            error.to_string(),
-        )
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status, Json(*self.body)).into_response();
-        response
-            .headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        response
-    }
-}
 
 /// Query of the `/streaming` endpoints.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize, IntoParams)]
@@ -329,8 +177,15 @@ async fn open_stream(
 )]
 async fn heartbeat(
     State(engine): State<Engine>,
+    method: Method,
     params: StreamingParams,
 ) -> Result<Response, ApiError> {
+    // axum answers HEAD with the GET handler; a HEAD must not renew a session.
+    if method == Method::HEAD {
+        return Err(ApiError::method_not_allowed(
+            "method HEAD is not allowed on /streaming: GET renews a session, PUT opens, DELETE ends",
+        ));
+    }
     match engine.heartbeat(&params.account, &params.stream_id).await? {
         Heartbeat::Renewed(session) => Ok(session_response(StatusCode::OK, session)),
         Heartbeat::Gone(session) => Err(ApiError::gone(session)),
@@ -474,20 +329,32 @@ async fn healthz() -> Json<Health> {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Health),
-        (status = 503, description = "Session store unreachable", body = ErrorBody),
+        (status = 503, description = "Not ready: the store is unusable, recently answered wrongly, or revocations are not heard", body = ErrorBody),
     ))]
 async fn readyz(State(engine): State<Engine>) -> Result<Json<Health>, ApiError> {
     // The policy is loaded before the server starts and a bad reload keeps the last good one,
     // so only the store can make us unready.
-    engine.ready().await?;
-    Ok(Json(Health {
-        status: "ready".into(),
-    }))
+    match engine.ready().await {
+        Ok(()) => Ok(Json(Health {
+            status: "ready".into(),
+        })),
+        Err(crate::engine::NotReady::Store(error)) => {
+            // Not ready is 503 whatever the cause; the code still tells which.
+            let mut error = ApiError::from(error);
+            error.status = StatusCode::SERVICE_UNAVAILABLE;
+            Err(error)
+        }
+        Err(other) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::StoreUnavailable,
+            other.to_string(),
+        )),
+    }
 }
 
 /// Prometheus metrics.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
-    responses((status = 200, description = "Prometheus text format", body = String, content_type = "text/plain")))]
+    responses((status = 200, description = "OpenMetrics text format", body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")))]
 async fn metrics(State(engine): State<Engine>) -> Response {
     (
         [(
@@ -513,23 +380,65 @@ async fn metrics(State(engine): State<Engine>) -> Response {
 )]
 struct ApiDoc;
 
-/// The OpenAPI document and the routes it describes.
-fn documented_routes() -> (Router<Engine>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+/// The session API's routes and their OpenAPI document (including `/openapi.json` itself).
+pub fn routes() -> (axum::Router<Engine>, utoipa::openapi::OpenApi) {
+    let (routes, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(open_stream, heartbeat, end_stream))
         .routes(routes!(list_account_sessions))
         .routes(routes!(get_session, kick_session))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))
-        .split_for_parts()
+        .split_for_parts();
+    add_openapi_path(&mut doc);
+    constrain_path_parameters(&mut doc);
+    (routes, doc)
+}
+
+/// Gives the path parameters the constraints the handlers enforce, so clients and fuzzers see
+/// them: an account is 1–128 visible ASCII characters, a session id 40 lowercase hex digits.
+fn constrain_path_parameters(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    let constraint = |name: &str| {
+        let builder = ObjectBuilder::new().schema_type(Type::String);
+        match name {
+            "account" => Some(
+                builder
+                    .min_length(Some(1))
+                    .max_length(Some(crate::validate::MAX_ID_LEN))
+                    .pattern(Some("^[\\x21-\\x7e]+$")),
+            ),
+            "sessionId" => Some(
+                builder
+                    .min_length(Some(40))
+                    .max_length(Some(40))
+                    .pattern(Some("^[0-9a-f]{40}$")),
+            ),
+            _ => None,
+        }
+    };
+    for item in doc.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.head,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            for parameter in operation.parameters.iter_mut().flatten() {
+                if let Some(schema) = constraint(&parameter.name) {
+                    parameter.schema = Some(schema.build().into());
+                }
+            }
+        }
+    }
 }
 
 /// The OpenAPI 3 document of the session API.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    let (_, mut doc) = documented_routes();
-    add_openapi_path(&mut doc);
-    doc
+    routes().1
 }
 
 fn add_openapi_path(doc: &mut utoipa::openapi::OpenApi) {
@@ -544,94 +453,4 @@ fn add_openapi_path(doc: &mut utoipa::openapi::OpenApi) {
         "/openapi.json".into(),
         PathItem::new(HttpMethod::Get, operation),
     );
-}
-
-/// The sidecar's HTTP application. With a `proxy`, every request outside the session API is a
-/// media request for the upstream.
-pub fn router(engine: Engine, proxy: Option<Arc<crate::proxy::Proxy>>) -> Router {
-    let (routes, mut doc) = documented_routes();
-    add_openapi_path(&mut doc);
-    let document = Arc::new(doc.to_json().expect("the OpenAPI document serializes"));
-    let routes = routes
-        .route(
-            "/openapi.json",
-            get(move || {
-                let document = document.clone();
-                async move {
-                    (
-                        [(header::CONTENT_TYPE, "application/json")],
-                        document.as_ref().clone(),
-                    )
-                }
-            }),
-        )
-        .method_not_allowed_fallback(method_not_allowed)
-        // Only the session API's own routes: proxied uploads are the upstream's business.
-        .route_layer(middleware::from_fn(refuse_bodies));
-    let routes = match proxy {
-        Some(proxy) => routes.fallback_service(
-            Router::new()
-                .fallback(crate::proxy::forward)
-                .with_state(proxy),
-        ),
-        None => routes.fallback(unknown_route),
-    };
-    routes
-        .layer(middleware::from_fn_with_state(engine.clone(), observe))
-        .layer(TraceLayer::new_for_http())
-        .with_state(engine)
-}
-
-async fn unknown_route(method: Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::not_found(format!("no route for {method} {}", uri.path()))
-}
-
-async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        ErrorCode::InvalidRequest,
-        format!("method {method} is not allowed on {}", uri.path()),
-    )
-}
-
-/// Refuses bodies over [`MAX_BODY_BYTES`] before any handler runs. Handlers never read bodies,
-/// so a body without a length is dropped unread and costs nothing.
-async fn refuse_bodies(request: Request, next: Next) -> Response {
-    let length = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if length.is_some_and(|n| n > MAX_BODY_BYTES) {
-        return ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorCode::InvalidRequest,
-            format!(
-                "request body too large: the session API takes its input from the URL, bodies are limited to {MAX_BODY_BYTES} bytes"
-            ),
-        )
-        .into_response();
-    }
-    next.run(request).await
-}
-
-/// Records every request's duration by route template and status.
-async fn observe(State(engine): State<Engine>, request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = request.method().to_string();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let response = next.run(request).await;
-    engine
-        .metrics()
-        .http_requests
-        .get_or_create(&HttpLabels {
-            method,
-            route,
-            status: response.status().as_u16(),
-        })
-        .observe(started.elapsed().as_secs_f64());
-    response
 }

@@ -62,6 +62,33 @@ pub struct Config {
     #[arg(long, env = "STREAMGATE_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// Longest a client may take to send a request head once it has started one.
+    #[arg(long, env = "STREAMGATE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Longest a connection may wait for its next request without sending anything.
+    #[arg(long, env = "STREAMGATE_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Open connections at most; at the limit the connection waiting longest for a request is
+    /// closed to make room. Keep it below the process's file descriptor limit.
+    #[arg(long, env = "STREAMGATE_MAX_CONNECTIONS", default_value_t = 768, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Largest request head (request line and headers) in bytes; larger ones get 431.
+    #[arg(long, env = "STREAMGATE_MAX_HEADER_BYTES", default_value_t = 16 * 1024, value_parser = clap::value_parser!(u32).range(8192..=1_048_576))]
+    pub max_header_bytes: u32,
+
+    /// Most header fields in a request; more get 431.
+    #[arg(long, env = "STREAMGATE_MAX_HEADERS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(8..=1024))]
+    pub max_headers: u32,
+
+    /// Live sessions (active and recently cut) the embedded store holds at most; past it new
+    /// streams get 503 `capacity_exceeded`. Default: sized from the container's memory limit
+    /// (cgroup `memory.max` or `memory.limit_in_bytes`), 1,000,000 without one.
+    #[arg(long, env = "STREAMGATE_MAX_SESSIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_sessions: Option<u64>,
+
     /// Log format.
     #[arg(
         long,
@@ -70,6 +97,56 @@ pub struct Config {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+}
+
+/// Memory one stored session may take, all indexes included, with head room for 128-character
+/// ids (an estimate: the record, its entries in three hash maps and the expiry wheel).
+const BYTES_PER_SESSION: u64 = 2 * 1024;
+/// Without a memory limit: a cap that still bounds memory (about 2 GiB).
+const MAX_SESSIONS_UNLIMITED: u64 = 1_000_000;
+
+impl Config {
+    /// The connection limits the flags ask for.
+    pub fn connection_limits(&self) -> crate::connections::ConnectionLimits {
+        crate::connections::ConnectionLimits {
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections as usize,
+            max_header_bytes: self.max_header_bytes as usize,
+            max_headers: self.max_headers as usize,
+        }
+    }
+
+    /// `--max-sessions`, or the default sized from the container's memory limit.
+    pub fn max_sessions(&self) -> u64 {
+        self.max_sessions
+            .unwrap_or_else(|| sessions_for_memory(cgroup_memory_limit()))
+    }
+}
+
+/// Sessions that fit in half of `limit` bytes (the rest is for connections and buffers).
+pub fn sessions_for_memory(limit: Option<u64>) -> u64 {
+    match limit {
+        Some(bytes) => (bytes / 2 / BYTES_PER_SESSION).max(1_000),
+        None => MAX_SESSIONS_UNLIMITED,
+    }
+}
+
+/// The memory limit of this process's cgroup: v2 `memory.max`, else v1
+/// `memory.limit_in_bytes`; `None` when unlimited or not in a container.
+pub fn cgroup_memory_limit() -> Option<u64> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    parse_memory_limit(read("/sys/fs/cgroup/memory.max").as_deref()).or_else(|| {
+        parse_memory_limit(read("/sys/fs/cgroup/memory/memory.limit_in_bytes").as_deref())
+    })
+}
+
+/// Parses a cgroup memory limit file: a number of bytes, or `max` (v2) / a huge number (v1,
+/// unlimited).
+pub fn parse_memory_limit(text: Option<&str>) -> Option<u64> {
+    let value: u64 = text?.trim().parse().ok()?;
+    // cgroup v1 says "unlimited" with a page-rounded i64::MAX.
+    (value < (1 << 60)).then_some(value)
 }
 
 fn parse_upstream(value: &str) -> Result<reqwest::Url, String> {
@@ -101,7 +178,7 @@ impl StoreSpec {
     /// Parses the `--store` value.
     pub fn parse(value: &str) -> Result<Self, StoreSpecError> {
         let error = |problem: String| StoreSpecError {
-            value: value.to_string(),
+            value: crate::store::redis_store::redact_url(value),
             problem,
         };
         match value {
@@ -116,5 +193,22 @@ impl StoreSpec {
                 "expected `memory`, `redis://HOST:PORT[/DB]` or `redis-cluster://HOST:PORT[,HOST:PORT...]`".into(),
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_limits_size_the_session_cap() {
+        assert_eq!(parse_memory_limit(Some("max\n")), None);
+        assert_eq!(parse_memory_limit(Some("9223372036854771712\n")), None);
+        assert_eq!(parse_memory_limit(Some("134217728\n")), Some(128 << 20));
+        assert_eq!(parse_memory_limit(None), None);
+        // The injected sidecar's 128 MiB: 32768 sessions, about 64 MiB at most.
+        assert_eq!(sessions_for_memory(Some(128 << 20)), 32_768);
+        assert_eq!(sessions_for_memory(Some(1 << 20)), 1_000);
+        assert_eq!(sessions_for_memory(None), MAX_SESSIONS_UNLIMITED);
     }
 }

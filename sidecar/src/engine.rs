@@ -1,15 +1,23 @@
 //! The session engine: applies the account's policy to store operations, handles a store outage
 //! by the policy's `failurePolicy`, and counts what it decides.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures::future::BoxFuture;
 use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::OverLimit;
 use crate::metrics::Metrics;
-use crate::policy::{EffectivePolicy, FailurePolicy, PolicySet};
-use crate::session::{EndReason, Revocation, Session, SessionId, SessionRecord, SessionState};
+use crate::policy::{EffectivePolicy, FailurePolicy, Mode, PolicySet};
+use crate::session::{
+    EndReason, Revocation, Session, SessionId, SessionRecord, SessionState, account_tag,
+};
 use crate::store::{
     HeartbeatOutcome, KickOutcome, OpenOutcome, OpenRequest, SessionStore, StoreError,
 };
@@ -62,10 +70,147 @@ pub enum Kicked {
     NotFound,
 }
 
-/// A store failure as the API reports it: 503 `store_unavailable`.
-#[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct Unavailable(#[from] pub StoreError);
+/// Why the engine could not answer. The HTTP layer maps each to one generic answer; the detail
+/// has been logged and counted by the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The store is unavailable (transient) and failurePolicy does not admit: 503
+    /// `store_unavailable`.
+    #[error("the session store is unavailable")]
+    Unavailable,
+    /// The store answered wrongly (fatal): 500 `internal_error`. Never admits.
+    #[error("internal error")]
+    Internal,
+    /// The embedded store is at its session cap: 503 `capacity_exceeded`.
+    #[error("the session store is full")]
+    AtCapacity,
+}
+
+/// What a media request may do.
+#[derive(Debug)]
+pub enum MediaAccess {
+    /// Forward it. `session` is what the store (or, for a degraded session, this sidecar) knows
+    /// of the session; `None` when the store could not be asked and failurePolicy Open lets an
+    /// established session through unverified.
+    Allowed {
+        /// The session, when known.
+        session: Option<SessionRecord>,
+        /// True when this request renewed the session (implicit heartbeat).
+        renewed: bool,
+        /// True when the store was not consulted successfully (outage under failurePolicy Open).
+        degraded: bool,
+    },
+    /// DryRun: the session was cut, but the request is let through and counted.
+    AllowedDryRun(SessionRecord),
+    /// The session was cut (403 `session_gone`).
+    Gone(Session),
+    /// No such session (403 `not_found`).
+    NotFound,
+}
+
+/// Store operations, as metric label values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    /// Open or renew a stream.
+    Open,
+    /// Heartbeat.
+    Heartbeat,
+    /// End a stream.
+    End,
+    /// List an account's sessions.
+    List,
+    /// Read a session by id.
+    Get,
+    /// Kick a session.
+    Kick,
+    /// Authorize a media request.
+    Media,
+    /// Write back a degraded admission.
+    Adopt,
+    /// Readiness check.
+    Ping,
+    /// Count active sessions.
+    ActiveSessions,
+}
+
+impl Operation {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Open => "open",
+            Operation::Heartbeat => "heartbeat",
+            Operation::End => "end",
+            Operation::List => "list",
+            Operation::Get => "get",
+            Operation::Kick => "kick",
+            Operation::Media => "media",
+            Operation::Adopt => "adopt",
+            Operation::Ping => "ping",
+            Operation::ActiveSessions => "active_sessions",
+        }
+    }
+}
+
+/// Degraded admissions kept for writing back to the store once it answers again.
+pub const DEGRADED_CAPACITY: usize = 10_000;
+/// How long a fatal store error keeps `/readyz` failing.
+pub const FATAL_UNREADY: Duration = Duration::from_secs(30);
+
+/// Sessions admitted without the store (failurePolicy Open), remembered (at most
+/// [`DEGRADED_CAPACITY`], oldest forgotten first) so that media requests and heartbeats of them
+/// are honoured, and written back to the store when it answers again.
+#[derive(Default)]
+struct Degraded {
+    by_id: HashMap<SessionId, SessionRecord>,
+    order: VecDeque<SessionId>,
+}
+
+impl Degraded {
+    fn remember(&mut self, record: SessionRecord) {
+        if self.by_id.len() >= DEGRADED_CAPACITY
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.by_id.remove(&oldest);
+        }
+        self.order.push_back(record.id);
+        self.by_id.insert(record.id, record);
+    }
+
+    fn forget(&mut self, id: SessionId) {
+        if self.by_id.remove(&id).is_some() {
+            self.order.retain(|x| *x != id);
+        }
+    }
+
+    fn by_stream(&self, account: &str, stream_id: &str) -> Option<SessionRecord> {
+        self.by_id
+            .values()
+            .find(|r| r.account == account && r.stream_id == stream_id)
+            .cloned()
+    }
+}
+
+/// Override accounts by their tag, so a session id (which carries its account's tag) finds its
+/// account's policy before the store is asked. Rebuilt when the policy set changes.
+struct TagIndex {
+    set: Arc<PolicySet>,
+    accounts: HashMap<u32, Vec<String>>,
+}
+
+impl TagIndex {
+    fn new(set: Arc<PolicySet>) -> Self {
+        let mut accounts: HashMap<u32, Vec<String>> = HashMap::new();
+        for policy in set.policies() {
+            for account in &policy.spec.accounts {
+                accounts
+                    .entry(account_tag(account))
+                    .or_default()
+                    .push(account.clone());
+            }
+        }
+        Self { set, accounts }
+    }
+}
 
 /// The session engine. Cheap to clone.
 #[derive(Clone)]
@@ -73,32 +218,28 @@ pub struct Engine {
     store: Arc<dyn SessionStore>,
     policies: Policies,
     metrics: Arc<Metrics>,
+    degraded: Arc<Mutex<Degraded>>,
+    tags: Arc<ArcSwap<TagIndex>>,
+    /// When the last fatal store error happened (ms on the sidecar's clock), or 0.
+    last_fatal_ms: Arc<AtomicI64>,
 }
 
 impl Engine {
-    /// An engine over `store` enforcing `policies`. Inside a Tokio runtime it also starts counting
-    /// the store's expirations.
+    /// An engine over `store` enforcing `policies`. Starts nothing: the owner runs
+    /// [`Engine::background`] (and the store's) under its shutdown token.
     pub fn new(store: Arc<dyn SessionStore>, policies: Policies, metrics: Arc<Metrics>) -> Self {
-        let engine = Self {
+        let tags = Arc::new(ArcSwap::from_pointee(TagIndex::new(policies.load_full())));
+        Self {
             store,
             policies,
             metrics,
-        };
-        if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(count_expirations(
-                engine.store.revocations(),
-                engine.metrics.clone(),
-            ));
+            degraded: Arc::default(),
+            tags,
+            last_fatal_ms: Arc::new(AtomicI64::new(0)),
         }
-        engine
     }
 
-    /// The store.
-    pub fn store(&self) -> &Arc<dyn SessionStore> {
-        &self.store
-    }
-
-    /// The policies in force.
+    /// The policies in force, for the policy file watcher that replaces them.
     pub fn policies(&self) -> &Policies {
         &self.policies
     }
@@ -106,6 +247,42 @@ impl Engine {
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Revocation notices of the store (this sidecar's own decisions and, on a shared store,
+    /// every other sidecar's), for the enforcing proxy.
+    pub fn revocations(&self) -> broadcast::Receiver<Revocation> {
+        self.store.revocations()
+    }
+
+    /// Whether the store's revocation subscription is established; tests wait on it.
+    pub fn subscribed(&self) -> watch::Receiver<bool> {
+        self.store.subscribed()
+    }
+
+    /// The mode (Enforce or DryRun) of `account`'s policy.
+    pub fn mode_for(&self, account: &str) -> Mode {
+        self.policies.load().resolve(account).mode
+    }
+
+    /// Background work of the engine and its store, each to be spawned by the owner; all end
+    /// when `shutdown` is cancelled.
+    pub fn background(&self, shutdown: CancellationToken) -> Vec<BoxFuture<'static, ()>> {
+        let mut tasks: Vec<BoxFuture<'static, ()>> = vec![
+            Box::pin(count_expirations(
+                self.store.revocations(),
+                self.metrics.clone(),
+                shutdown.clone(),
+            )),
+            Box::pin(restore_degraded_loop(self.clone(), shutdown.clone())),
+            Box::pin(report_subscription(
+                self.store.subscribed(),
+                self.metrics.clone(),
+                shutdown.clone(),
+            )),
+        ];
+        tasks.extend(self.store.background(shutdown));
+        tasks
     }
 
     fn policy_for(&self, account: &str) -> EffectivePolicy {
@@ -121,14 +298,58 @@ impl Engine {
         )
     }
 
-    fn store_failed(&self, operation: &str, error: StoreError) -> Unavailable {
-        self.metrics.count_store_error(operation);
-        tracing::warn!(operation, %error, "session store operation failed");
-        Unavailable(error)
+    /// The policy of the account a session id belongs to, found from the tag the id carries:
+    /// an override naming an account with that tag, else the default policy.
+    fn policy_for_id(&self, id: SessionId) -> EffectivePolicy {
+        let set = self.policies.load_full();
+        let index = self.tags.load();
+        let index = if Arc::ptr_eq(&index.set, &set) {
+            index
+        } else {
+            self.tags.store(Arc::new(TagIndex::new(set)));
+            self.tags.load()
+        };
+        match index.accounts.get(&id.tag) {
+            // A tag collision between two override accounts: the stricter policy applies.
+            Some(accounts) => accounts
+                .iter()
+                .map(|a| index.set.resolve(a).clone())
+                .min_by_key(|p| (p.failure_policy == FailurePolicy::Open, p.limit))
+                .unwrap_or_else(|| index.set.default_policy().clone()),
+            None => index.set.default_policy().clone(),
+        }
+    }
+
+    /// Counts and logs a failed store operation and says what it means for the request.
+    fn store_failed(&self, operation: Operation, error: StoreError) -> EngineError {
+        let kind = match &error {
+            StoreError::Unavailable(_) => "transient",
+            StoreError::Fatal(_) => "fatal",
+            StoreError::AtCapacity(_) => "capacity",
+        };
+        self.metrics.count_store_error(operation.as_str(), kind);
+        match error {
+            StoreError::Unavailable(detail) => {
+                tracing::warn!(operation = operation.as_str(), %detail, "session store unavailable");
+                EngineError::Unavailable
+            }
+            StoreError::Fatal(detail) => {
+                self.last_fatal_ms
+                    .store(chrono::Utc::now().timestamp_millis(), Ordering::SeqCst);
+                tracing::error!(operation = operation.as_str(), %detail,
+                    "session store answered wrongly; refusing (never admitting) until it is fixed");
+                EngineError::Internal
+            }
+            StoreError::AtCapacity(held) => {
+                self.metrics.capacity_refused.inc();
+                tracing::warn!(held, "session store full: refusing new sessions");
+                EngineError::AtCapacity
+            }
+        }
     }
 
     /// Opens (or renews) the session of `(account, stream_id)`.
-    pub async fn open(&self, account: &str, stream_id: &str) -> Result<Opened, Unavailable> {
+    pub async fn open(&self, account: &str, stream_id: &str) -> Result<Opened, EngineError> {
         let policy = self.policy_for(account);
         let request = OpenRequest {
             account,
@@ -141,10 +362,13 @@ impl Engine {
         let outcome = match self.store.open(&request).await {
             Ok(outcome) => outcome,
             Err(error) => {
-                let error = self.store_failed("open", error);
+                let transient = error.is_transient();
+                let error = self.store_failed(Operation::Open, error);
                 return match policy.failure_policy {
-                    FailurePolicy::Closed => Err(error),
-                    FailurePolicy::Open => Ok(self.admit_without_store(&request, &policy)),
+                    FailurePolicy::Open if transient => {
+                        Ok(self.admit_without_store(&request, &policy))
+                    }
+                    _ => Err(error),
                 };
             }
         };
@@ -165,16 +389,15 @@ impl Engine {
                         .count_revoked(EndReason::Evicted, evicted.len());
                     for victim in &evicted {
                         tracing::info!(
-                            account,
-                            evicted_session = %victim.id,
-                            evicted_stream = %victim.stream_id,
+                            account = %fingerprint(account),
+                            evicted_session = %fingerprint(&victim.id.to_string()),
                             "evicted oldest session"
                         );
                     }
                 }
                 if let Some(would) = dry_run {
                     self.metrics.count_dry_run(would);
-                    tracing::info!(account, stream_id, ?would, policy = %policy.source,
+                    tracing::info!(account = %fingerprint(account), ?would, policy = %policy.source,
                         "dry run: admitted over the limit");
                 }
                 Opened::Created {
@@ -197,11 +420,13 @@ impl Engine {
         })
     }
 
-    /// failurePolicy Open: a session the store never saw, so the viewer keeps watching.
+    /// failurePolicy Open: a session the store never saw, so the viewer keeps watching. It is
+    /// remembered, so its media requests are honoured, and written back when the store answers.
     fn admit_without_store(&self, request: &OpenRequest<'_>, policy: &EffectivePolicy) -> Opened {
         self.metrics.failed_open.inc();
         let now = chrono::Utc::now().timestamp_millis();
         let record = request.new_session(now);
+        self.lock_degraded().remember(record.clone());
         Opened::Created {
             session: self.view(&record, policy, 0),
             dry_run: None,
@@ -214,13 +439,27 @@ impl Engine {
         &self,
         account: &str,
         stream_id: &str,
-    ) -> Result<Heartbeat, Unavailable> {
+    ) -> Result<Heartbeat, EngineError> {
         let policy = self.policy_for(account);
-        let outcome = self
+        let mut outcome = self
             .store
             .heartbeat(account, stream_id, policy.ttl_ms())
             .await
-            .map_err(|e| self.store_failed("heartbeat", e))?;
+            .map_err(|e| self.store_failed(Operation::Heartbeat, e))?;
+        let degraded = if outcome == HeartbeatOutcome::NotFound {
+            self.lock_degraded().by_stream(account, stream_id)
+        } else {
+            None
+        };
+        if let Some(record) = degraded
+            && self.adopt(&record).await?
+        {
+            outcome = self
+                .store
+                .heartbeat(account, stream_id, policy.ttl_ms())
+                .await
+                .map_err(|e| self.store_failed(Operation::Heartbeat, e))?;
+        }
         Ok(match outcome {
             HeartbeatOutcome::Renewed { session, active } => {
                 self.metrics.renewed.inc();
@@ -232,12 +471,12 @@ impl Engine {
     }
 
     /// Ends the active session of `(account, stream_id)`. `false` if there was none.
-    pub async fn end(&self, account: &str, stream_id: &str) -> Result<bool, Unavailable> {
+    pub async fn end(&self, account: &str, stream_id: &str) -> Result<bool, EngineError> {
         let ended = self
             .store
             .end(account, stream_id)
             .await
-            .map_err(|e| self.store_failed("end", e))?;
+            .map_err(|e| self.store_failed(Operation::End, e))?;
         if ended.is_some() {
             self.metrics.ended.inc();
         }
@@ -245,13 +484,13 @@ impl Engine {
     }
 
     /// The account's active sessions, oldest first, and its limit.
-    pub async fn list(&self, account: &str) -> Result<(u32, Vec<Session>), Unavailable> {
+    pub async fn list(&self, account: &str) -> Result<(u32, Vec<Session>), EngineError> {
         let policy = self.policy_for(account);
         let active = self
             .store
             .list(account)
             .await
-            .map_err(|e| self.store_failed("list", e))?;
+            .map_err(|e| self.store_failed(Operation::List, e))?;
         let count = active.len() as u32;
         let sessions = active
             .iter()
@@ -261,12 +500,12 @@ impl Engine {
     }
 
     /// One session, active or recently cut, without renewing it.
-    pub async fn get(&self, id: SessionId) -> Result<Option<Session>, Unavailable> {
+    pub async fn get(&self, id: SessionId) -> Result<Option<Session>, EngineError> {
         let Some(record) = self
             .store
             .get(id)
             .await
-            .map_err(|e| self.store_failed("get", e))?
+            .map_err(|e| self.store_failed(Operation::Get, e))?
         else {
             return Ok(None);
         };
@@ -276,7 +515,7 @@ impl Engine {
             self.store
                 .list(&record.account)
                 .await
-                .map_err(|e| self.store_failed("list", e))?
+                .map_err(|e| self.store_failed(Operation::List, e))?
                 .len() as u32
         } else {
             0
@@ -285,16 +524,17 @@ impl Engine {
     }
 
     /// Revokes a session, reason `kicked`.
-    pub async fn kick(&self, id: SessionId) -> Result<Kicked, Unavailable> {
+    pub async fn kick(&self, id: SessionId) -> Result<Kicked, EngineError> {
         let outcome = self
             .store
             .kick(id)
             .await
-            .map_err(|e| self.store_failed("kick", e))?;
+            .map_err(|e| self.store_failed(Operation::Kick, e))?;
         Ok(match outcome {
             KickOutcome::Kicked(record) => {
                 self.metrics.count_revoked(EndReason::Kicked, 1);
-                tracing::info!(account = %record.account, session = %record.id, "session kicked");
+                tracing::info!(account = %fingerprint(&record.account),
+                    session = %fingerprint(&record.id.to_string()), "session kicked");
                 let policy = self.policy_for(&record.account);
                 Kicked::Kicked(self.view(&record, &policy, 0))
             }
@@ -306,12 +546,141 @@ impl Engine {
         })
     }
 
-    /// Whether the store answers.
-    pub async fn ready(&self) -> Result<(), Unavailable> {
+    /// Authorizes a media request for session `id`: the one decision the enforcing proxy asks.
+    ///
+    /// An active session is let through, and renewed when its last renewal is at least half its
+    /// heartbeat interval old (an implicit heartbeat: a player that only fetches media keeps its
+    /// session alive). A cut session is refused (DryRun: let through and reported). When the
+    /// store cannot be asked (transient error), the account's failurePolicy decides: Open lets
+    /// established sessions and this sidecar's degraded admissions through, Closed refuses
+    /// (503). A fatal store error always refuses (500).
+    pub async fn authorize_media(&self, id: SessionId) -> Result<MediaAccess, EngineError> {
+        let policy = self.policy_for_id(id);
+        let renew_after_ms = i64::from(policy.heartbeat_interval_seconds) * 500;
+        let touched = match self.store.touch(id, policy.ttl_ms(), renew_after_ms).await {
+            Ok(touched) => touched,
+            Err(error) => {
+                let transient = error.is_transient();
+                let error = self.store_failed(Operation::Media, error);
+                let degraded = self.lock_degraded().by_id.get(&id).cloned();
+                return match policy.failure_policy {
+                    FailurePolicy::Open if transient => Ok(MediaAccess::Allowed {
+                        session: degraded,
+                        renewed: false,
+                        degraded: true,
+                    }),
+                    _ => Err(error),
+                };
+            }
+        };
+        let touched = match touched {
+            Some(touched) => touched,
+            None => {
+                let Some(record) = self.lock_degraded().by_id.get(&id).cloned() else {
+                    return Ok(MediaAccess::NotFound);
+                };
+                if !self.adopt(&record).await? {
+                    return Ok(MediaAccess::NotFound);
+                }
+                match self
+                    .store
+                    .touch(id, policy.ttl_ms(), renew_after_ms)
+                    .await
+                    .map_err(|e| self.store_failed(Operation::Media, e))?
+                {
+                    Some(touched) => touched,
+                    None => return Ok(MediaAccess::NotFound),
+                }
+            }
+        };
+        if touched.renewed {
+            self.metrics.renewed.inc();
+            self.metrics.media_renewals.inc();
+        }
+        let record = touched.session;
+        if record.state == SessionState::Active {
+            return Ok(MediaAccess::Allowed {
+                session: Some(record),
+                renewed: touched.renewed,
+                degraded: false,
+            });
+        }
+        let policy = self.policy_for(&record.account);
+        if policy.mode == Mode::DryRun {
+            self.metrics
+                .count_stream_cut(record.reason.unwrap_or(EndReason::Expired), true, 1);
+            return Ok(MediaAccess::AllowedDryRun(record));
+        }
+        Ok(MediaAccess::Gone(self.view(&record, &policy, 0)))
+    }
+
+    /// The session `id` as the store knows it now, without renewing it; the proxy re-checks a
+    /// stream in flight with it. `Ok(None)`: no such session.
+    pub async fn session_now(&self, id: SessionId) -> Result<Option<SessionRecord>, EngineError> {
+        if let Some(record) = self.lock_degraded().by_id.get(&id).cloned() {
+            // Not written back yet: the store would not know it.
+            return Ok(Some(record));
+        }
+        self.store
+            .touch(id, 0, i64::MAX)
+            .await
+            .map(|t| t.map(|t| t.session))
+            .map_err(|e| self.store_failed(Operation::Media, e))
+    }
+
+    /// Writes a degraded admission back to the store. `false` when its stream has another
+    /// session by now (the degraded one is then forgotten).
+    async fn adopt(&self, record: &SessionRecord) -> Result<bool, EngineError> {
+        let adopted = self
+            .store
+            .adopt(record)
+            .await
+            .map_err(|e| self.store_failed(Operation::Adopt, e))?;
+        self.lock_degraded().forget(record.id);
+        if adopted {
+            self.metrics.degraded_restored.inc();
+        }
+        Ok(adopted)
+    }
+
+    /// Writes every remembered degraded admission back to the store; stops at the first store
+    /// error (the rest wait for the next try). Returns how many are still waiting.
+    pub async fn restore_degraded(&self) -> usize {
+        let pending: Vec<SessionRecord> = self.lock_degraded().by_id.values().cloned().collect();
+        for record in pending {
+            if self.adopt(&record).await.is_err() {
+                break;
+            }
+        }
+        self.lock_degraded().by_id.len()
+    }
+
+    /// Degraded admissions waiting to be written back.
+    pub fn degraded_pending(&self) -> usize {
+        self.lock_degraded().by_id.len()
+    }
+
+    fn lock_degraded(&self) -> std::sync::MutexGuard<'_, Degraded> {
+        // Only map operations happen under this lock: a poisoned lock is still consistent.
+        self.degraded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the sidecar may take traffic: the store answers, no fatal store error happened
+    /// in the last [`FATAL_UNREADY`], and the revocation subscription (shared stores) is up.
+    pub async fn ready(&self) -> Result<(), NotReady> {
         self.store
             .ping()
             .await
-            .map_err(|e| self.store_failed("ping", e))
+            .map_err(|e| NotReady::Store(self.store_failed(Operation::Ping, e)))?;
+        let last_fatal = self.last_fatal_ms.load(Ordering::SeqCst);
+        let now = chrono::Utc::now().timestamp_millis();
+        if last_fatal != 0 && now - last_fatal < FATAL_UNREADY.as_millis() as i64 {
+            return Err(NotReady::RecentFatalError);
+        }
+        if !*self.store.subscribed().borrow() {
+            return Err(NotReady::NotSubscribed);
+        }
+        Ok(())
     }
 
     /// Refreshes the active-sessions gauge and renders all metrics.
@@ -322,23 +691,42 @@ impl Engine {
             }
             Ok(None) => {}
             Err(e) => {
-                self.store_failed("active_sessions", e);
+                self.store_failed(Operation::ActiveSessions, e);
             }
         }
         self.metrics.render()
     }
 }
 
+/// Why `/readyz` fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// The store does not answer (or answers wrongly).
+    #[error("the session store is not usable")]
+    Store(EngineError),
+    /// A fatal store error happened recently.
+    #[error("the session store answered wrongly recently; see the sidecar's log")]
+    RecentFatalError,
+    /// Other sidecars' revocations are not heard (shared stores).
+    #[error("not subscribed to revocations yet")]
+    NotSubscribed,
+}
+
 /// Counts expirations this process decided. Evictions and kicks are counted where they are
 /// decided; expiry happens inside the store, which reports it only as a revocation notice.
-/// Holds only the receiver, not the store, so it ends when the store is dropped.
-async fn count_expirations(mut notices: broadcast::Receiver<Revocation>, metrics: Arc<Metrics>) {
+async fn count_expirations(
+    mut notices: broadcast::Receiver<Revocation>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     loop {
-        match notices.recv().await {
+        let notice = tokio::select! {
+            () = shutdown.cancelled() => return,
+            notice = notices.recv() => notice,
+        };
+        match notice {
             Ok(notice) if notice.local && notice.session.reason == Some(EndReason::Expired) => {
                 metrics.count_revoked(EndReason::Expired, 1);
-                tracing::debug!(account = %notice.session.account, session = %notice.session.id,
-                    "session expired");
             }
             Ok(_) => {}
             Err(RecvError::Lagged(missed)) => {
@@ -347,4 +735,50 @@ async fn count_expirations(mut notices: broadcast::Receiver<Revocation>, metrics
             Err(RecvError::Closed) => return,
         }
     }
+}
+
+/// How often degraded admissions are offered back to the store while some wait.
+const RESTORE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Writes degraded admissions back to the store once it answers again.
+async fn restore_degraded_loop(engine: Engine, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(RESTORE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if engine.degraded_pending() > 0 && engine.store.ping().await.is_ok() {
+            let left = engine.restore_degraded().await;
+            tracing::info!(left, "degraded admissions written back to the store");
+        }
+    }
+}
+
+/// Mirrors the store's subscription state into the `streamgate_revocations_subscribed` gauge.
+async fn report_subscription(
+    mut subscribed: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let up = *subscribed.borrow_and_update();
+        metrics.revocations_subscribed.set(i64::from(up));
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            changed = subscribed.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+/// A short, stable fingerprint of an identifier (account, session id, token) for logs: enough
+/// to correlate lines, useless to replay.
+pub fn fingerprint(value: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(value.as_bytes());
+    format!(
+        "#{:02x}{:02x}{:02x}{:02x}",
+        digest[0], digest[1], digest[2], digest[3]
+    )
 }

@@ -1,4 +1,8 @@
 //! Prometheus metrics of the sidecar.
+//!
+//! Every label value comes from a fixed set (HTTP methods folded into GET, PUT, DELETE, HEAD,
+//! POST and OTHER; route templates; status codes; the engine's operations and reasons), so no
+//! request can create a new series: the number of series is bounded by the code, not by traffic.
 
 use prometheus_client::encoding::{EncodeLabelSet, text::encode};
 use prometheus_client::metrics::counter::Counter;
@@ -24,22 +28,38 @@ pub struct WouldLabel {
     pub would: String,
 }
 
-/// Label of per-operation counters.
+/// Labels of the store error counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OperationLabel {
-    /// Store operation, e.g. `open`.
-    pub operation: String,
+pub struct StoreErrorLabels {
+    /// Store operation, e.g. `open` (a fixed set: `engine::Operation`).
+    pub operation: &'static str,
+    /// `transient` (failurePolicy applies), `fatal` (500, never admits) or `capacity`.
+    pub kind: &'static str,
 }
 
 /// Labels of the HTTP request histogram.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
-    /// HTTP method.
-    pub method: String,
-    /// Route template, e.g. `/v1/sessions/{sessionId}`; `unmatched` for unknown paths.
+    /// HTTP method, folded by [`method_label`].
+    pub method: &'static str,
+    /// Route template, e.g. `/v1/sessions/{sessionId}`; `proxy` for media requests,
+    /// `unmatched` for unknown paths.
     pub route: String,
     /// Status code.
     pub status: u16,
+}
+
+/// The label value of an HTTP method: one of a fixed set, whatever the client sent.
+pub fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        _ => "OTHER",
+    }
 }
 
 /// Label of the policy reload counter.
@@ -64,8 +84,16 @@ pub struct Metrics {
     pub renewed: Counter,
     /// DryRun decisions that enforcement would have made differently.
     pub dry_run: Family<WouldLabel, Counter>,
-    /// Store operations that failed.
-    pub store_errors: Family<OperationLabel, Counter>,
+    /// Store operations that failed, by operation and kind.
+    pub store_errors: Family<StoreErrorLabels, Counter>,
+    /// New sessions refused because the embedded store was at its cap.
+    pub capacity_refused: Counter,
+    /// Media requests that renewed their session (implicit heartbeats).
+    pub media_renewals: Counter,
+    /// Degraded admissions written back to the store after an outage.
+    pub degraded_restored: Counter,
+    /// 1 while the revocation subscription is established (always 1 on the embedded store).
+    pub revocations_subscribed: Gauge,
     /// Sessions admitted without the store under failurePolicy Open.
     pub failed_open: Counter,
     /// Active sessions in the store (set when scraped).
@@ -137,11 +165,35 @@ impl Metrics {
             "DryRun admissions that enforcement would have refused or that would have evicted",
             dry_run.clone(),
         );
-        let store_errors = Family::<OperationLabel, Counter>::default();
+        let store_errors = Family::<StoreErrorLabels, Counter>::default();
         registry.register(
             "store_errors",
-            "Session store operations that failed",
+            "Session store operations that failed, by operation and kind (transient, fatal, capacity)",
             store_errors.clone(),
+        );
+        let capacity_refused = Counter::default();
+        registry.register(
+            "sessions_capacity_refused",
+            "New sessions refused because the embedded store held --max-sessions sessions",
+            capacity_refused.clone(),
+        );
+        let media_renewals = Counter::default();
+        registry.register(
+            "media_renewals",
+            "Media requests that renewed their session (implicit heartbeat)",
+            media_renewals.clone(),
+        );
+        let degraded_restored = Counter::default();
+        registry.register(
+            "degraded_sessions_restored",
+            "Sessions admitted without the store (failurePolicy Open) written back after the outage",
+            degraded_restored.clone(),
+        );
+        let revocations_subscribed = Gauge::default();
+        registry.register(
+            "revocations_subscribed",
+            "1 while this sidecar hears other sidecars' revocations (shared stores)",
+            revocations_subscribed.clone(),
         );
         let failed_open = Counter::default();
         registry.register(
@@ -200,6 +252,10 @@ impl Metrics {
             renewed,
             dry_run,
             store_errors,
+            capacity_refused,
+            media_renewals,
+            degraded_restored,
+            revocations_subscribed,
             failed_open,
             active_sessions,
             policy_reloads,
@@ -230,11 +286,9 @@ impl Metrics {
     }
 
     /// Counts a failed store operation.
-    pub fn count_store_error(&self, operation: &str) {
+    pub fn count_store_error(&self, operation: &'static str, kind: &'static str) {
         self.store_errors
-            .get_or_create(&OperationLabel {
-                operation: operation.into(),
-            })
+            .get_or_create(&StoreErrorLabels { operation, kind })
             .inc();
     }
 

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::engine::Policies;
 use crate::metrics::Metrics;
 use crate::policy::{PolicyError, PolicySet};
@@ -94,13 +96,16 @@ impl PolicyWatcher {
         }
     }
 
-    /// Checks the file every `interval`, forever.
-    pub async fn run(mut self, interval: Duration) {
+    /// Checks the file every `interval` until `shutdown`.
+    pub async fn run(mut self, interval: Duration, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is immediate; the file was just loaded
         loop {
-            tick.tick().await;
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
             self.check();
         }
     }

@@ -7,6 +7,17 @@
 //! cancel the registered bodies, which ends them with an error so the connection is dropped
 //! rather than finished cleanly. Expiry is noticed by re-checking the session when its last known
 //! expiry time passes.
+//!
+//! Whether a request may pass is the engine's decision ([`Engine::authorize_media`]), so the
+//! policy's failurePolicy and DryRun apply to media exactly as to the session API, and each
+//! media request doubles as a heartbeat when the session's last renewal is half a heartbeat
+//! interval old (players that cannot heartbeat keep their session by playing).
+//!
+//! Hygiene on the way through: the path is refused if it has dot segments (raw or
+//! percent-encoded), so nothing can climb out of the upstream's base path; hop-by-hop headers
+//! (the fixed list, every header named in `Connection`, and `Proxy-Connection`) are dropped in
+//! both directions (RFC 9110 section 7.6.1); the peer is appended to `X-Forwarded-For` and
+//! `Forwarded`.
 
 use std::collections::HashMap;
 use std::future::Future as _;
@@ -15,18 +26,20 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, StatusCode, Uri, header};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::api::{ApiError, ErrorCode};
-use crate::engine::Engine;
+use crate::engine::{Engine, MediaAccess, fingerprint};
+use crate::error::{ApiError, ErrorCode};
 use crate::policy::Mode;
-use crate::session::{EndReason, Session, SessionId, SessionRecord, SessionState};
+use crate::session::{EndReason, SessionId, SessionRecord, SessionState};
 
 /// Header carrying the session id of a media request.
 pub const SESSION_HEADER: &str = "x-streamgate-session";
@@ -57,25 +70,40 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// A proxy in front of `upstream`. Inside a Tokio runtime it starts following the store's
-    /// revocation notices.
+    /// A proxy in front of `upstream`. It cuts streams on revocation only while its owner runs
+    /// [`Proxy::follow_revocations`].
     pub fn new(engine: Engine, upstream: reqwest::Url) -> Arc<Self> {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             // Bodies are streamed as they come: no overall timeout on a live stream.
             .build()
             .expect("an HTTP client with default TLS settings builds");
-        let proxy = Arc::new(Self {
+        Arc::new(Self {
             engine,
             upstream,
             client,
             streams: Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(0),
-        });
-        if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(follow_revocations(Arc::downgrade(&proxy)));
+        })
+    }
+
+    /// Cuts the streams of sessions the store reports revoked, until `shutdown`.
+    pub async fn follow_revocations(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut notices = self.engine.revocations();
+        loop {
+            let notice = tokio::select! {
+                () = shutdown.cancelled() => return,
+                notice = notices.recv() => notice,
+            };
+            match notice {
+                Ok(notice) => self.cut(&notice.session),
+                Err(RecvError::Lagged(missed)) => {
+                    // Missed notices are caught by the expiry re-check and the next request's check.
+                    tracing::warn!(missed, "revocation notices missed");
+                }
+                Err(RecvError::Closed) => return,
+            }
         }
-        proxy
     }
 
     /// Responses in flight, for metrics and tests.
@@ -119,23 +147,35 @@ impl Proxy {
         self.engine
             .metrics()
             .count_stream_cut(reason, dry_run, tokens.len());
+        let (session_print, account_print) = (
+            fingerprint(&session.id.to_string()),
+            fingerprint(&session.account),
+        );
         if dry_run {
-            tracing::info!(session = %session.id, account = %session.account, reason = reason.as_str(),
-                streams = tokens.len(), "dry run: would cut streams");
+            tracing::info!(session = %session_print, account = %account_print,
+                reason = reason.as_str(), streams = tokens.len(), "dry run: would cut streams");
             return;
         }
-        tracing::info!(session = %session.id, account = %session.account, reason = reason.as_str(),
-            streams = tokens.len(), "cutting streams");
+        tracing::info!(session = %session_print, account = %account_print,
+            reason = reason.as_str(), streams = tokens.len(), "cutting streams");
         for token in tokens {
             token.cancel();
         }
     }
 
     fn mode_for(&self, account: &str) -> Mode {
-        self.engine.policies().load().resolve(account).mode
+        self.engine.mode_for(account)
     }
 
-    fn upstream_url(&self, uri: &Uri) -> reqwest::Url {
+    /// The upstream URL for `uri`, or an error for a path with dot segments.
+    fn upstream_url(&self, uri: &Uri) -> Result<reqwest::Url, ApiError> {
+        if has_dot_segment(uri.path()) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidRequest,
+                "the path must not contain `.` or `..` segments (raw or percent-encoded)",
+            ));
+        }
         let mut url = self.upstream.clone();
         let base = self.upstream.path().trim_end_matches('/');
         url.set_path(&format!("{base}{}", uri.path()));
@@ -150,8 +190,21 @@ impl Proxy {
         } else {
             url.query_pairs_mut().clear().extend_pairs(query);
         }
-        url
+        Ok(url)
     }
+}
+
+/// True if a segment of `path` is `.` or `..`, written raw or percent-encoded (`%2e`, `%2E`),
+/// or if the path hides a separator (`%2f`, `%5c`, `\`) that would let a later decoder make one.
+fn has_dot_segment(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') {
+        return true;
+    }
+    lower
+        .split('/')
+        .map(|segment| segment.replace("%2e", "."))
+        .any(|segment| segment == "." || segment == "..")
 }
 
 /// Removes a response from the registry when its body is dropped (finished, cut, or the viewer
@@ -178,61 +231,49 @@ impl Drop for Registration {
     }
 }
 
-async fn follow_revocations(proxy: std::sync::Weak<Proxy>) {
-    let Some(mut notices) = proxy.upgrade().map(|p| p.engine.store().revocations()) else {
-        return;
-    };
-    loop {
-        match notices.recv().await {
-            Ok(notice) => {
-                let Some(proxy) = proxy.upgrade() else {
-                    return;
-                };
-                proxy.cut(&notice.session);
-            }
-            Err(RecvError::Lagged(missed)) => {
-                // Missed notices are caught by the expiry re-check and the next request's check.
-                tracing::warn!(missed, "revocation notices missed");
-            }
-            Err(RecvError::Closed) => return,
-        }
-    }
-}
-
 /// Re-checks the session whenever its last known expiry passes; cuts the stream if it is no
-/// longer active. Ends when the response does.
+/// longer active. Ends when the response does (it is spawned per response and lives no longer).
 async fn watch_expiry(
     proxy: Arc<Proxy>,
-    mut session: SessionRecord,
+    id: SessionId,
+    session: Option<SessionRecord>,
     token: CancellationToken,
     done: CancellationToken,
 ) {
+    // Unknown (admitted unverified during an outage): look again shortly.
+    let mut expires_at_ms = session.as_ref().map_or_else(
+        || chrono::Utc::now().timestamp_millis() + 1000,
+        |s| s.expires_at_ms,
+    );
     loop {
         let now = chrono::Utc::now().timestamp_millis();
-        let wait = Duration::from_millis(session.expires_at_ms.saturating_sub(now).max(0) as u64)
-            .max(MIN_RECHECK);
+        let wait =
+            Duration::from_millis(expires_at_ms.saturating_sub(now).max(0) as u64).max(MIN_RECHECK);
         tokio::select! {
             () = done.cancelled() => return,
             () = token.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
         }
-        match proxy.engine.store().get(session.id).await {
-            Ok(Some(current)) if current.state == SessionState::Active => session = current,
+        match proxy.engine.session_now(id).await {
+            Ok(Some(current)) if current.state == SessionState::Active => {
+                expires_at_ms = current.expires_at_ms;
+            }
             Ok(Some(gone)) => {
                 proxy.cut(&gone);
                 return;
             }
             Ok(None) => {
-                let mut gone = session.clone();
-                gone.state = SessionState::Expired;
-                gone.reason = Some(EndReason::Expired);
-                proxy.cut(&gone);
+                // Gone without a trace: it expired and was forgotten.
+                if let Some(mut gone) = session.clone() {
+                    gone.state = SessionState::Expired;
+                    gone.reason = Some(EndReason::Expired);
+                    proxy.cut(&gone);
+                }
                 return;
             }
-            // Store outage: never cut for our own failure; look again shortly.
-            Err(error) => {
-                tracing::debug!(%error, "cannot re-check a streaming session");
-                session.expires_at_ms = chrono::Utc::now().timestamp_millis() + 1000;
+            // Store trouble: never cut for our own failure; look again shortly.
+            Err(_) => {
+                expires_at_ms = chrono::Utc::now().timestamp_millis() + 1000;
             }
         }
     }
@@ -301,18 +342,6 @@ fn session_id_of(request: &Request) -> Result<SessionId, ApiError> {
         .map_err(|()| ApiError::forbidden(ErrorCode::NotFound, "no such session".to_string()))
 }
 
-fn forbidden_gone(session: &SessionRecord, view: Session) -> ApiError {
-    let reason = session.reason.unwrap_or(EndReason::Expired);
-    ApiError::forbidden_gone(
-        format!(
-            "session {} was cut ({}); open a new session to keep watching",
-            session.id,
-            reason.as_str()
-        ),
-        view,
-    )
-}
-
 /// Handles every request that is not part of the session API.
 pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Response {
     match forward_checked(&proxy, request).await {
@@ -326,50 +355,46 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
 
 async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Response, ApiError> {
     let id = session_id_of(&request)?;
-    let record = proxy
-        .engine
-        .store()
-        .get(id)
-        .await
-        .map_err(|e| ApiError::from(crate::engine::Unavailable(e)))?
-        .ok_or_else(|| ApiError::forbidden(ErrorCode::NotFound, format!("no session {id}")))?;
-    if record.state != SessionState::Active {
-        let policy = proxy
-            .engine
-            .policies()
-            .load()
-            .resolve(&record.account)
-            .clone();
-        if policy.mode != Mode::DryRun {
-            let view = Session::view(&record, policy.limit, policy.heartbeat_interval_seconds, 0);
-            return Err(forbidden_gone(&record, view));
+    let url = proxy.upstream_url(request.uri())?;
+    let session = match proxy.engine.authorize_media(id).await? {
+        MediaAccess::Allowed { session, .. } => session,
+        MediaAccess::AllowedDryRun(record) => Some(record),
+        MediaAccess::Gone(view) => return Err(ApiError::forbidden_gone(view)),
+        MediaAccess::NotFound => {
+            return Err(ApiError::forbidden(
+                ErrorCode::NotFound,
+                "no such session; open one with PUT /streaming",
+            ));
         }
-        proxy.engine.metrics().count_stream_cut(
-            record.reason.unwrap_or(EndReason::Expired),
-            true,
-            1,
-        );
-    }
+    };
 
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
     let (parts, body) = request.into_parts();
     let mut headers = forwarded_headers(&parts.headers);
     headers.remove(HeaderName::from_static(SESSION_HEADER));
+    if let Some(peer) = peer {
+        append_forwarded_for(&mut headers, peer);
+    }
     let upstream = proxy
         .client
-        .request(parts.method.clone(), proxy.upstream_url(&parts.uri))
+        .request(parts.method.clone(), url)
         .headers(headers)
         .body(reqwest::Body::wrap_stream(body.into_data_stream()))
         .send()
         .await
         .map_err(|e| {
-            tracing::warn!(error = %e, "upstream request failed");
-            ApiError::bad_gateway(format!("the streaming container did not answer: {e}"))
+            tracing::warn!(error = %e.without_url(), "upstream request failed");
+            ApiError::bad_gateway("the streaming container did not answer")
         })?;
 
     let (token, registration) = proxy.register(id);
     tokio::spawn(watch_expiry(
         proxy.clone(),
-        record,
+        id,
+        session,
         token.clone(),
         registration.done.clone(),
     ));
@@ -389,11 +414,95 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
     Ok(response)
 }
 
+/// `headers` without hop-by-hop headers: the fixed list, `Proxy-Connection`, and every header
+/// that `Connection` names (RFC 9110 section 7.6.1), and without `Host`.
 fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
     let mut out = headers.clone();
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect();
+    for name in named {
+        out.remove(name.as_str());
+    }
     for name in HOP_BY_HOP {
         out.remove(name);
     }
+    out.remove("proxy-connection");
     out.remove(header::HOST);
     out
+}
+
+/// Appends the peer to `X-Forwarded-For` and `Forwarded` (RFC 7239), keeping what earlier
+/// proxies wrote: the client's own claims stay visible as claims, the last hop is ours.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: std::net::IpAddr) {
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing}, {peer}"),
+        _ => peer.to_string(),
+    };
+    let node = match peer {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(existing) if !existing.trim().is_empty() => format!("{existing}, for={node}"),
+        _ => format!("for={node}"),
+    };
+    if let Ok(value) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", value);
+    }
+    if let Ok(value) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_segments_are_found_raw_and_encoded() {
+        for path in [
+            "/../secret",
+            "/a/../../b",
+            "/%2e%2e/secret",
+            "/%2E%2e/x",
+            "/.%2e/x",
+            "/./x",
+            "/a/%2e",
+            "/a%2f..%2fb",
+            "/a\\..\\b",
+        ] {
+            assert!(has_dot_segment(path), "{path}");
+        }
+        for path in [
+            "/hls/index.m3u8",
+            "/a..b/c",
+            "/.well-known/x",
+            "/...",
+            "/a.%2e.b",
+        ] {
+            assert!(!has_dot_segment(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_in_connection_are_dropped() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("X-Secret, keep-alive"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-normal", HeaderValue::from_static("1"));
+        let out = forwarded_headers(&headers);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(out.contains_key("x-normal"));
+    }
 }

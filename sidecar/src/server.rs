@@ -1,4 +1,10 @@
-//! Wiring: policy + store + engine + HTTP server, with graceful shutdown.
+//! Wiring: policy + store + engine + HTTP application, background tasks under one owner, and
+//! graceful shutdown.
+//!
+//! The path of a request: every request enters the router built here. Session API routes
+//! (`crate::api`) call the engine; with `--upstream`, every other request is a media request
+//! for the enforcing proxy (`crate::proxy`), which asks the engine
+//! ([`Engine::authorize_media`]) before forwarding. The engine is the only caller of the store.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -6,12 +12,24 @@ use std::sync::Arc;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::trace::TraceLayer;
 
-use crate::api;
+use crate::api::{self, MAX_BODY_BYTES};
+use crate::clock::SystemClock;
 use crate::config::{Config, StoreSpec};
+use crate::connections::{self, ConnectionLimits};
 use crate::engine::{Engine, Policies};
-use crate::metrics::Metrics;
+use crate::error::{ApiError, ErrorCode};
+use crate::metrics::{HttpLabels, Metrics, method_label};
 use crate::policy::PolicySet;
 use crate::policy_watch::PolicyWatcher;
 use crate::proxy::Proxy;
@@ -22,6 +40,7 @@ use crate::store::{MemoryStore, RedisStore, SessionStore};
 pub struct Sidecar {
     engine: Engine,
     proxy: Option<Arc<Proxy>>,
+    limits: ConnectionLimits,
 }
 
 impl Sidecar {
@@ -36,7 +55,14 @@ impl Sidecar {
         Self {
             engine: Engine::new(store, policies, Arc::new(Metrics::new())),
             proxy: None,
+            limits: ConnectionLimits::default(),
         }
+    }
+
+    /// Serves with these connection limits instead of the defaults.
+    pub fn with_limits(mut self, limits: ConnectionLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Turns on the enforcing proxy in front of `upstream`.
@@ -57,19 +83,159 @@ impl Sidecar {
 
     /// The HTTP application.
     pub fn router(&self) -> Router {
-        api::router(self.engine.clone(), self.proxy.clone())
+        router(self.engine.clone(), self.proxy.clone())
     }
 
-    /// Serves on `listener` until `shutdown` completes, then lets in-flight requests finish.
+    /// Starts the background work (store expiry and subscriptions, expiry counting, degraded
+    /// write-back, the proxy's revocation follower) on `tasks`; it all ends when `shutdown` is
+    /// cancelled, and the owner joins it with `tasks.wait()`.
+    pub fn start(&self, tasks: &TaskTracker, shutdown: &CancellationToken) {
+        for task in self.engine.background(shutdown.clone()) {
+            tasks.spawn(task);
+        }
+        if let Some(proxy) = &self.proxy {
+            tasks.spawn(proxy.clone().follow_revocations(shutdown.clone()));
+        }
+    }
+
+    /// Starts the background work, serves on `listener` until `shutdown` completes, lets
+    /// in-flight requests finish, then stops and joins the background work.
     pub async fn serve(
         &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown)
-            .await
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
+        self.start(&tasks, &stop);
+        let served = connections::serve(listener, self.router(), self.limits, shutdown).await;
+        stop.cancel();
+        tasks.close();
+        tasks.wait().await;
+        served
     }
+}
+
+/// The sidecar's HTTP application: the session API, `/openapi.json`, and either the enforcing
+/// proxy (every other request is a media request) or a JSON 404.
+pub fn router(engine: Engine, proxy: Option<Arc<Proxy>>) -> Router {
+    let (routes, doc) = api::routes();
+    let document = Arc::new(doc.to_json().expect("the OpenAPI document serializes"));
+    let routes = routes
+        .route(
+            "/openapi.json",
+            get(move || {
+                let document = document.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "application/json")],
+                        document.as_ref().clone(),
+                    )
+                }
+            }),
+        )
+        .method_not_allowed_fallback(method_not_allowed)
+        // Only the session API's own routes: proxied uploads are the upstream's business.
+        .route_layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .route_layer(middleware::map_response(json_payload_too_large));
+    let fallback_route = if proxy.is_some() {
+        "proxy"
+    } else {
+        "unmatched"
+    };
+    let routes = match proxy {
+        Some(proxy) => routes.fallback_service(
+            Router::new()
+                .fallback(crate::proxy::forward)
+                .with_state(proxy),
+        ),
+        None => routes.fallback(unknown_route),
+    };
+    routes
+        .layer(middleware::from_fn_with_state(
+            (engine.clone(), fallback_route),
+            observe,
+        ))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                tracing::debug_span!(
+                    "request",
+                    method = %request.method(),
+                    path = %redacted_path(request.uri().path()),
+                )
+            }),
+        )
+        .with_state(engine)
+}
+
+/// A request path as logs may show it: the query (which carries accounts, stream ids, session
+/// ids and playback tokens) is never logged, session ids in the path become fingerprints, and
+/// so does the account of an admin route.
+pub fn redacted_path(path: &str) -> String {
+    let mut previous = "";
+    path.split('/')
+        .map(|segment| {
+            let shown = if crate::validate::is_session_id(segment) || previous == "accounts" {
+                crate::engine::fingerprint(segment)
+            } else if segment.len() > 64 {
+                format!("{}…", segment.get(..64).unwrap_or(segment))
+            } else {
+                segment.to_string()
+            };
+            previous = segment;
+            shown
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+async fn unknown_route(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::method_not_allowed(format!("method {method} is not allowed on {}", uri.path()))
+}
+
+/// tower-http's body limit answers 413 in plain text; the API answers JSON errors.
+async fn json_payload_too_large(response: Response) -> Response {
+    if response.status() != StatusCode::PAYLOAD_TOO_LARGE {
+        return response;
+    }
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::InvalidRequest,
+        format!(
+            "request body too large: the session API takes its input from the URL, bodies are limited to {MAX_BODY_BYTES} bytes"
+        ),
+    )
+    .into_response()
+}
+
+/// Records every request's duration by method (folded into a fixed set), route template (or
+/// `fallback_route`: `proxy` or `unmatched`) and status.
+async fn observe(
+    State((engine, fallback_route)): State<(Engine, &'static str)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    let method = method_label(request.method());
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| fallback_route.to_string(), |p| p.as_str().to_string());
+    let response = next.run(request).await;
+    engine
+        .metrics()
+        .http_requests
+        .get_or_create(&HttpLabels {
+            method,
+            route,
+            status: response.status().as_u16(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    response
 }
 
 /// Runs the sidecar as configured until SIGTERM or SIGINT.
@@ -94,15 +260,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         namespace = %config.namespace,
         "policy loaded"
     );
-    let store: Arc<dyn SessionStore> = match StoreSpec::parse(&config.store)? {
-        StoreSpec::Memory => Arc::new(MemoryStore::new()),
-        StoreSpec::Redis(target) => Arc::new(RedisStore::new(target, config.store_timeout)),
-    };
+    let (store, store_name): (Arc<dyn SessionStore>, String) =
+        match StoreSpec::parse(&config.store)? {
+            StoreSpec::Memory => {
+                let cap = config.max_sessions();
+                tracing::info!(max_sessions = cap, "embedded store");
+                (
+                    Arc::new(MemoryStore::with_limits(Arc::new(SystemClock), cap)),
+                    "memory".to_string(),
+                )
+            }
+            StoreSpec::Redis(target) => {
+                let name = target.to_string();
+                (
+                    Arc::new(RedisStore::new(target, config.store_timeout)),
+                    name,
+                )
+            }
+        };
     let mut sidecar = Sidecar::with_store(store, policies);
     if let Some(upstream) = &config.upstream {
         tracing::info!(%upstream, "enforcing proxy on: media requests need an active session");
         sidecar = sidecar.with_upstream(upstream.clone());
     }
+    let signalled = shutdown_signal()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("--listen {}: cannot bind", config.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, store = %store_name, "serving the session API");
+
+    // Every background task runs on `tasks` until `stop` is cancelled, and is joined below.
+    let tasks = TaskTracker::new();
+    let stop = CancellationToken::new();
+    sidecar.start(&tasks, &stop);
     if let Some(path) = &config.policy_file {
         let watcher = PolicyWatcher::new(
             path.clone(),
@@ -110,20 +300,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             sidecar.engine().policies().clone(),
             sidecar.engine().metrics().clone(),
         );
-        tokio::spawn(watcher.run(config.policy_reload_interval));
+        tasks.spawn(watcher.run(config.policy_reload_interval, stop.clone()));
     }
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("--listen {}: cannot bind", config.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, store = %config.store, "serving the session API");
 
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
-        shutdown_signal().await;
+        signalled.await;
         tracing::info!("shutting down: finishing in-flight requests");
         let _ = stopping_tx.send(());
     };
-    let serve = sidecar.serve(listener, shutdown);
+    let serve = connections::serve(
+        listener,
+        sidecar.router(),
+        config.connection_limits(),
+        shutdown,
+    );
     tokio::pin!(serve);
     tokio::select! {
         result = &mut serve => result?,
@@ -134,29 +325,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tracing::warn!(timeout = ?config.shutdown_timeout, "in-flight requests did not finish in time");
         }
     }
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+/// Resolves on SIGTERM or SIGINT. The handlers are installed now, before anything is served,
+/// so a signal that arrives early is not lost to the default action (exit by signal).
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {},
+            _ = interrupt.recv() => {},
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
+    })
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{SidecarProcess, default_policy, eventually, free_port, metric};
+use common::{SidecarProcess, default_policy, eventually, metric};
 
 const BIN: &str = common::SIDECAR_BIN;
 
@@ -18,8 +18,6 @@ async fn start(policy_file: &Path) -> SidecarProcess {
         &policy,
         "--policy-reload-interval",
         "100ms",
-        "--log-format",
-        "json",
     ])
     .await;
     process.wait_ready().await;
@@ -48,7 +46,7 @@ fn a_malformed_policy_file_stops_start_up_naming_file_document_and_field() {
     );
     std::fs::write(&path, text).unwrap();
     let output = Command::new(BIN)
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--listen", "127.0.0.1:0"])
         .arg("--policy-file")
         .arg(&path)
         .output()

@@ -1,18 +1,53 @@
-//! Property test: random operation sequences against the memory store agree with a simple model.
+//! Property test: random operation sequences against every store (memory, Redis standalone,
+//! Redis Cluster) agree with a simple model. Time is a manual clock: the memory store reads it
+//! directly, the Redis scripts are handed it instead of the server's clock.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use proptest::prelude::*;
-use streamgate_sidecar::clock::ManualClock;
+use streamgate_sidecar::clock::{Clock, ManualClock};
 use streamgate_sidecar::policy::{Mode, OnLimitExceeded};
 use streamgate_sidecar::session::{EndReason, SessionId};
 use streamgate_sidecar::store::{
-    HeartbeatOutcome, KickOutcome, MemoryStore, OpenOutcome, OpenRequest, SessionStore,
+    HeartbeatOutcome, KickOutcome, MemoryStore, OpenOutcome, OpenRequest, RedisStore, RedisTarget,
+    SessionStore,
 };
 
 const TTL: i64 = 1_000;
-const ACCOUNTS: [&str; 2] = ["a", "b"];
 const STREAMS: [&str; 4] = ["s0", "s1", "s2", "s3"];
+
+/// Which store a run exercises.
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Memory,
+    Redis(&'static str),
+}
+
+/// The store under test on `clock`, and a way to run its reaper (memory only: Redis expires
+/// lazily inside every script).
+fn store_for(
+    backend: Backend,
+    clock: &ManualClock,
+) -> (Arc<dyn SessionStore>, Option<MemoryStore>) {
+    match backend {
+        Backend::Memory => {
+            let store = MemoryStore::with_clock(Arc::new(clock.clone()));
+            (Arc::new(store.clone()), Some(store))
+        }
+        Backend::Redis(env) => {
+            let url = std::env::var(env).unwrap_or_else(|_| {
+                panic!("{env} is not set: run the tests with ./scripts/test, which starts Redis")
+            });
+            let store = RedisStore::with_clock(
+                RedisTarget::parse(&url).unwrap(),
+                Duration::from_secs(5),
+                Arc::new(clock.clone()) as Arc<dyn Clock>,
+            );
+            (Arc::new(store), None)
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -26,7 +61,7 @@ enum Op {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let a = 0..ACCOUNTS.len();
+    let a = 0..2usize;
     let s = 0..STREAMS.len();
     prop_oneof![
         4 => (a.clone(), s.clone()).prop_map(|(a, s)| Op::Open(a, s)),
@@ -86,27 +121,42 @@ impl Model {
     }
 }
 
-fn run(ops: Vec<Op>, limit: u32, on_limit: OnLimitExceeded) -> Result<(), TestCaseError> {
+fn run(
+    backend: Backend,
+    ops: Vec<Op>,
+    limit: u32,
+    on_limit: OnLimitExceeded,
+) -> Result<(), TestCaseError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let clock = ManualClock::new(1_000_000);
-        let store = MemoryStore::with_clock(Arc::new(clock.clone()));
+        // Redis keys live on: each case gets accounts of its own. Time starts at the real clock
+        // so that the keys' own expiry (PEXPIREAT, on the server's clock) never comes first.
+        let start = chrono::Utc::now().timestamp_millis();
+        let clock = ManualClock::new(start);
+        let (store, memory) = store_for(backend, &clock);
+        let case = format!("{:08x}", rand::random::<u32>());
+        let accounts = [format!("{case}-a"), format!("{case}-b")];
         let mut model = Model::default();
         let mut admitted: Vec<SessionId> = Vec::new();
-        let mut now = 1_000_000i64;
+        let mut now = start;
         for op in ops {
             match op {
                 Op::Advance(ms) => {
                     clock.advance(ms);
                     now += ms;
                 }
-                Op::Reap => store.reap(),
+                Op::Reap => {
+                    if let Some(memory) = &memory {
+                        memory.reap();
+                    }
+                }
                 Op::Open(a, s) => {
                     model.settle(now);
                     let request = OpenRequest {
-                        account: ACCOUNTS[a],
+                        account: &accounts[a],
                         stream_id: STREAMS[s],
                         limit,
                         ttl_ms: TTL,
@@ -153,7 +203,7 @@ fn run(ops: Vec<Op>, limit: u32, on_limit: OnLimitExceeded) -> Result<(), TestCa
                 }
                 Op::Heartbeat(a, s) => {
                     model.settle(now);
-                    let got = store.heartbeat(ACCOUNTS[a], STREAMS[s], TTL).await.unwrap();
+                    let got = store.heartbeat(&accounts[a], STREAMS[s], TTL).await.unwrap();
                     let active = model.active(a, now);
                     if let Some(existing) = active.iter().find(|x| x.stream == s) {
                         let id = existing.id;
@@ -167,7 +217,7 @@ fn run(ops: Vec<Op>, limit: u32, on_limit: OnLimitExceeded) -> Result<(), TestCa
                 }
                 Op::End(a, s) => {
                     model.settle(now);
-                    let got = store.end(ACCOUNTS[a], STREAMS[s]).await.unwrap();
+                    let got = store.end(&accounts[a], STREAMS[s]).await.unwrap();
                     let id = model.active(a, now).iter().find(|x| x.stream == s).map(|x| x.id);
                     prop_assert_eq!(got.map(|r| r.id), id);
                     model.sessions.retain(|x| Some(x.id) != id);
@@ -190,7 +240,7 @@ fn run(ops: Vec<Op>, limit: u32, on_limit: OnLimitExceeded) -> Result<(), TestCa
                 }
             }
             // The promise: never more than the limit active, whatever happened.
-            for (a, name) in ACCOUNTS.iter().enumerate() {
+            for (a, name) in accounts.iter().enumerate() {
                 let listed = store.list(name).await.unwrap();
                 prop_assert!(listed.len() <= limit as usize);
                 model.settle(now);
@@ -206,12 +256,37 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
     #[test]
-    fn reject_new_matches_the_model(ops in prop::collection::vec(op(), 1..80), limit in 1u32..4) {
-        run(ops, limit, OnLimitExceeded::RejectNew)?;
+    fn memory_reject_new_matches_the_model(ops in prop::collection::vec(op(), 1..80), limit in 1u32..4) {
+        run(Backend::Memory, ops, limit, OnLimitExceeded::RejectNew)?;
     }
 
     #[test]
-    fn evict_oldest_matches_the_model(ops in prop::collection::vec(op(), 1..80), limit in 1u32..4) {
-        run(ops, limit, OnLimitExceeded::EvictOldest)?;
+    fn memory_evict_oldest_matches_the_model(ops in prop::collection::vec(op(), 1..80), limit in 1u32..4) {
+        run(Backend::Memory, ops, limit, OnLimitExceeded::EvictOldest)?;
+    }
+}
+
+proptest! {
+    // Every operation is a round trip to a real server: fewer cases, same generator.
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn redis_standalone_reject_new_matches_the_model(ops in prop::collection::vec(op(), 1..60), limit in 1u32..4) {
+        run(Backend::Redis("STREAMGATE_TEST_REDIS"), ops, limit, OnLimitExceeded::RejectNew)?;
+    }
+
+    #[test]
+    fn redis_standalone_evict_oldest_matches_the_model(ops in prop::collection::vec(op(), 1..60), limit in 1u32..4) {
+        run(Backend::Redis("STREAMGATE_TEST_REDIS"), ops, limit, OnLimitExceeded::EvictOldest)?;
+    }
+
+    #[test]
+    fn redis_cluster_reject_new_matches_the_model(ops in prop::collection::vec(op(), 1..60), limit in 1u32..4) {
+        run(Backend::Redis("STREAMGATE_TEST_REDIS_CLUSTER"), ops, limit, OnLimitExceeded::RejectNew)?;
+    }
+
+    #[test]
+    fn redis_cluster_evict_oldest_matches_the_model(ops in prop::collection::vec(op(), 1..60), limit in 1u32..4) {
+        run(Backend::Redis("STREAMGATE_TEST_REDIS_CLUSTER"), ops, limit, OnLimitExceeded::EvictOldest)?;
     }
 }

@@ -203,13 +203,17 @@ async fn a_kick_on_one_sidecar_cuts_a_stream_flowing_through_another() {
         ))
     };
     let (a, _) = sidecar(store(&url), &policy, &upstream).await;
-    let (b, _) = sidecar(store(&url), &policy, &upstream).await;
+    let (b, b_sidecar) = sidecar(store(&url), &policy, &upstream).await;
     let account = format!("proxy-kick-{:08x}", rand::random::<u32>());
     let (status, session) = open(&a, &account, "tv").await;
     assert_eq!(status, 201);
     let viewer = Viewer::watch(&b, &id(&session)).await;
-    // Let b's revocation subscription settle before the kick.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // b hears revocations once its subscription is established: wait for that, not a while.
+    let mut subscribed = b_sidecar.engine().subscribed();
+    tokio::time::timeout(Duration::from_secs(10), subscribed.wait_for(|up| *up))
+        .await
+        .expect("b subscribes to revocations")
+        .unwrap();
 
     let kicked = Client::new()
         .delete(format!("{a}/v1/sessions/{}", id(&session)))

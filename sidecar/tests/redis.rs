@@ -6,25 +6,16 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::DateTime;
-use common::{SidecarProcess, default_policy, eventually, free_port, json, streaming_at};
+use common::{OwnRedis, SidecarProcess, default_policy, eventually, json, redis_env, streaming_at};
 use futures::future::join_all;
 use reqwest::{Client, Method};
 use streamgate_sidecar::policy::{Mode, OnLimitExceeded};
 use streamgate_sidecar::session::account_tag;
 use streamgate_sidecar::store::{OpenOutcome, OpenRequest, RedisStore, RedisTarget, SessionStore};
-
-fn redis_env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!(
-            "{name} is not set: run the tests with ./scripts/test, which starts Redis (or eval \"$(scripts/redis-up)\")"
-        )
-    })
-}
 
 fn unique(name: &str) -> String {
     format!("{name}-{:08x}", rand::random::<u32>())
@@ -248,74 +239,6 @@ async fn a_kick_on_one_sidecar_is_seen_by_another() {
     let (status, gone) = streaming_at(&client, &fleet[0].base, Method::GET, &account, "tv").await;
     assert_eq!(status, 410);
     assert_eq!(gone["reason"], "kicked");
-}
-
-/// A redis-server of this test's own, so it can be stopped and started again.
-struct OwnRedis {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    fn start() -> Self {
-        let mut redis = Self {
-            port: free_port(),
-            dir: tempfile::tempdir().unwrap(),
-            child: None,
-        };
-        redis.restart();
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts (again) on the same port and data directory. The append-only file keeps the data.
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (./scripts/test installs it)");
-        self.child = Some(child);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server did not start on port {}", self.port);
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,12 +1,14 @@
 //! The store contract: every `SessionStore` must pass these, unchanged.
 //!
-//! Cases use real time with short TTLs (a shared store keeps time on its own clock, so it cannot
-//! be moved by the test), and each case uses fresh account names so stores can be shared.
+//! Time is a manual clock the cases move (the memory store reads it; the Redis scripts are handed
+//! it instead of the server's clock), so no case sleeps. Each case uses fresh account names so
+//! stores can be shared.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
+use streamgate_sidecar::clock::{Clock, ManualClock};
 use streamgate_sidecar::policy::{Mode, OnLimitExceeded};
 use streamgate_sidecar::session::{EndReason, SessionId, SessionState};
 use streamgate_sidecar::store::{
@@ -47,7 +49,7 @@ async fn admit(store: &dyn SessionStore, account: &str, stream: &str, limit: u32
     }
 }
 
-pub async fn open_renew_list_end(store: Arc<dyn SessionStore>) {
+pub async fn open_renew_list_end(store: Arc<dyn SessionStore>, _clock: ManualClock) {
     let a = account("basic");
     let request = req(&a, "s1", 2, OnLimitExceeded::RejectNew);
     let OpenOutcome::Admitted {
@@ -100,7 +102,7 @@ pub async fn open_renew_list_end(store: Arc<dyn SessionStore>) {
     assert_eq!(store.list(&account("nobody")).await.unwrap(), vec![]);
 }
 
-pub async fn reject_new_refuses_at_the_limit(store: Arc<dyn SessionStore>) {
+pub async fn reject_new_refuses_at_the_limit(store: Arc<dyn SessionStore>, _clock: ManualClock) {
     let a = account("reject");
     let first = admit(store.as_ref(), &a, "s1", 2).await;
     let second = admit(store.as_ref(), &a, "s2", 2).await;
@@ -122,10 +124,10 @@ pub async fn reject_new_refuses_at_the_limit(store: Arc<dyn SessionStore>) {
     );
 }
 
-pub async fn evict_oldest_revokes_the_oldest(store: Arc<dyn SessionStore>) {
+pub async fn evict_oldest_revokes_the_oldest(store: Arc<dyn SessionStore>, clock: ManualClock) {
     let a = account("evict");
     let first = admit(store.as_ref(), &a, "s1", 2).await;
-    tokio::time::sleep(Duration::from_millis(2)).await;
+    clock.advance(2);
     let second = admit(store.as_ref(), &a, "s2", 2).await;
     let mut notices = store.revocations();
     let outcome = store
@@ -175,7 +177,7 @@ pub async fn evict_oldest_revokes_the_oldest(store: Arc<dyn SessionStore>) {
     assert_eq!(notice.session.reason, Some(EndReason::Evicted));
 }
 
-pub async fn dry_run_admits_over_the_limit(store: Arc<dyn SessionStore>) {
+pub async fn dry_run_admits_over_the_limit(store: Arc<dyn SessionStore>, _clock: ManualClock) {
     let a = account("dry");
     admit(store.as_ref(), &a, "s1", 1).await;
     let mut request = req(&a, "s2", 1, OnLimitExceeded::RejectNew);
@@ -188,7 +190,7 @@ pub async fn dry_run_admits_over_the_limit(store: Arc<dyn SessionStore>) {
     assert_eq!(store.list(&a).await.unwrap().len(), 2);
 }
 
-pub async fn kick_revokes_and_stays_answerable(store: Arc<dyn SessionStore>) {
+pub async fn kick_revokes_and_stays_answerable(store: Arc<dyn SessionStore>, _clock: ManualClock) {
     let a = account("kick");
     let id = admit(store.as_ref(), &a, "s1", 1).await;
     let mut notices = store.revocations();
@@ -226,7 +228,7 @@ pub async fn kick_revokes_and_stays_answerable(store: Arc<dyn SessionStore>) {
     );
 }
 
-pub async fn sessions_expire_after_their_ttl(store: Arc<dyn SessionStore>) {
+pub async fn sessions_expire_after_their_ttl(store: Arc<dyn SessionStore>, clock: ManualClock) {
     let a = account("expire");
     let mut request = req(&a, "s1", 1, OnLimitExceeded::RejectNew);
     request.ttl_ms = 300;
@@ -234,7 +236,7 @@ pub async fn sessions_expire_after_their_ttl(store: Arc<dyn SessionStore>) {
         panic!("not admitted")
     };
     let mut notices = store.revocations();
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    clock.advance(450);
     // The expired session no longer counts...
     assert_eq!(store.list(&a).await.unwrap(), vec![]);
     // ...and its heartbeat gets Gone(expired), not a renewal.
@@ -256,7 +258,10 @@ pub async fn sessions_expire_after_their_ttl(store: Arc<dyn SessionStore>) {
     admit(store.as_ref(), &a, "s2", 1).await;
 }
 
-pub async fn a_long_forgotten_session_does_not_block_the_account(store: Arc<dyn SessionStore>) {
+pub async fn a_long_forgotten_session_does_not_block_the_account(
+    store: Arc<dyn SessionStore>,
+    clock: ManualClock,
+) {
     // One session expires and its tombstone time runs out while a longer-lived session keeps
     // the account's data alive; the account must still work.
     let a = account("forgotten");
@@ -266,7 +271,7 @@ pub async fn a_long_forgotten_session_does_not_block_the_account(store: Arc<dyn 
     long.ttl_ms = 10_000;
     store.open(&short).await.unwrap();
     store.open(&long).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    clock.advance(800);
     let outcome = store
         .open(&req(&a, "new", 3, OnLimitExceeded::RejectNew))
         .await
@@ -289,13 +294,13 @@ pub async fn a_long_forgotten_session_does_not_block_the_account(store: Arc<dyn 
     assert_eq!(streams, ["long", "new"]);
 }
 
-pub async fn heartbeats_keep_a_session_alive(store: Arc<dyn SessionStore>) {
+pub async fn heartbeats_keep_a_session_alive(store: Arc<dyn SessionStore>, clock: ManualClock) {
     let a = account("renew");
     let mut request = req(&a, "s1", 1, OnLimitExceeded::RejectNew);
     request.ttl_ms = 400;
     store.open(&request).await.unwrap();
     for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        clock.advance(150);
         let outcome = store.heartbeat(&a, "s1", 400).await.unwrap();
         assert!(
             matches!(outcome, HeartbeatOutcome::Renewed { active: 1, .. }),
@@ -304,7 +309,7 @@ pub async fn heartbeats_keep_a_session_alive(store: Arc<dyn SessionStore>) {
     }
 }
 
-pub async fn hostile_ids_are_distinct(store: Arc<dyn SessionStore>) {
+pub async fn hostile_ids_are_distinct(store: Arc<dyn SessionStore>, _clock: ManualClock) {
     let base = account("h");
     let names = [
         format!("{{{base}}}"),
@@ -326,7 +331,10 @@ pub async fn hostile_ids_are_distinct(store: Arc<dyn SessionStore>) {
     }
 }
 
-pub async fn concurrent_opens_never_exceed_the_limit(store: Arc<dyn SessionStore>) {
+pub async fn concurrent_opens_never_exceed_the_limit(
+    store: Arc<dyn SessionStore>,
+    _clock: ManualClock,
+) {
     let a = account("race");
     let opens = (0..200).map(|i| {
         let store = store.clone();
@@ -351,55 +359,152 @@ pub async fn concurrent_opens_never_exceed_the_limit(store: Arc<dyn SessionStore
     assert_eq!(store.list(&a).await.unwrap().len(), 3);
 }
 
+pub async fn touch_renews_only_an_active_session_renewed_long_enough_ago(
+    store: Arc<dyn SessionStore>,
+    clock: ManualClock,
+) {
+    let a = account("touch");
+    let id = admit(store.as_ref(), &a, "s1", 2).await;
+    let first = store.touch(id, TTL_MS, 1_000).await.unwrap().unwrap();
+    assert!(!first.renewed, "renewed a session renewed just now");
+    clock.advance(999);
+    assert!(
+        !store
+            .touch(id, TTL_MS, 1_000)
+            .await
+            .unwrap()
+            .unwrap()
+            .renewed
+    );
+    clock.advance(1);
+    let renewed = store.touch(id, TTL_MS, 1_000).await.unwrap().unwrap();
+    assert!(renewed.renewed);
+    assert_eq!(
+        renewed.session.expires_at_ms,
+        first.session.expires_at_ms + 1_000
+    );
+    // Never renews a cut session, and finds nothing for an unknown id.
+    store.kick(id).await.unwrap();
+    clock.advance(5_000);
+    let cut = store.touch(id, TTL_MS, 0).await.unwrap().unwrap();
+    assert_eq!(
+        (cut.renewed, cut.session.state),
+        (false, SessionState::Revoked)
+    );
+    let unknown = SessionId::for_account(&a);
+    assert_eq!(store.touch(unknown, TTL_MS, 0).await.unwrap(), None);
+}
+
+pub async fn adopt_writes_back_a_session_unless_its_stream_moved_on(
+    store: Arc<dyn SessionStore>,
+    clock: ManualClock,
+) {
+    use streamgate_sidecar::session::SessionRecord;
+    let a = account("adopt");
+    let now = clock.now_ms();
+    let degraded = |stream: &str| SessionRecord {
+        id: SessionId::for_account(&a),
+        account: a.clone(),
+        stream_id: stream.to_string(),
+        state: SessionState::Active,
+        reason: None,
+        created_at_ms: now,
+        expires_at_ms: now + TTL_MS,
+        ttl_ms: TTL_MS,
+    };
+    // The account is at its limit: an adopted session was admitted already and still counts.
+    admit(store.as_ref(), &a, "s1", 1).await;
+    let tv = degraded("tv");
+    assert!(store.adopt(&tv).await.unwrap());
+    assert!(
+        store.adopt(&tv).await.unwrap(),
+        "adopting twice changes nothing"
+    );
+    let listed: Vec<SessionId> = store.list(&a).await.unwrap().iter().map(|s| s.id).collect();
+    assert!(listed.contains(&tv.id), "{listed:?}");
+    assert_eq!(listed.len(), 2);
+    let touched = store.touch(tv.id, TTL_MS, 0).await.unwrap().unwrap();
+    assert_eq!(touched.session.state, SessionState::Active);
+    // A stream that has another active session keeps it.
+    let late = degraded("s1");
+    assert!(!store.adopt(&late).await.unwrap());
+    assert_eq!(store.touch(late.id, TTL_MS, 0).await.unwrap(), None);
+}
+
 /// Instantiates every contract case for one store.
 macro_rules! store_contract {
     ($module:ident, $make:expr) => {
         mod $module {
             use super::*;
 
-            async fn store() -> Arc<dyn SessionStore> {
-                $make
+            fn store() -> (Arc<dyn SessionStore>, ManualClock) {
+                let clock = ManualClock::new(chrono::Utc::now().timestamp_millis());
+                let make: fn(ManualClock) -> Arc<dyn SessionStore> = $make;
+                (make(clock.clone()), clock)
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn open_renew_list_end() {
-                super::open_renew_list_end(store().await).await;
+                let (store, clock) = store();
+                super::open_renew_list_end(store, clock).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn reject_new_refuses_at_the_limit() {
-                super::reject_new_refuses_at_the_limit(store().await).await;
+                let (store, clock) = store();
+                super::reject_new_refuses_at_the_limit(store, clock).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn evict_oldest_revokes_the_oldest() {
-                super::evict_oldest_revokes_the_oldest(store().await).await;
+                let (store, clock) = store();
+                super::evict_oldest_revokes_the_oldest(store, clock).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn dry_run_admits_over_the_limit() {
-                super::dry_run_admits_over_the_limit(store().await).await;
+                let (store, clock) = store();
+                super::dry_run_admits_over_the_limit(store, clock).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn kick_revokes_and_stays_answerable() {
-                super::kick_revokes_and_stays_answerable(store().await).await;
+                let (store, clock) = store();
+                super::kick_revokes_and_stays_answerable(store, clock).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sessions_expire_after_their_ttl() {
-                super::sessions_expire_after_their_ttl(store().await).await;
+                let (store, clock) = store();
+                super::sessions_expire_after_their_ttl(store, clock).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_long_forgotten_session_does_not_block_the_account() {
-                super::a_long_forgotten_session_does_not_block_the_account(store().await).await;
+                let (store, clock) = store();
+                super::a_long_forgotten_session_does_not_block_the_account(store, clock).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn heartbeats_keep_a_session_alive() {
-                super::heartbeats_keep_a_session_alive(store().await).await;
+                let (store, clock) = store();
+                super::heartbeats_keep_a_session_alive(store, clock).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn hostile_ids_are_distinct() {
-                super::hostile_ids_are_distinct(store().await).await;
+                let (store, clock) = store();
+                super::hostile_ids_are_distinct(store, clock).await;
             }
+            #[tokio::test]
+            async fn touch_renews_only_an_active_session_renewed_long_enough_ago() {
+                let (store, clock) = store();
+                super::touch_renews_only_an_active_session_renewed_long_enough_ago(store, clock)
+                    .await;
+            }
+
+            #[tokio::test]
+            async fn adopt_writes_back_a_session_unless_its_stream_moved_on() {
+                let (store, clock) = store();
+                super::adopt_writes_back_a_session_unless_its_stream_moved_on(store, clock).await;
+            }
+
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_opens_never_exceed_the_limit() {
-                super::concurrent_opens_never_exceed_the_limit(store().await).await;
+                let (store, clock) = store();
+                super::concurrent_opens_never_exceed_the_limit(store, clock).await;
             }
         }
     };
@@ -412,12 +517,24 @@ fn redis_env(name: &str) -> String {
     })
 }
 
-fn redis_store(name: &str) -> Arc<dyn SessionStore> {
+fn redis_store(name: &str, clock: ManualClock) -> Arc<dyn SessionStore> {
     let target = RedisTarget::parse(&redis_env(name)).expect("a valid Redis URL");
     // Generous timeout: the test machine is shared with compilers.
-    Arc::new(RedisStore::new(target, Duration::from_secs(2)))
+    Arc::new(RedisStore::with_clock(
+        target,
+        Duration::from_secs(2),
+        Arc::new(clock),
+    ))
 }
 
-store_contract!(memory, Arc::new(MemoryStore::new()));
-store_contract!(redis_standalone, redis_store("STREAMGATE_TEST_REDIS"));
-store_contract!(redis_cluster, redis_store("STREAMGATE_TEST_REDIS_CLUSTER"));
+store_contract!(memory, |clock| Arc::new(MemoryStore::with_clock(Arc::new(
+    clock
+))));
+store_contract!(redis_standalone, |clock| redis_store(
+    "STREAMGATE_TEST_REDIS",
+    clock
+));
+store_contract!(redis_cluster, |clock| redis_store(
+    "STREAMGATE_TEST_REDIS_CLUSTER",
+    clock
+));

@@ -3,20 +3,28 @@
 //! One mutex guards all state. Every critical section is a handful of hash-map operations with no
 //! I/O and no `.await`, so a single lock is simpler than sharding and not a bottleneck next to HTTP.
 //!
-//! Expiry never scans all sessions. Each change of a session's deadline files its id in a bucket
-//! of a timing wheel keyed by the deadline's tick (100 ms); the reaper empties the buckets that are due
-//! and skips ids whose deadline moved on (a heartbeat files the id again). Per-account operations
-//! also expire the account's overdue sessions, so admission never counts a dead session even
-//! between reaper runs. Cost per request depends on the account's sessions, not on the total.
+//! Expiry never scans all sessions. Each session is filed in exactly one bucket of a timing wheel
+//! keyed by its deadline's tick (100 ms); a heartbeat moves it to its new bucket, so the wheel
+//! holds one entry per session whatever the heartbeat rate. The reaper empties the buckets that
+//! are due. Per-account operations also expire the account's overdue sessions, so admission never
+//! counts a dead session even between reaper runs. Cost per request depends on the account's
+//! sessions, not on the total.
+//!
+//! `max_sessions` caps the sessions held (active ones and tombstones of cut ones): past it a new
+//! admission fails with [`StoreError::AtCapacity`] instead of growing without bound.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::broadcast;
+use futures::future::BoxFuture;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
 
-use super::{HeartbeatOutcome, KickOutcome, OpenOutcome, OpenRequest, SessionStore, StoreError};
+use super::{
+    HeartbeatOutcome, KickOutcome, OpenOutcome, OpenRequest, SessionStore, StoreError, Touched,
+};
 use crate::admission::{self, Decision};
 use crate::clock::{Clock, SystemClock};
 use crate::session::{EndReason, Revocation, SessionId, SessionRecord, SessionState};
@@ -38,6 +46,8 @@ struct Shared {
     state: Mutex<State>,
     clock: Arc<dyn Clock>,
     revocations: broadcast::Sender<Revocation>,
+    max_sessions: u64,
+    subscribed: watch::Sender<bool>,
 }
 
 #[derive(Default)]
@@ -45,9 +55,10 @@ struct State {
     /// Every session still answerable: active ones and tombstones of cut ones.
     sessions: HashMap<SessionId, Entry>,
     accounts: HashMap<String, AccountIndex>,
-    /// Tick of a deadline -> sessions whose deadline fell in it (some entries are stale). Holds
-    /// about (TTL + tombstone time) / tick keys, however many sessions there are.
-    wheel: BTreeMap<i64, Vec<SessionId>>,
+    /// Tick of a deadline -> the sessions whose deadline falls in it. Each session is in exactly
+    /// one bucket (its entry's `tick`), so the wheel's size follows the number of sessions, not
+    /// the heartbeat rate.
+    wheel: BTreeMap<i64, HashSet<SessionId>>,
     /// Admission order, to break ties between sessions created in the same millisecond.
     next_seq: u64,
     active_total: u64,
@@ -56,6 +67,8 @@ struct State {
 struct Entry {
     record: SessionRecord,
     seq: u64,
+    /// The wheel bucket this session is filed in.
+    tick: i64,
 }
 
 impl Entry {
@@ -77,26 +90,40 @@ struct AccountIndex {
 }
 
 impl MemoryStore {
-    /// A store on the system clock. Inside a Tokio runtime it also starts its reaper, which stops
-    /// when the last clone of the store is dropped.
+    /// A store on the system clock, without a session cap.
     pub fn new() -> Self {
         Self::with_clock(Arc::new(SystemClock))
     }
 
-    /// A store on `clock`; see [`MemoryStore::new`].
+    /// A store on `clock`, without a session cap. Its reaper runs only when the owner runs
+    /// [`SessionStore::background`]; without it, sessions still expire when their account is
+    /// next touched.
     pub fn with_clock(clock: Arc<dyn Clock>) -> Self {
+        Self::with_limits(clock, u64::MAX)
+    }
+
+    /// A store on `clock` holding at most `max_sessions` sessions (active ones and tombstones).
+    pub fn with_limits(clock: Arc<dyn Clock>, max_sessions: u64) -> Self {
         let (revocations, _) = broadcast::channel(REVOCATION_BUFFER);
-        let store = Self {
+        Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
                 clock,
                 revocations,
+                max_sessions,
+                subscribed: watch::Sender::new(true),
             }),
-        };
-        if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(reaper(Arc::downgrade(&store.shared)));
         }
-        store
+    }
+
+    /// Sessions held now (active and tombstones), for tests of the cap and of memory use.
+    pub fn held(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    /// Entries in the expiry wheel, for tests that its size does not follow the heartbeat rate.
+    pub fn wheel_entries(&self) -> usize {
+        self.lock().wheel.values().map(HashSet::len).sum()
     }
 
     /// Expires overdue sessions and drops tombstones older than their TTL. The reaper calls this;
@@ -140,23 +167,40 @@ impl Default for MemoryStore {
     }
 }
 
-async fn reaper(shared: Weak<Shared>) {
+async fn reaper(store: MemoryStore, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(REAP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        MemoryStore { shared }.reap();
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => store.reap(),
+        }
     }
 }
 
 impl State {
+    /// Files `id` (which must be in `sessions`) under `deadline_ms`, moving it out of its old
+    /// bucket.
     fn schedule(&mut self, id: SessionId, deadline_ms: i64) {
         // Bucket by the deadline rounded up to a tick, so a due bucket holds only passed deadlines.
         let tick = (deadline_ms + WHEEL_TICK_MS - 1).div_euclid(WHEEL_TICK_MS);
-        self.wheel.entry(tick).or_default().push(id);
+        let Some(entry) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let old = std::mem::replace(&mut entry.tick, tick);
+        if old != tick {
+            self.unfile(id, old);
+        }
+        self.wheel.entry(tick).or_default().insert(id);
+    }
+
+    fn unfile(&mut self, id: SessionId, tick: i64) {
+        if let Some(bucket) = self.wheel.get_mut(&tick) {
+            bucket.remove(&id);
+            if bucket.is_empty() {
+                self.wheel.remove(&tick);
+            }
+        }
     }
 
     fn reap(&mut self, now: i64) -> Vec<SessionRecord> {
@@ -173,7 +217,10 @@ impl State {
                     continue;
                 };
                 if entry.deadline() > now {
-                    continue; // renewed since; filed again under its new deadline
+                    // Filed early (clock rounding); file it again under its deadline.
+                    let deadline = entry.deadline();
+                    self.schedule(id, deadline);
+                    continue;
                 }
                 if entry.record.state == SessionState::Active {
                     cut.push(self.end_active(id, now, EndReason::Expired));
@@ -229,6 +276,7 @@ impl State {
         let Some(entry) = self.sessions.remove(&id) else {
             return;
         };
+        self.unfile(id, entry.tick);
         let record = entry.record;
         if let Some(index) = self.accounts.get_mut(&record.account) {
             if index.last_cut.get(&record.stream_id) == Some(&id) {
@@ -299,7 +347,12 @@ impl State {
         record
     }
 
-    fn open(&mut self, request: &OpenRequest<'_>, now: i64) -> (OpenOutcome, Vec<SessionRecord>) {
+    fn open(
+        &mut self,
+        request: &OpenRequest<'_>,
+        now: i64,
+        max_sessions: u64,
+    ) -> (Result<OpenOutcome, StoreError>, Vec<SessionRecord>) {
         let mut cut = self.expire_overdue(request.account, now);
         let existing = self
             .accounts
@@ -309,7 +362,7 @@ impl State {
         if let Some(id) = existing {
             let session = self.renew(id, now, request.ttl_ms);
             let active = self.active_count(request.account);
-            return (OpenOutcome::Renewed { session, active }, cut);
+            return (Ok(OpenOutcome::Renewed { session, active }), cut);
         }
         let active = self.active_of(request.account);
         let decision =
@@ -317,12 +370,16 @@ impl State {
         let (evict, dry_run) = match decision {
             Decision::Refuse => {
                 let active = self.records_oldest_first(request.account);
-                return (OpenOutcome::Refused { active }, cut);
+                return (Ok(OpenOutcome::Refused { active }), cut);
             }
             Decision::Admit => (0, None),
             Decision::AdmitEvicting(n) => (n, None),
             Decision::AdmitDryRun(would) => (0, Some(would)),
         };
+        let held = self.sessions.len() as u64;
+        if held >= max_sessions {
+            return (Err(StoreError::AtCapacity(held)), cut);
+        }
         let evicted: Vec<SessionRecord> = admission::oldest(&active, evict)
             .into_iter()
             .map(|id| self.end_active(id, now, EndReason::Evicted))
@@ -330,27 +387,88 @@ impl State {
         cut.extend(evicted.iter().cloned());
 
         let record = request.new_session(now);
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.schedule(record.id, record.expires_at_ms);
-        let index = self.accounts.entry(record.account.clone()).or_default();
-        index.active.insert(record.stream_id.clone(), record.id);
-        let active = index.active.len() as u32;
-        self.sessions.insert(
-            record.id,
-            Entry {
-                record: record.clone(),
-                seq,
-            },
-        );
-        self.active_total += 1;
+        let active = self.insert_active(record.clone());
         let outcome = OpenOutcome::Admitted {
             session: record,
             evicted,
             active,
             dry_run,
         };
-        (outcome, cut)
+        (Ok(outcome), cut)
+    }
+
+    /// Stores a new active session. Returns its account's active count.
+    fn insert_active(&mut self, record: SessionRecord) -> u32 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let id = record.id;
+        let expires = record.expires_at_ms;
+        let index = self.accounts.entry(record.account.clone()).or_default();
+        index.active.insert(record.stream_id.clone(), id);
+        let active = index.active.len() as u32;
+        self.sessions.insert(
+            id,
+            Entry {
+                record,
+                seq,
+                tick: i64::MIN,
+            },
+        );
+        self.schedule(id, expires);
+        self.active_total += 1;
+        active
+    }
+
+    fn touch(
+        &mut self,
+        id: SessionId,
+        ttl_ms: i64,
+        renew_after_ms: i64,
+        now: i64,
+    ) -> (Option<Touched>, Vec<SessionRecord>) {
+        let Some(account) = self.sessions.get(&id).map(|e| e.record.account.clone()) else {
+            return (None, Vec::new());
+        };
+        let cut = self.expire_overdue(&account, now);
+        let Some(record) = self.answerable(&id, now).cloned() else {
+            return (None, cut);
+        };
+        let last_renewed = record.expires_at_ms - record.ttl_ms;
+        if record.state == SessionState::Active && now - last_renewed >= renew_after_ms {
+            let session = self.renew(id, now, ttl_ms);
+            return (
+                Some(Touched {
+                    session,
+                    renewed: true,
+                }),
+                cut,
+            );
+        }
+        let touched = Touched {
+            session: record,
+            renewed: false,
+        };
+        (Some(touched), cut)
+    }
+
+    fn adopt(&mut self, session: &SessionRecord, now: i64) -> (bool, Vec<SessionRecord>) {
+        let cut = self.expire_overdue(&session.account, now);
+        if self.sessions.contains_key(&session.id) {
+            return (true, cut);
+        }
+        let taken = self
+            .accounts
+            .get(&session.account)
+            .is_some_and(|index| index.active.contains_key(&session.stream_id));
+        if taken {
+            return (false, cut);
+        }
+        let mut record = session.clone();
+        record.state = SessionState::Active;
+        record.reason = None;
+        record.expires_at_ms = now + record.ttl_ms;
+        self.insert_active(record);
+        (true, cut)
     }
 
     fn heartbeat(
@@ -398,7 +516,10 @@ impl State {
             self.accounts.remove(account);
         }
         self.active_total -= 1;
-        let ended = self.sessions.remove(&id).map(|e| e.record);
+        let ended = self.sessions.remove(&id).map(|e| {
+            self.unfile(id, e.tick);
+            e.record
+        });
         (ended, cut)
     }
 
@@ -424,9 +545,9 @@ impl State {
 impl SessionStore for MemoryStore {
     async fn open(&self, request: &OpenRequest<'_>) -> Result<OpenOutcome, StoreError> {
         let now = self.now();
-        let (outcome, cut) = self.lock().open(request, now);
+        let (outcome, cut) = self.lock().open(request, now, self.shared.max_sessions);
         self.publish(cut);
-        Ok(outcome)
+        outcome
     }
 
     async fn heartbeat(
@@ -484,6 +605,25 @@ impl SessionStore for MemoryStore {
         Ok(outcome)
     }
 
+    async fn touch(
+        &self,
+        id: SessionId,
+        ttl_ms: i64,
+        renew_after_ms: i64,
+    ) -> Result<Option<Touched>, StoreError> {
+        let now = self.now();
+        let (touched, cut) = self.lock().touch(id, ttl_ms, renew_after_ms, now);
+        self.publish(cut);
+        Ok(touched)
+    }
+
+    async fn adopt(&self, session: &SessionRecord) -> Result<bool, StoreError> {
+        let now = self.now();
+        let (adopted, cut) = self.lock().adopt(session, now);
+        self.publish(cut);
+        Ok(adopted)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
     }
@@ -494,6 +634,14 @@ impl SessionStore for MemoryStore {
 
     fn revocations(&self) -> broadcast::Receiver<Revocation> {
         self.shared.revocations.subscribe()
+    }
+
+    fn background(&self, shutdown: CancellationToken) -> Option<BoxFuture<'static, ()>> {
+        Some(Box::pin(reaper(self.clone(), shutdown)))
+    }
+
+    fn subscribed(&self) -> watch::Receiver<bool> {
+        self.shared.subscribed.subscribe()
     }
 }
 
@@ -519,7 +667,8 @@ mod tests {
         let clock = ManualClock::new(1_000_000);
         let store = MemoryStore::with_clock(Arc::new(clock.clone()));
         let now = clock.now_ms();
-        let (outcome, _) = store.lock().open(&request("a", "s"), now);
+        let (outcome, _) = store.lock().open(&request("a", "s"), now, u64::MAX);
+        let outcome = outcome.unwrap();
         let OpenOutcome::Admitted { session, .. } = outcome else {
             panic!("not admitted: {outcome:?}")
         };
@@ -539,16 +688,41 @@ mod tests {
     }
 
     #[test]
-    fn heartbeats_leave_stale_wheel_entries_that_the_reaper_skips() {
+    fn the_wheel_holds_one_entry_per_session_whatever_the_heartbeat_rate() {
         let clock = ManualClock::new(0);
         let store = MemoryStore::with_clock(Arc::new(clock.clone()));
-        store.lock().open(&request("a", "s"), clock.now_ms());
-        for _ in 0..5 {
-            clock.advance(5_000);
-            let (outcome, _) = store.lock().heartbeat("a", "s", 10_000, clock.now_ms());
-            assert!(matches!(outcome, HeartbeatOutcome::Renewed { .. }));
-            store.reap();
+        for s in ["s1", "s2"] {
+            let (outcome, _) = store
+                .lock()
+                .open(&request("a", s), clock.now_ms(), u64::MAX);
+            outcome.unwrap();
         }
-        assert_eq!(store.lock().active_total, 1);
+        let s2 = store.lock().accounts["a"].active["s2"];
+        for _ in 0..10_000 {
+            clock.advance(150);
+            let (outcome, _) = store.lock().heartbeat("a", "s1", 10_000, clock.now_ms());
+            assert!(matches!(outcome, HeartbeatOutcome::Renewed { .. }));
+            let (touched, _) = store.lock().touch(s2, 10_000, 0, clock.now_ms());
+            assert!(touched.unwrap().renewed);
+        }
+        store.reap();
+        assert_eq!(store.lock().active_total, 2);
+        assert_eq!(store.wheel_entries(), 2);
+        assert_eq!(store.lock().wheel.len(), 1, "both deadlines share a tick");
+    }
+
+    #[test]
+    fn the_cap_refuses_new_sessions_but_renews_existing_ones() {
+        let clock = ManualClock::new(0);
+        let store = MemoryStore::with_limits(Arc::new(clock.clone()), 2);
+        let now = clock.now_ms();
+        for account in ["a", "b"] {
+            store.lock().open(&request(account, "s"), now, 2).0.unwrap();
+        }
+        let (third, _) = store.lock().open(&request("c", "s"), now, 2);
+        assert_eq!(third, Err(StoreError::AtCapacity(2)));
+        let (again, _) = store.lock().open(&request("a", "s"), now, 2);
+        assert!(matches!(again, Ok(OpenOutcome::Renewed { .. })));
+        assert_eq!(store.held(), 2);
     }
 }

@@ -9,7 +9,9 @@ pub mod memory;
 pub mod redis_store;
 
 use async_trait::async_trait;
-use tokio::sync::broadcast;
+use futures::future::BoxFuture;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::OverLimit;
 use crate::policy::{Mode, OnLimitExceeded};
@@ -18,10 +20,40 @@ use crate::session::{Revocation, SessionId, SessionRecord, SessionState};
 pub use memory::MemoryStore;
 pub use redis_store::{RedisStore, RedisTarget};
 
-/// The store could not be reached or answered with an error.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("session store unavailable: {0}")]
-pub struct StoreError(pub String);
+/// A failed store operation, typed by what the engine may do about it.
+///
+/// Only [`StoreError::Unavailable`] means "the store could not be asked": the policy's
+/// failurePolicy applies. A [`StoreError::Fatal`] error means the store answered in a way the
+/// sidecar cannot trust (a script error, a malformed reply, out of memory, a key of the wrong
+/// type): admitting anyone on it would turn a bug into an open door, so it never admits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Transient: connection refused or lost, timeout, the server loading or failing over.
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered wrongly; retrying will not help.
+    #[error("session store error: {0}")]
+    Fatal(String),
+    /// The embedded store is at its live-session cap.
+    #[error("session store full: {0} live sessions")]
+    AtCapacity(u64),
+}
+
+impl StoreError {
+    /// True for errors under which failurePolicy applies.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+/// What a media request found: the session by id, renewed if its last renewal was old enough.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Touched {
+    /// The session, active or cut within its TTL.
+    pub session: SessionRecord,
+    /// True when this request renewed it (an implicit heartbeat).
+    pub renewed: bool,
+}
 
 /// A request to open (or renew) the session of `(account, stream_id)`.
 #[derive(Clone, Debug)]
@@ -141,6 +173,22 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Revokes a session, reason `kicked`.
     async fn kick(&self, id: SessionId) -> Result<KickOutcome, StoreError>;
 
+    /// A media request's look-up: the session `id` (active or cut within its TTL), renewed for
+    /// `ttl_ms` when it is active and its last renewal is at least `renew_after_ms` old on the
+    /// store's clock. `None` if there is no such session.
+    async fn touch(
+        &self,
+        id: SessionId,
+        ttl_ms: i64,
+        renew_after_ms: i64,
+    ) -> Result<Option<Touched>, StoreError>;
+
+    /// Writes back a session admitted without the store (failurePolicy Open during an outage),
+    /// with its id and creation time, renewed from now. Admitted whatever the account's count
+    /// (it was admitted already); refused (`false`) only when its stream has another active
+    /// session by now, which then wins. `true` also when the session is already stored.
+    async fn adopt(&self, session: &SessionRecord) -> Result<bool, StoreError>;
+
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -149,4 +197,12 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Revocation notices (evicted, kicked, expired), local and, for shared stores, remote.
     fn revocations(&self) -> broadcast::Receiver<Revocation>;
+
+    /// The store's background work (expiry, subscriptions), to be run until `shutdown`. The
+    /// owner spawns it; a store never spawns tasks by itself.
+    fn background(&self, shutdown: CancellationToken) -> Option<BoxFuture<'static, ()>>;
+
+    /// For shared stores: whether the subscription to other sidecars' revocations is
+    /// established now (`true` from the start for stores that have none).
+    fn subscribed(&self) -> watch::Receiver<bool>;
 }

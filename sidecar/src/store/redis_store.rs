@@ -10,14 +10,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{Script, ScriptInvocation, Value};
-use tokio::sync::{OnceCell, broadcast};
+use redis::{RedisError, Script, ScriptInvocation, Value};
+use tokio::sync::{OnceCell, broadcast, watch};
+use tokio_util::sync::CancellationToken;
 
-use super::{HeartbeatOutcome, KickOutcome, OpenOutcome, OpenRequest, SessionStore, StoreError};
+use super::{
+    HeartbeatOutcome, KickOutcome, OpenOutcome, OpenRequest, SessionStore, StoreError, Touched,
+};
 use crate::admission::OverLimit;
+use crate::clock::Clock;
 use crate::policy::{Mode, OnLimitExceeded};
 use crate::session::{EndReason, Revocation, SessionId, SessionRecord, SessionState, account_tag};
 
@@ -73,6 +79,55 @@ impl RedisTarget {
     }
 }
 
+/// `url` with any password (and user name) replaced by `***`, for logs, errors and bodies.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.rsplit_once('@') {
+        Some((_, hosts)) => format!("{scheme}://***@{hosts}"),
+        None => url.to_string(),
+    }
+}
+
+impl std::fmt::Display for RedisTarget {
+    /// The target as an operator may read it: without credentials.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Standalone(url) => f.write_str(&redact_url(url)),
+            Self::Cluster(nodes) => {
+                let nodes: Vec<String> = nodes.iter().map(|n| redact_url(n)).collect();
+                write!(f, "cluster {}", nodes.join(","))
+            }
+        }
+    }
+}
+
+/// Sorts a Redis error into transient (failurePolicy applies) or fatal (never admit).
+///
+/// Transient: the server could not be asked or asked us to come back (I/O, timeouts, refused or
+/// dropped connections, LOADING, MASTERDOWN, TRYAGAIN, CLUSTERDOWN, READONLY and BUSY during a
+/// failover, cluster redirections that ran out of retries). Everything else — a script error, a
+/// wrong type, OOM, NOSCRIPT after the re-send, a reply the client could not parse, an
+/// authentication failure — is fatal. The detail stays in the error for the log; it never
+/// reaches an HTTP body.
+pub fn classify(error: &RedisError) -> StoreError {
+    let transient = error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_cluster_error()
+        || matches!(
+            error.code(),
+            Some("LOADING" | "MASTERDOWN" | "TRYAGAIN" | "CLUSTERDOWN" | "READONLY" | "BUSY")
+        );
+    if transient {
+        StoreError::Unavailable(format!("Redis: {error}"))
+    } else {
+        StoreError::Fatal(format!("Redis: {error}"))
+    }
+}
+
 #[derive(Clone)]
 enum Connection {
     Standalone(ConnectionManager),
@@ -86,6 +141,8 @@ struct Scripts {
     list: Script,
     get: Script,
     kick: Script,
+    touch: Script,
+    adopt: Script,
 }
 
 impl Scripts {
@@ -99,6 +156,8 @@ impl Scripts {
             list: with_common(include_str!("lua/list.lua")),
             get: with_common(include_str!("lua/get.lua")),
             kick: with_common(include_str!("lua/kick.lua")),
+            touch: with_common(include_str!("lua/touch.lua")),
+            adopt: with_common(include_str!("lua/adopt.lua")),
         }
     }
 }
@@ -117,6 +176,10 @@ struct Inner {
     /// Identifies this process's notices, so it does not count its own cuts twice.
     origin: String,
     revocations: broadcast::Sender<Revocation>,
+    /// Whether the revocation subscription is established now.
+    subscribed: watch::Sender<bool>,
+    /// Tests only: "now" for the scripts instead of the Redis server's clock.
+    clock: Option<Arc<dyn Clock>>,
 }
 
 /// The keys of one account.
@@ -157,11 +220,22 @@ fn session_key(id: SessionId) -> String {
 
 impl RedisStore {
     /// A store for `target`; connects on first use, so a sidecar starts (unready) while Redis is
-    /// down. `timeout` bounds every operation. Inside a Tokio runtime it also starts listening
-    /// for other sidecars' revocations.
+    /// down. `timeout` bounds every operation. Other sidecars' revocations are heard only while
+    /// the owner runs [`SessionStore::background`].
     pub fn new(target: RedisTarget, timeout: Duration) -> Self {
+        Self::build(target, timeout, None)
+    }
+
+    /// A store whose scripts take "now" from `clock` instead of the Redis server's clock, for
+    /// tests and simulations that move time by hand. Never for production: sidecars with
+    /// different clocks would disagree.
+    pub fn with_clock(target: RedisTarget, timeout: Duration, clock: Arc<dyn Clock>) -> Self {
+        Self::build(target, timeout, Some(clock))
+    }
+
+    fn build(target: RedisTarget, timeout: Duration, clock: Option<Arc<dyn Clock>>) -> Self {
         let (revocations, _) = broadcast::channel(REVOCATION_BUFFER);
-        let store = Self {
+        Self {
             inner: Arc::new(Inner {
                 target,
                 timeout,
@@ -169,12 +243,10 @@ impl RedisStore {
                 scripts: Scripts::load(),
                 origin: format!("{:032x}", rand::random::<u128>()),
                 revocations,
+                subscribed: watch::Sender::new(false),
+                clock,
             }),
-        };
-        if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::spawn(listen_for_revocations(Arc::downgrade(&store.inner)));
         }
-        store
     }
 
     async fn connection(&self) -> Result<Connection, StoreError> {
@@ -207,8 +279,10 @@ impl RedisStore {
                 };
                 match tokio::time::timeout(timeout.max(Duration::from_secs(1)), connect).await {
                     Ok(Ok(connection)) => Ok(connection),
-                    Ok(Err(e)) => Err(StoreError(format!("cannot connect to Redis: {e}"))),
-                    Err(_) => Err(StoreError("cannot connect to Redis: timed out".into())),
+                    Ok(Err(e)) => Err(classify(&e)),
+                    Err(_) => Err(StoreError::Unavailable(
+                        "cannot connect to Redis: timed out".into(),
+                    )),
                 }
             })
             .await
@@ -225,8 +299,8 @@ impl RedisStore {
         };
         match tokio::time::timeout(self.inner.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(StoreError(format!("Redis: {e}"))),
-            Err(_) => Err(StoreError(format!(
+            Ok(Err(e)) => Err(classify(&e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
                 "Redis did not answer within {:?}",
                 self.inner.timeout
             ))),
@@ -255,8 +329,12 @@ impl RedisStore {
         self.run(&invocation).await
     }
 
+    /// The last ARGV of every script: origin and channel, then the test clock if any.
     fn origin_and_channel(&self, invocation: &mut ScriptInvocation<'_>) {
         invocation.arg(&self.inner.origin).arg(REVOCATION_CHANNEL);
+        if let Some(clock) = &self.inner.clock {
+            invocation.arg("__now__").arg(clock.now_ms());
+        }
     }
 }
 
@@ -267,56 +345,79 @@ async fn invoke(
     invocation.invoke_async(connection).await
 }
 
-/// Subscribes to the revocation channel and forwards other sidecars' notices, reconnecting
-/// with backoff for as long as the store exists.
-async fn listen_for_revocations(inner: std::sync::Weak<Inner>) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let Some(store) = inner.upgrade() else {
-            return;
+/// Subscribes to the revocation channel and forwards other sidecars' notices until `shutdown`,
+/// resubscribing with exponential backoff (backon) when the subscription is lost, and reports
+/// in `inner.subscribed` whether it is established.
+///
+/// Kept by hand rather than on the redis crate's RESP3 push support: a RESP3 connection manager
+/// resubscribes after a reconnect on its own, but tells nobody when the subscription is back,
+/// and readiness and the tests need exactly that signal.
+async fn listen_for_revocations(inner: Arc<Inner>, shutdown: CancellationToken) {
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .without_max_times();
+    let mut delays = backoff.build();
+    let urls = inner.target.urls();
+    let mut next_url = 0;
+    while !shutdown.is_cancelled() {
+        let url = &urls[next_url % urls.len()];
+        next_url += 1;
+        let subscribe = async {
+            let client = redis::Client::open(url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(REVOCATION_CHANNEL).await?;
+            Ok::<_, RedisError>(pubsub)
         };
-        let urls = store.target.urls();
-        let origin = store.origin.clone();
-        let sender = store.revocations.clone();
-        drop(store); // hold no strong reference while waiting on the network
-        for url in urls {
-            let Ok(client) = redis::Client::open(url.as_str()) else {
-                continue;
-            };
-            let Ok(Ok(mut pubsub)) =
-                tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub()).await
-            else {
-                continue;
-            };
-            if pubsub.subscribe(REVOCATION_CHANNEL).await.is_err() {
-                continue;
-            }
-            tracing::debug!(%url, "listening for revocations");
-            backoff = Duration::from_millis(100);
-            let mut messages = pubsub.on_message();
-            while let Some(message) = messages.next().await {
-                let Ok(payload) = message.get_payload::<String>() else {
-                    continue;
+        let pubsub = tokio::select! {
+            () = shutdown.cancelled() => break,
+            subscribed = tokio::time::timeout(Duration::from_secs(2), subscribe) => subscribed,
+        };
+        let pubsub = match pubsub {
+            Ok(Ok(pubsub)) => pubsub,
+            failed => {
+                let reason = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".to_string(),
                 };
-                match parse_notice(&payload) {
-                    Some((from, session)) if from != origin => {
-                        let _ = sender.send(Revocation {
-                            session,
-                            local: false,
-                        });
-                    }
-                    Some(_) => {}
-                    None => tracing::warn!(payload, "unreadable revocation notice"),
-                }
-                if sender.receiver_count() == 0 && inner.strong_count() == 0 {
-                    return;
+                tracing::debug!(target = %redact_url(url), %reason, "cannot subscribe to revocations");
+                let delay = delays.next().unwrap_or(Duration::from_secs(2));
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(delay) => continue,
                 }
             }
-            tracing::warn!(%url, "revocation subscription lost; resubscribing");
+        };
+        delays = backoff.build();
+        inner.subscribed.send_replace(true);
+        tracing::info!(target = %redact_url(url), "subscribed to revocations");
+        let mut messages = pubsub.into_on_message();
+        loop {
+            let message = tokio::select! {
+                () = shutdown.cancelled() => break,
+                message = messages.next() => message,
+            };
+            let Some(message) = message else {
+                tracing::warn!(target = %redact_url(url), "revocation subscription lost; resubscribing");
+                break;
+            };
+            let Ok(payload) = message.get_payload::<String>() else {
+                continue;
+            };
+            match parse_notice(&payload) {
+                Some((from, session)) if from != inner.origin => {
+                    let _ = inner.revocations.send(Revocation {
+                        session,
+                        local: false,
+                    });
+                }
+                Some(_) => {}
+                None => tracing::warn!("unreadable revocation notice"),
+            }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        inner.subscribed.send_replace(false);
     }
+    inner.subscribed.send_replace(false);
 }
 
 /// Parses `origin TAB id TAB account TAB stream TAB state TAB reason TAB created TAB expires TAB ttl`.
@@ -369,7 +470,7 @@ fn parse_reason(reason: &str) -> Option<EndReason> {
 
 /// A script reply that does not have the documented shape: a bug, reported as a store error.
 fn malformed(what: &str, value: &Value) -> StoreError {
-    StoreError(format!("unexpected Redis reply to {what}: {value:?}"))
+    StoreError::Fatal(format!("unexpected Redis reply to {what}: {value:?}"))
 }
 
 fn text(value: &Value) -> Option<String> {
@@ -578,6 +679,53 @@ impl SessionStore for RedisStore {
         })
     }
 
+    async fn touch(
+        &self,
+        id: SessionId,
+        ttl_ms: i64,
+        renew_after_ms: i64,
+    ) -> Result<Option<Touched>, StoreError> {
+        let mut invocation = self.inner.scripts.touch.prepare_invoke();
+        invocation
+            .key(session_key(id))
+            .arg(tag_prefix(id.tag))
+            .arg(id.to_string())
+            .arg(ttl_ms)
+            .arg(renew_after_ms);
+        self.origin_and_channel(&mut invocation);
+        let value = self.run(&invocation).await?;
+        let bad = || malformed("touch", &value);
+        let [found, renewed, expired] = items(&value).ok_or_else(bad)? else {
+            return Err(bad());
+        };
+        self.publish_local(sessions(expired).ok_or_else(bad)?);
+        let renewed = int(renewed).ok_or_else(bad)? == 1;
+        Ok(session(found)
+            .ok_or_else(bad)?
+            .map(|session| Touched { session, renewed }))
+    }
+
+    async fn adopt(&self, record: &SessionRecord) -> Result<bool, StoreError> {
+        let keys = AccountKeys::new(&record.account);
+        let mut invocation = self.inner.scripts.adopt.prepare_invoke();
+        keys.add_keys(&mut invocation);
+        invocation
+            .arg(&record.account)
+            .arg(&record.stream_id)
+            .arg(record.id.to_string())
+            .arg(record.created_at_ms)
+            .arg(record.ttl_ms);
+        self.origin_and_channel(&mut invocation);
+        let value = self.run(&invocation).await?;
+        let (kind, _, expired) = reply("adopt", &value)?;
+        self.publish_local(expired);
+        match kind.as_str() {
+            "adopted" | "present" => Ok(true),
+            "taken" => Ok(false),
+            _ => Err(malformed("adopt", &value)),
+        }
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         let connection = self.connection().await?;
         let ping = async {
@@ -600,8 +748,8 @@ impl SessionStore for RedisStore {
         };
         match tokio::time::timeout(self.inner.timeout, ping).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(StoreError(format!("Redis: {e}"))),
-            Err(_) => Err(StoreError(format!(
+            Ok(Err(e)) => Err(classify(&e)),
+            Err(_) => Err(StoreError::Unavailable(format!(
                 "Redis did not answer PING within {:?}",
                 self.inner.timeout
             ))),
@@ -616,6 +764,17 @@ impl SessionStore for RedisStore {
 
     fn revocations(&self) -> broadcast::Receiver<Revocation> {
         self.inner.revocations.subscribe()
+    }
+
+    fn background(&self, shutdown: CancellationToken) -> Option<BoxFuture<'static, ()>> {
+        Some(Box::pin(listen_for_revocations(
+            self.inner.clone(),
+            shutdown,
+        )))
+    }
+
+    fn subscribed(&self) -> watch::Receiver<bool> {
+        self.inner.subscribed.subscribe()
     }
 }
 
@@ -650,6 +809,22 @@ mod tests {
         assert_eq!(keys.account_prefix.matches('{').count(), 1);
         let id = SessionId::for_account("{x}:y");
         assert!(session_key(id).starts_with(&keys.tag_prefix));
+    }
+
+    #[test]
+    fn credentials_never_show() {
+        assert_eq!(
+            redact_url("redis://:s3cret@10.0.0.5:6379/0"),
+            "redis://***@10.0.0.5:6379/0"
+        );
+        assert_eq!(redact_url("redis://u:p@h:1"), "redis://***@h:1");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+        let cluster = RedisTarget::parse("redis-cluster://:pw@a:1,b:2").unwrap();
+        assert_eq!(
+            cluster.to_string(),
+            "cluster redis://***@a:1,redis://***@b:2"
+        );
+        assert!(!format!("{cluster}").contains("pw"));
     }
 
     #[test]

@@ -29,10 +29,19 @@ pub struct TestSidecar {
 impl TestSidecar {
     /// Starts a sidecar on the memory store with a manual clock.
     pub async fn start(policy_yaml: &str) -> Self {
+        Self::start_with(policy_yaml, None).await
+    }
+
+    /// Starts a sidecar on the memory store with a manual clock, with the enforcing proxy in
+    /// front of `upstream` when given.
+    pub async fn start_with(policy_yaml: &str, upstream: Option<&str>) -> Self {
         let policies = PolicySet::from_yaml(policy_yaml, "test.yaml", "default").unwrap();
         let clock = ManualClock::new(1_800_000_000_000);
         let store = MemoryStore::with_clock(Arc::new(clock.clone()) as Arc<dyn Clock>);
-        let sidecar = Sidecar::with_store(Arc::new(store.clone()), policies);
+        let mut sidecar = Sidecar::with_store(Arc::new(store.clone()), policies);
+        if let Some(upstream) = upstream {
+            sidecar = sidecar.with_upstream(upstream.parse().unwrap());
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let serving = sidecar.clone();
@@ -118,6 +127,20 @@ pub async fn json(response: Response) -> (u16, Value) {
     (status, body)
 }
 
+/// The sum of the samples of `name` whose labels include every `label="value"` in `labels`.
+pub fn metric_with(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(series, _)| {
+            series.split_once('{').is_some_and(|(n, rest)| {
+                n == name && labels.iter().all(|label| rest.contains(label))
+            })
+        })
+        .filter_map(|(_, value)| value.parse::<f64>().ok())
+        .sum()
+}
+
 /// The value of an un-labelled sample (or a sample with exactly these labels) in metrics text.
 pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
@@ -129,19 +152,12 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
 /// The `streamgate-sidecar` binary built for these tests.
 pub const SIDECAR_BIN: &str = env!("CARGO_BIN_EXE_streamgate-sidecar");
 
-/// A free loopback port (free when asked; good enough for tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A `streamgate-sidecar` process, killed on drop.
 pub struct SidecarProcess {
     pub child: std::process::Child,
     pub base: String,
+    /// Every line it wrote to stdout (its log, JSON lines) so far.
+    pub logs: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for SidecarProcess {
@@ -152,31 +168,69 @@ impl Drop for SidecarProcess {
 }
 
 impl SidecarProcess {
-    /// Starts the binary on a free port with `args`, and waits until it serves `/healthz`.
+    /// Starts the binary with `args` on a port the kernel picks (`--listen 127.0.0.1:0`), and
+    /// learns the port from the sidecar's own start-up log line, so no port is guessed.
     pub async fn start(args: &[&str]) -> Self {
-        let port = free_port();
-        let child = std::process::Command::new(SIDECAR_BIN)
-            .env("STREAMGATE_LISTEN", format!("127.0.0.1:{port}"))
-            .env("RUST_LOG", "warn")
+        Self::start_logging(args, "warn,streamgate_sidecar::server=info").await
+    }
+
+    /// Starts the binary with `args` and `RUST_LOG=filter` (which must let the server's info
+    /// lines through).
+    pub async fn start_logging(args: &[&str], filter: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(SIDECAR_BIN)
+            .env("STREAMGATE_LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", filter)
             .args(args)
-            .stdout(std::process::Stdio::null())
+            .args(["--log-format", "json"])
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit())
             .spawn()
             .unwrap();
-        let process = Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-        };
-        let client = Client::new();
-        for _ in 0..300 {
-            if let Ok(r) = client.get(format!("{}/healthz", process.base)).send().await
-                && r.status() == 200
-            {
-                return process;
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let logs: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let kept = logs.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                kept.lock().unwrap().push(line.clone());
+                if let Some(sender) = &tx
+                    && let Ok(entry) = serde_json::from_str::<Value>(&line)
+                    && let Some(listen) = entry["fields"]["listen"].as_str()
+                {
+                    let _ = sender.send(listen.to_string());
+                    tx = None;
+                }
             }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        });
+        let listen = tokio::task::spawn_blocking(move || {
+            rx.recv_timeout(std::time::Duration::from_secs(30))
+        })
+        .await
+        .unwrap()
+        .expect("the sidecar logs the address it listens on");
+        Self {
+            child,
+            base: format!("http://{listen}"),
+            logs,
         }
-        panic!("sidecar did not start on {}", process.base);
+    }
+
+    /// Its log so far, one string.
+    pub fn log_text(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Its resident memory in KiB (Linux).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
     }
 
     /// Waits until `/readyz` answers 200.
@@ -192,6 +246,164 @@ impl SidecarProcess {
     }
 }
 
+/// What the recording upstream saw of one request.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    pub path_and_query: String,
+    pub headers: axum::http::HeaderMap,
+}
+
+/// A stand-in for the streaming container that records every request it gets and answers
+/// `200 media` with a few hop-by-hop headers of its own (which the proxy must drop).
+pub struct RecordingUpstream {
+    pub url: String,
+    pub seen: Arc<std::sync::Mutex<Vec<Recorded>>>,
+}
+
+impl RecordingUpstream {
+    pub async fn start(base_path: &str) -> Self {
+        let seen: Arc<std::sync::Mutex<Vec<Recorded>>> = Arc::default();
+        let log = seen.clone();
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let log = log.clone();
+            async move {
+                log.lock().unwrap().push(Recorded {
+                    method: request.method().to_string(),
+                    path_and_query: request
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.to_string())
+                        .unwrap_or_default(),
+                    headers: request.headers().clone(),
+                });
+                (
+                    [
+                        ("connection", "x-upstream-internal"),
+                        ("x-upstream-internal", "secret"),
+                        ("proxy-connection", "keep-alive"),
+                        ("x-media", "yes"),
+                    ],
+                    "media",
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}{base_path}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { url, seen }
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// A redis-server of the test's own, so it can be stopped and started again (an outage).
+pub struct OwnRedis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl OwnRedis {
+    /// Starts a server on a free loopback port. redis-server cannot be handed a bound socket,
+    /// so the port is picked, and picked again if another process took it meanwhile.
+    pub fn start() -> Self {
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut redis = Self {
+                port,
+                dir: tempfile::tempdir().unwrap(),
+                child: None,
+            };
+            if redis.try_start() {
+                return redis;
+            }
+        }
+        panic!("redis-server did not start (is it installed? ./scripts/test installs it)");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and data directory. The append-only file keeps the data.
+    pub fn restart(&mut self) {
+        assert!(
+            self.try_start(),
+            "redis-server did not restart on {}",
+            self.port
+        );
+    }
+
+    fn try_start(&mut self) -> bool {
+        let mut child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (./scripts/test installs it)");
+        let client = redis::Client::open(self.url()).unwrap();
+        for _ in 0..200 {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false; // exited: the port was taken
+            }
+            if let Ok(mut c) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut c).is_ok()
+            {
+                self.child = Some(child);
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        let _ = child.kill();
+        false
+    }
+
+    /// Stops the server (SIGTERM: the append-only file is complete) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The URL of the shared test Redis named by `name` (set by scripts/redis-up); fails the test
+/// when it is missing.
+pub fn redis_env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run the tests with ./scripts/test, which starts Redis (or eval \"$(scripts/redis-up)\")"
+        )
+    })
+}
+
 /// Polls `check` until it returns true, for up to twenty seconds.
 pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     for _ in 0..400 {
@@ -201,6 +413,17 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     panic!("timed out waiting for: {what}");
+}
+
+/// Polls `check` until it returns a value, for up to twenty seconds.
+pub async fn eventually_value<T>(mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    for _ in 0..400 {
+        if let Some(value) = check().await {
+            return value;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for a value");
 }
 
 /// `METHOD base/streaming?account=A&streamId=S`.

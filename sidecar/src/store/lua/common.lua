@@ -16,10 +16,16 @@
 -- after they stop mattering, so nothing needs a global sweep.
 --
 -- "Now" is the Redis server's clock (TIME), never a sidecar's: skewed sidecars cannot over-admit
--- or expire sessions early. Cuts (evicted, kicked, expired) are published on the revocation
--- channel as: origin TAB id TAB account TAB stream TAB state TAB reason TAB created TAB expires TAB ttl
+-- or expire sessions early. (Tests that move time by hand append the two ARGV '__now__', MS
+-- after every script's own; every script's last two own ARGV are the sidecar's origin and the
+-- channel, so no caller-supplied value can sit in that position.) Cuts (evicted, kicked,
+-- expired) are published on the revocation channel as:
+-- origin TAB id TAB account TAB stream TAB state TAB reason TAB created TAB expires TAB ttl
 
 local function now_ms()
+  if #ARGV >= 2 and ARGV[#ARGV - 1] == '__now__' then
+    return tonumber(ARGV[#ARGV])
+  end
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
@@ -32,6 +38,15 @@ local function record(P, id)
     return false
   end
   return {id, f[1], f[2], f[3], f[4] or '', tonumber(f[5]), tonumber(f[6]), tonumber(f[7])}
+end
+
+-- `rec` if it is still answerable at `now`: active, or cut less than its TTL ago. (Its hash
+-- expires by itself then too; this check makes the answer exact whenever Redis gets to it.)
+local function answerable(rec, now)
+  if rec and (rec[4] == 'active' or rec[7] + rec[8] > now) then
+    return rec
+  end
+  return false
 end
 
 -- Keeps `key` until at least `until_ms` (PEXPIRETIME: -1 no expiry, -2 no key).
@@ -123,4 +138,40 @@ local function active(P, A)
     out[#out + 1] = record(P, ids[i])
   end
   return out
+end
+
+-- The admission rule (admission::decide in Rust; both are tested against one decision table).
+-- Returns the decision ('admit' | 'evict' | 'refuse' | 'dryrun'), how many of the oldest to
+-- evict, and for 'dryrun' what enforcement would have done ('refuse' | 'evict').
+local function decide(count, limit, on_limit, mode)
+  if count < limit then
+    return 'admit', 0, ''
+  end
+  local would = 'refuse'
+  local evict = 0
+  if on_limit == 'evict' then
+    would = 'evict'
+    evict = count + 1 - limit
+  end
+  if mode == 'dryrun' then
+    return 'dryrun', evict, would
+  end
+  return would, evict, ''
+end
+
+-- Stores a new active session created at `created`, expiring `ttl` ms after `now`.
+local function insert(P, A, account, stream, id, created, now, ttl)
+  local skey = P .. 's:' .. id
+  local expires = now + ttl
+  redis.call('HSET', skey, 'account', account, 'stream', stream, 'state', 'active', 'reason', '',
+    'created', created, 'expires', expires, 'ttl', ttl, 'akey', A)
+  redis.call('PEXPIREAT', skey, expires + ttl)
+  redis.call('HSET', A .. 'streams', stream, id)
+  local seq = redis.call('INCR', A .. 'seq') % 1000
+  redis.call('ZADD', A .. 'age', created * 1000 + seq, id)
+  redis.call('ZADD', A .. 'exp', expires, id)
+  keep(A .. 'streams', expires + ttl)
+  keep(A .. 'age', expires + ttl)
+  keep(A .. 'exp', expires + ttl)
+  keep(A .. 'seq', expires + ttl)
 end

@@ -10,4 +10,4 @@ if not A then
 end
 local now = now_ms()
 local expired = expire_overdue(P, A, now, origin, channel)
-return {record(P, id), expired}
+return {answerable(record(P, id), now), expired}

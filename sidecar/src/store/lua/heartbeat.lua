@@ -13,7 +13,7 @@ if id then
 end
 local cut_id = redis.call('HGET', KEYS[4], stream)
 if cut_id then
-  local rec = record(P, cut_id)
+  local rec = answerable(record(P, cut_id), now)
   if rec then
     return {'gone', 0, rec, expired}
   end

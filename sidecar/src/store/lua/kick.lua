@@ -9,7 +9,7 @@ if not A then
 end
 local now = now_ms()
 local expired = expire_overdue(P, A, now, origin, channel)
-local rec = record(P, id)
+local rec = answerable(record(P, id), now)
 if not rec then
   return {'notfound', false, expired}
 end

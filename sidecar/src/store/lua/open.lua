@@ -19,15 +19,12 @@ end
 
 -- The rule of admission::decide, applied atomically.
 local count = redis.call('ZCARD', KEYS[2])
-local evict, dry_run = 0, ''
-if count >= limit then
-  if mode == 'dryrun' then
-    dry_run = (on_limit == 'evict') and 'evict' or 'refuse'
-  elseif on_limit == 'reject' then
-    return {'refused', count, active(P, A), expired}
-  else
-    evict = count + 1 - limit
-  end
+local decision, evict, dry_run = decide(count, limit, on_limit, mode)
+if decision == 'refuse' then
+  return {'refused', count, active(P, A), expired}
+end
+if decision == 'dryrun' then
+  evict = 0
 end
 
 local evicted = {}
@@ -41,17 +38,5 @@ if evict > 0 then
   end
 end
 
-local skey = P .. 's:' .. id
-local expires = now + ttl
-redis.call('HSET', skey, 'account', account, 'stream', stream, 'state', 'active', 'reason', '',
-  'created', now, 'expires', expires, 'ttl', ttl, 'akey', A)
-redis.call('PEXPIREAT', skey, expires + ttl)
-redis.call('HSET', KEYS[1], stream, id)
-local seq = redis.call('INCR', A .. 'seq') % 1000
-redis.call('ZADD', KEYS[2], now * 1000 + seq, id)
-redis.call('ZADD', KEYS[3], expires, id)
-keep(KEYS[1], expires + ttl)
-keep(KEYS[2], expires + ttl)
-keep(KEYS[3], expires + ttl)
-keep(A .. 'seq', expires + ttl)
+insert(P, A, account, stream, id, now, now, ttl)
 return {'admitted', redis.call('ZCARD', KEYS[2]), record(P, id), evicted, dry_run, expired}
