@@ -415,6 +415,28 @@ async fn health_readiness_metrics_and_openapi_are_served() {
     ] {
         assert!(paths[path].get(method).is_some(), "{method} {path} missing");
     }
+    // Path parameters carry the constraints the handlers enforce; /metrics its real type.
+    let account = &doc["paths"]["/v1/accounts/{account}/sessions"]["get"]["parameters"][0];
+    assert_eq!(account["schema"]["maxLength"], 128, "{account}");
+    assert_eq!(account["schema"]["minLength"], 1);
+    assert!(account["schema"]["pattern"].is_string());
+    let session = &doc["paths"]["/v1/sessions/{sessionId}"]["delete"]["parameters"][0];
+    assert_eq!(session["schema"]["pattern"], "^[0-9a-f]{40}$", "{session}");
+    assert_eq!(session["schema"]["maxLength"], 40);
+    let metrics_type = doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+        .as_object()
+        .unwrap();
+    assert!(
+        metrics_type.contains_key("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        "{metrics_type:?}"
+    );
+    let served = t.request(Method::GET, "/metrics").await;
+    assert!(
+        served.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     assert!(schemas.contains_key("Session") && schemas.contains_key("ErrorBody"));
 }
