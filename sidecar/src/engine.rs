@@ -782,3 +782,77 @@ pub fn fingerprint(value: &str) -> String {
         digest[0], digest[1], digest[2], digest[3]
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    const POLICIES: &str = "apiVersion: streamgate.dev/v1alpha1
+kind: StreamingPolicy
+metadata: {name: default}
+spec: {maxStreamsPerAccount: 3, failurePolicy: Open}
+---
+apiVersion: streamgate.dev/v1alpha1
+kind: StreamingPolicy
+metadata: {name: strict}
+spec: {maxStreamsPerAccount: 1, failurePolicy: Closed, accounts: [vip]}
+";
+
+    fn engine() -> Engine {
+        let set = PolicySet::from_yaml(POLICIES, "p.yaml", "default").unwrap();
+        Engine::new(
+            Arc::new(MemoryStore::new()),
+            Arc::new(ArcSwap::from_pointee(set)),
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    #[test]
+    fn a_session_id_finds_its_accounts_policy_by_tag() {
+        let engine = engine();
+        let vip = engine.policy_for_id(SessionId::for_account("vip"));
+        assert_eq!(
+            (vip.source.as_str(), vip.failure_policy),
+            ("strict", FailurePolicy::Closed)
+        );
+        let other = engine.policy_for_id(SessionId::for_account("someone"));
+        assert_eq!(other.source, "default");
+        // A reload is seen at once.
+        let reloaded = POLICIES.replace("accounts: [vip]", "accounts: [other]");
+        engine.policies().store(Arc::new(
+            PolicySet::from_yaml(&reloaded, "p.yaml", "default").unwrap(),
+        ));
+        assert_eq!(
+            engine.policy_for_id(SessionId::for_account("vip")).source,
+            "default"
+        );
+        assert_eq!(
+            engine.policy_for_id(SessionId::for_account("other")).source,
+            "strict"
+        );
+    }
+
+    #[test]
+    fn degraded_admissions_are_bounded_oldest_first() {
+        let mut degraded = Degraded::default();
+        let request = OpenRequest {
+            account: "a",
+            stream_id: "s",
+            limit: 1,
+            ttl_ms: 1_000,
+            on_limit: crate::policy::OnLimitExceeded::RejectNew,
+            mode: Mode::Enforce,
+        };
+        let first = request.new_session(0);
+        degraded.remember(first.clone());
+        for i in 0..DEGRADED_CAPACITY {
+            degraded.remember(request.new_session(i as i64));
+        }
+        assert_eq!(degraded.by_id.len(), DEGRADED_CAPACITY);
+        assert!(
+            !degraded.by_id.contains_key(&first.id),
+            "the oldest is forgotten first"
+        );
+    }
+}
