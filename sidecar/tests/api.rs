@@ -283,17 +283,12 @@ async fn a_session_without_heartbeats_expires_after_its_ttl() {
     // Expirations are counted, also when only the reaper notices them.
     t.clock.advance(60_000);
     t.store.reap();
-    let mut expired = 0.0;
-    for _ in 0..100 {
+    // The expiry counter follows the store's revocation notices; wait for it to catch up.
+    common::eventually("both expirations are counted", async || {
         let m = t.metrics().await;
-        expired =
-            metric(&m, r#"streamgate_sessions_revoked_total{reason="expired"}"#).unwrap_or(0.0);
-        if expired >= 2.0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert_eq!(expired, 2.0);
+        metric(&m, r#"streamgate_sessions_revoked_total{reason="expired"}"#) == Some(2.0)
+    })
+    .await;
     assert_eq!(
         metric(&t.metrics().await, "streamgate_active_sessions"),
         Some(0.0)
