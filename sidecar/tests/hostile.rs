@@ -250,14 +250,19 @@ async fn answers_quickly(client: &Client, url: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_cannot_starve_health_checks_and_memory_comes_back() {
-    let sidecar = SidecarProcess::start(&[
-        "--max-connections",
-        "256",
-        "--header-read-timeout",
-        "2s",
-        "--idle-timeout",
-        "3s",
-    ])
+    // The sidecar gets 1,024 file descriptors, as in a typical container; the attack uses more.
+    let sidecar = SidecarProcess::start_under(
+        &["prlimit", "--nofile=1024:1024", "--"],
+        &[
+            "--max-connections",
+            "256",
+            "--header-read-timeout",
+            "2s",
+            "--idle-timeout",
+            "3s",
+        ],
+        "warn,streamgate_sidecar::server=info",
+    )
     .await;
     sidecar.wait_ready().await;
     let baseline = sidecar.rss_kib();
@@ -279,6 +284,32 @@ async fn slowloris_cannot_starve_health_checks_and_memory_comes_back() {
         assert!(answers_quickly(&client, &format!("{base}/readyz")).await);
     }
     let during = sidecar.rss_kib();
+
+    // The sidecar closes the attacker's sockets by itself: a half-sent head after the header
+    // timeout, an idle one after the idle timeout (or sooner, shed to make room).
+    let closed = tokio::task::spawn_blocking(move || {
+        let mut sockets = sockets;
+        let mut closed_by_server = 0;
+        let last = sockets.len() - 1;
+        for index in [0, last] {
+            let socket = &mut sockets[index];
+            socket
+                .set_read_timeout(Some(Duration::from_secs(15)))
+                .unwrap();
+            let mut buf = [0u8; 512];
+            // EOF or a reset: closed by the sidecar. A timeout: still held open.
+            match socket.read(&mut buf) {
+                Ok(_) => closed_by_server += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => closed_by_server += 1,
+                Err(_) => {}
+            }
+        }
+        (closed_by_server, sockets)
+    })
+    .await
+    .unwrap();
+    let (closed_by_server, sockets) = closed;
+    assert_eq!(closed_by_server, 2, "attack sockets were held open");
 
     // The attacker goes away; the timeouts and the limit kept memory bounded, and it comes
     // back near its baseline.

@@ -177,8 +177,22 @@ impl SidecarProcess {
     /// Starts the binary with `args` and `RUST_LOG=filter` (which must let the server's info
     /// lines through).
     pub async fn start_logging(args: &[&str], filter: &str) -> Self {
+        Self::start_under(&[], args, filter).await
+    }
+
+    /// Starts the binary under `wrapper` (a command and its arguments that run the rest, such
+    /// as `prlimit --nofile=1024 --`), with `args` and `RUST_LOG=filter`.
+    pub async fn start_under(wrapper: &[&str], args: &[&str], filter: &str) -> Self {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(SIDECAR_BIN)
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut command = std::process::Command::new(program);
+                command.args(rest).arg(SIDECAR_BIN);
+                command
+            }
+            None => std::process::Command::new(SIDECAR_BIN),
+        };
+        let mut child = command
             .env("STREAMGATE_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", filter)
             .args(args)
