@@ -441,12 +441,19 @@ async fn logs_show_fingerprints_never_session_ids_tokens_or_store_passwords() {
         !logs.contains("hunter2"),
         "the password is in the log:\n{logs}"
     );
-    let output = std::process::Command::new(common::SIDECAR_BIN)
-        .args(["--store", "redis-cluster://:hunter2-secret@"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("--store"), "{stderr}");
-    assert!(!stderr.contains("hunter2"), "{stderr}");
+    for bad in [
+        "redis-cluster://:hunter2-secret@",
+        "redis-cluster://:hunter2-secret@bad host:1",
+        "redis://:hunter2-secret@bad host:1",
+        "rediss://:hunter2-secret@h:1",
+    ] {
+        let output = std::process::Command::new(common::SIDECAR_BIN)
+            .args(["--store", bad])
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("--store"), "{stderr}");
+        assert!(!stderr.contains("hunter2"), "{bad}: {stderr}");
+    }
 }

@@ -60,7 +60,8 @@ impl RedisTarget {
                 return Err("redis-cluster:// needs at least one HOST:PORT".into());
             }
             for node in &nodes {
-                redis::Client::open(node.as_str()).map_err(|e| format!("{node}: {e}"))?;
+                redis::Client::open(node.as_str())
+                    .map_err(|e| format!("{}: {e}", redact_url(node)))?;
             }
             return Ok(Self::Cluster(nodes));
         }
