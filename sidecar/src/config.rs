@@ -89,6 +89,12 @@ pub struct Config {
     #[arg(long, env = "STREAMGATE_MAX_SESSIONS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_sessions: Option<u64>,
 
+    /// Origins (`scheme://host[:port]`, comma-separated, or `*`) whose pages may call the session
+    /// API and the proxy from a browser (CORS), in addition to the namespace policy's
+    /// `allowedOrigins`.
+    #[arg(long, env = "STREAMGATE_CORS_ALLOWED_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
+    pub cors_allowed_origins: Vec<String>,
+
     /// Log format.
     #[arg(
         long,
@@ -147,6 +153,12 @@ pub fn parse_memory_limit(text: Option<&str>) -> Option<u64> {
     let value: u64 = text?.trim().parse().ok()?;
     // cgroup v1 says "unlimited" with a page-rounded i64::MAX.
     (value < (1 << 60)).then_some(value)
+}
+
+fn parse_origin(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    crate::cors::validate_origin(value).map_err(|e| e.to_string())?;
+    Ok(value.to_string())
 }
 
 fn parse_upstream(value: &str) -> Result<reqwest::Url, String> {

@@ -27,6 +27,7 @@ use crate::api::{self, MAX_BODY_BYTES};
 use crate::clock::SystemClock;
 use crate::config::{Config, StoreSpec};
 use crate::connections::{self, ConnectionLimits};
+use crate::cors::{self, AllowedOrigins};
 use crate::engine::{Engine, Policies};
 use crate::error::{ApiError, ErrorCode};
 use crate::metrics::{HttpLabels, Metrics, method_label};
@@ -41,6 +42,7 @@ pub struct Sidecar {
     engine: Engine,
     proxy: Option<Arc<Proxy>>,
     limits: ConnectionLimits,
+    cors: AllowedOrigins,
 }
 
 impl Sidecar {
@@ -56,6 +58,7 @@ impl Sidecar {
             engine: Engine::new(store, policies, Arc::new(Metrics::new())),
             proxy: None,
             limits: ConnectionLimits::default(),
+            cors: AllowedOrigins::fixed(Vec::new()),
         }
     }
 
@@ -71,6 +74,12 @@ impl Sidecar {
         self
     }
 
+    /// Lets pages from `origins` call the session API and the proxy (CORS).
+    pub fn with_cors_origins(mut self, origins: Vec<String>) -> Self {
+        self.cors = AllowedOrigins::fixed(origins);
+        self
+    }
+
     /// The enforcing proxy, when on.
     pub fn proxy(&self) -> Option<&Arc<Proxy>> {
         self.proxy.as_ref()
@@ -83,7 +92,10 @@ impl Sidecar {
 
     /// The HTTP application.
     pub fn router(&self) -> Router {
-        router(self.engine.clone(), self.proxy.clone())
+        cors::apply(
+            router(self.engine.clone(), self.proxy.clone()),
+            self.cors.clone(),
+        )
     }
 
     /// Starts the background work (store expiry and subscriptions, expiry counting, degraded
@@ -278,7 +290,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 )
             }
         };
-    let mut sidecar = Sidecar::with_store(store, policies);
+    let mut sidecar =
+        Sidecar::with_store(store, policies).with_cors_origins(config.cors_allowed_origins.clone());
     if let Some(upstream) = &config.upstream {
         tracing::info!(%upstream, "enforcing proxy on: media requests need an active session");
         sidecar = sidecar.with_upstream(upstream.clone());
