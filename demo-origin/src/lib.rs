@@ -12,7 +12,7 @@ pub mod media;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -52,15 +52,21 @@ struct FileParams {
 /// - `/hls/index.m3u8`: VOD playlist of [`media::VOD_SEGMENTS`] segments `segment{N}.ts` (the
 ///   fixture looped, with `EXT-X-DISCONTINUITY` at each loop);
 /// - `/hls/live.m3u8`: live-like sliding playlist of segments `live{SEQ}.ts`, the media sequence
-///   computed from the clock;
+///   computed from the time since the router was made (see [`live_clock`]);
 /// - `/live`: an endless chunked byte stream (`?interval_ms=`);
 /// - `/file`: `?mib=` MiB of data with a Content-Length;
 /// - `/healthz`.
 pub fn router(stats: OriginStats) -> Router {
+    let started = Instant::now();
     Router::new()
         .route("/live", get(live))
         .route("/hls/index.m3u8", get(vod_playlist))
-        .route("/hls/live.m3u8", get(live_playlist))
+        .route(
+            "/hls/live.m3u8",
+            get(
+                move || async move { playlist_response(media::live_playlist(live_clock(started))) },
+            ),
+        )
         .route("/hls/{segment}", get(segment))
         .route("/file", get(file))
         .route("/healthz", get(|| async { "ok" }))
@@ -117,11 +123,12 @@ async fn vod_playlist() -> Response {
     playlist_response(media::vod_playlist())
 }
 
-async fn live_playlist() -> Response {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    playlist_response(media::live_playlist(now))
+/// The live stream's clock: time since `started`, plus one window so that the playlist is full
+/// from the first request. It counts from the origin's start, not the Unix epoch, so that
+/// sequence numbers stay small: hls.js keeps per-discontinuity state in arrays indexed by the
+/// discontinuity sequence, and copying one indexed near 2^28 stalls its main thread.
+pub fn live_clock(started: Instant) -> Duration {
+    started.elapsed() + Duration::from_millis(media::LIVE_WINDOW * media::SEGMENT_MILLIS)
 }
 
 async fn segment(Path(name): Path<String>) -> Response {

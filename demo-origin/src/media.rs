@@ -81,10 +81,10 @@ pub fn vod_playlist() -> String {
     m3u8
 }
 
-/// The live-like playlist at `now` (time since the Unix epoch): the [`LIVE_WINDOW`] segments up
-/// to the one being "recorded" now, numbered by the clock so every origin replica and every
-/// reload agrees. A discontinuity precedes each loop of the fixture;
-/// `EXT-X-DISCONTINUITY-SEQUENCE` counts those before the window.
+/// The live-like playlist at `now` (time since the stream began): the [`LIVE_WINDOW`] segments
+/// up to the one being "recorded" now, numbered by that clock so every reload agrees. A
+/// discontinuity precedes each loop of the fixture; `EXT-X-DISCONTINUITY-SEQUENCE` counts those
+/// before the window.
 pub fn live_playlist(now: Duration) -> String {
     let loop_len = FIXTURE.len() as u64;
     // The newest complete segment is the one that ended before now.

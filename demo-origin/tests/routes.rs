@@ -33,6 +33,13 @@ async fn hls_playlists_and_segments_are_served_and_counted() {
     let (status, _, body) = get(&stats, "/hls/live.m3u8").await;
     assert_eq!(status, StatusCode::OK);
     let live = String::from_utf8(body).unwrap();
+    // Full from the first request, numbered from the origin's start (small numbers).
+    assert_eq!(
+        live.matches("#EXTINF").count() as u64,
+        media::LIVE_WINDOW,
+        "{live}"
+    );
+    assert!(live.contains("#EXT-X-MEDIA-SEQUENCE:0\n"), "{live}");
     let first_live = live
         .lines()
         .find(|l| l.starts_with("live"))
