@@ -297,14 +297,19 @@ export class StreamGateClient {
       if (generation !== this.generation) {
         throw new StreamGateError(0, "superseded", "the client was reopened or ended meanwhile");
       }
-      if (response && response.ok) {
-        this.accept((await response.json()) as Session);
+      const session = response && response.ok ? await readSession(response) : undefined;
+      if (generation !== this.generation) {
+        throw new StreamGateError(0, "superseded", "the client was reopened or ended meanwhile");
+      }
+      if (session) {
+        this.accept(session);
         this.attempt = 0;
         this.setState("active");
         this.scheduleHeartbeat(generation);
-        return this.current as Session;
+        return session;
       }
-      const status = response?.status ?? 0;
+      // A 2xx without a session body (a proxy's error page) counts as an unavailable sidecar.
+      const status = response && !response.ok ? response.status : 0;
       const body = response ? await readError(response) : undefined;
       if (isRetryable(status)) {
         const delay =
@@ -441,11 +446,16 @@ export class StreamGateClient {
     if (generation !== this.generation) {
       return;
     }
-    const status = response?.status ?? 0;
-    if (response && response.ok) {
-      this.accept((await response.json()) as Session);
+    const session = response && response.ok ? await readSession(response) : undefined;
+    if (generation !== this.generation) {
+      return;
+    }
+    // A 2xx without a session body counts as no answer: retried like an unavailable sidecar.
+    const status = response && !response.ok ? response.status : 0;
+    if (session) {
+      this.accept(session);
       if (generation !== this.generation) {
-        return;
+        return; // a listener ended or reopened the session
       }
       this.attempt = 0;
       this.setState("active");
@@ -516,6 +526,15 @@ export class StreamGateClient {
  * gateway, and no answer at all are worth retrying; anything else is an answer. */
 function isRetryable(status: number): boolean {
   return status === 0 || status === 502 || status === 503 || status === 504;
+}
+
+async function readSession(response: Response): Promise<Session | undefined> {
+  try {
+    const body = (await response.json()) as Session;
+    return body && typeof body.sessionId === "string" ? body : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 async function readError(response: Response): Promise<ErrorBody | undefined> {

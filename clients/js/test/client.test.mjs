@@ -344,3 +344,22 @@ test("end() deletes the session once; a revoked session is not deleted", async (
   assert.deepEqual(methods(sidecar.calls), ["PUT", "DELETE", "PUT", "GET"]);
   viewer.dispose();
 });
+
+test("a 200 that is not a session (a gateway's page) is retried, not taken as a session", async () => {
+  const timers = new FakeTimers();
+  const sidecar = fakeSidecar({
+    PUT: [() => answer(201, sessionBody(timers))],
+    GET: [() => new Response("<html>maintenance</html>", { status: 200 }), () => answer(200, sessionBody(timers))],
+  });
+  const viewer = client(timers, sidecar);
+  const retries = [];
+  viewer.on("retry", (r) => retries.push([r.status, r.delayMs]));
+  await viewer.open();
+  await timers.advance(9500);
+  assert.deepEqual(retries, [[0, 375]]);
+  assert.equal(viewer.state, "retrying");
+  await timers.advance(375);
+  assert.equal(viewer.state, "active");
+  assert.equal(viewer.session.sessionId, "a".repeat(40));
+  viewer.dispose();
+});
