@@ -28,6 +28,9 @@ use streamgate_policy::PolicySpec;
     validation = Rule::new("!has(self.spec.activeFrom) || !has(self.spec.activeUntil) || self.spec.activeFrom < self.spec.activeUntil")
         .message("spec.activeUntil must be later than spec.activeFrom")
         .field_path(".spec.activeUntil"),
+    validation = Rule::new("!has(self.spec.allowedOrigins) || !has(self.spec.accounts) || size(self.spec.accounts) == 0")
+        .message("spec.allowedOrigins applies to the namespace's default policy only (one without spec.accounts)")
+        .field_path(".spec.allowedOrigins"),
     printcolumn = r#"{"name":"Limit","type":"integer","jsonPath":".spec.maxStreamsPerAccount"}"#,
     printcolumn = r#"{"name":"TTL","type":"integer","jsonPath":".spec.sessionTTLSeconds"}"#,
     printcolumn = r#"{"name":"Over-Limit","type":"string","jsonPath":".spec.onLimitExceeded"}"#,

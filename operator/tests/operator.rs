@@ -284,6 +284,14 @@ async fn invalid_policies_are_refused_by_the_api_server_naming_the_field() -> Re
         ),
         ("onLimitExceeded: DropEverything", "spec.onLimitExceeded"),
         ("mode: Sometimes", "spec.mode"),
+        (
+            "allowedOrigins: ['https://player.example.com/path']",
+            "spec.allowedOrigins",
+        ),
+        (
+            "accounts: [vip-1]\n  allowedOrigins: ['https://player.example.com']",
+            "spec.allowedOrigins",
+        ),
     ];
     let dir = tempfile::tempdir()?;
     for (i, (spec, field)) in cases.iter().enumerate() {

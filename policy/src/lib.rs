@@ -110,6 +110,44 @@ pub struct PolicySpec {
     // Absent rather than null in the schema, so CEL rules can compare it when present.
     #[schemars(with = "DateTime<Utc>")]
     pub active_until: Option<DateTime<Utc>>,
+    /// Origins (`scheme://host[:port]`, or `*`) whose web pages may call this namespace's
+    /// sidecars from a browser (CORS). Only on the namespace's default policy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 100),
+        inner(
+            length(max = 256),
+            regex(pattern = r"^(\*|https?://[A-Za-z0-9.:\[\]-]+)$")
+        )
+    )]
+    pub allowed_origins: Vec<String>,
+}
+
+/// Checks one allowed-origin entry: `*` (any origin) or `scheme://host[:port]` as browsers send
+/// it in `Origin` (http or https, no path, no trailing slash). Returns what is wrong.
+pub fn check_origin(origin: &str) -> Result<(), &'static str> {
+    if origin == "*" {
+        return Ok(());
+    }
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return Err("expected scheme://host[:port], e.g. https://player.example.com");
+    };
+    if !matches!(scheme, "http" | "https") {
+        return Err("the scheme must be http or https");
+    }
+    if rest.is_empty() {
+        return Err("the host is missing");
+    }
+    if rest.contains(['/', '?', '#']) {
+        return Err("an origin has no path, query or trailing slash");
+    }
+    if !rest
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
+    {
+        return Err("the host has characters an origin cannot have");
+    }
+    Ok(())
 }
 
 /// Where an instant lies relative to a policy's `activeFrom` / `activeUntil` window.
@@ -133,6 +171,7 @@ impl Default for PolicySpec {
             accounts: Vec::new(),
             failure_policy: FailurePolicy::default(),
             mode: Mode::default(),
+            allowed_origins: Vec::new(),
             active_from: None,
             active_until: None,
         }
@@ -208,6 +247,17 @@ impl PolicySpec {
         for (i, account) in self.accounts.iter().enumerate() {
             if let Err(problem) = crate::id::check_id(account) {
                 return err(&format!("accounts[{i}]"), problem.to_string());
+            }
+        }
+        if !self.allowed_origins.is_empty() && !self.accounts.is_empty() {
+            return err(
+                "allowedOrigins",
+                "applies to the namespace's default policy only (one without spec.accounts)".into(),
+            );
+        }
+        for (i, origin) in self.allowed_origins.iter().enumerate() {
+            if let Err(problem) = check_origin(origin) {
+                return err(&format!("allowedOrigins[{i}]"), problem.into());
             }
         }
         Ok(())
@@ -322,6 +372,8 @@ pub struct EffectivePolicy {
     pub failure_policy: FailurePolicy,
     /// Enforce or dry run.
     pub mode: Mode,
+    /// Origins whose pages may call the sidecar (CORS); set on the default policy only.
+    pub allowed_origins: Vec<String>,
 }
 
 impl EffectivePolicy {
@@ -334,6 +386,7 @@ impl EffectivePolicy {
             on_limit_exceeded: spec.on_limit_exceeded,
             failure_policy: spec.failure_policy,
             mode: spec.mode,
+            allowed_origins: spec.allowed_origins.clone(),
         }
     }
 
@@ -636,6 +689,63 @@ spec:
         assert_eq!(set.resolve("a").source, BUILT_IN);
         let set = PolicySet::from_yaml(text, "p.yaml", "other").unwrap();
         assert_eq!(set.resolve("a").limit, 7);
+    }
+
+    #[test]
+    fn allowed_origins_are_read_from_the_default_policy_and_checked() {
+        let text = "apiVersion: streamgate.dev/v1alpha1\nkind: StreamingPolicy\nmetadata: {name: d}\nspec: {allowedOrigins: ['https://player.example.com', 'http://127.0.0.1:8081']}\n";
+        let set = PolicySet::from_yaml(text, "p.yaml", "default").unwrap();
+        assert_eq!(
+            set.default_policy().allowed_origins,
+            ["https://player.example.com", "http://127.0.0.1:8081"]
+        );
+        assert!(
+            PolicySet::default()
+                .default_policy()
+                .allowed_origins
+                .is_empty()
+        );
+        for (spec, field) in [
+            (
+                "{allowedOrigins: ['https://player.example.com/']}",
+                "spec.allowedOrigins[0]",
+            ),
+            (
+                "{allowedOrigins: ['*', 'player.example.com']}",
+                "spec.allowedOrigins[1]",
+            ),
+            ("{allowedOrigins: ['ftp://x']}", "spec.allowedOrigins[0]"),
+            (
+                "{accounts: [a], allowedOrigins: ['https://p.example.com']}",
+                "spec.allowedOrigins",
+            ),
+        ] {
+            let e = error_of(spec);
+            assert!(e.contains(field), "{spec}: {e}");
+        }
+    }
+
+    #[test]
+    fn origins_are_scheme_host_and_port() {
+        for good in [
+            "*",
+            "https://player.example.com",
+            "http://127.0.0.1:8081",
+            "http://[::1]:3000",
+        ] {
+            assert_eq!(check_origin(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "player.example.com",
+            "https://player.example.com/",
+            "https://player.example.com/path",
+            "ftp://example.com",
+            "https://",
+            "https://exa mple.com",
+            "null",
+        ] {
+            assert!(check_origin(bad).is_err(), "{bad}");
+        }
     }
 
     fn error_of(spec: &str) -> String {

@@ -15,6 +15,8 @@ use axum::http::{HeaderName, HeaderValue, Method, header, request};
 use axum::response::Response;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use crate::engine::Policies;
+
 /// Headers a page may send: the identity token, the playback token, the session id, and `Range`
 /// for players that fetch byte ranges.
 pub const ALLOWED_HEADERS: [&str; 5] = [
@@ -46,36 +48,12 @@ pub struct OriginError {
 }
 
 /// Checks one allowed-origin entry: `*` (any origin) or `scheme://host[:port]`, as browsers send
-/// it in `Origin` (no path, no trailing slash).
+/// it in `Origin` (no path, no trailing slash). The same rule as the policy's `allowedOrigins`.
 pub fn validate_origin(origin: &str) -> Result<(), OriginError> {
-    let error = |problem| {
-        Err(OriginError {
-            origin: origin.to_string(),
-            problem,
-        })
-    };
-    if origin == "*" {
-        return Ok(());
-    }
-    let Some((scheme, rest)) = origin.split_once("://") else {
-        return error("expected scheme://host[:port], e.g. https://player.example.com");
-    };
-    if !matches!(scheme, "http" | "https") {
-        return error("the scheme must be http or https");
-    }
-    if rest.is_empty() {
-        return error("the host is missing");
-    }
-    if rest.contains(['/', '?', '#']) {
-        return error("an origin has no path, query or trailing slash");
-    }
-    if !rest
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'))
-    {
-        return error("the host has characters an origin cannot have");
-    }
-    Ok(())
+    crate::policy::check_origin(origin).map_err(|problem| OriginError {
+        origin: origin.to_string(),
+        problem,
+    })
 }
 
 /// Whether `origin` (the request's `Origin` header) is in `allowed`. Hosts compare
@@ -86,11 +64,14 @@ pub fn origin_allowed<S: AsRef<str>>(origin: &str, allowed: &[S]) -> bool {
         .any(|a| a.as_ref() == "*" || a.as_ref().eq_ignore_ascii_case(origin))
 }
 
+/// Answers whether an origin is allowed, asked on every request.
+type OriginCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// Where the allowed origins come from.
 #[derive(Clone)]
 pub struct AllowedOrigins {
     fixed: Arc<Vec<String>>,
-    dynamic: Option<Arc<dyn Fn() -> Vec<String> + Send + Sync>>,
+    dynamic: Option<OriginCheck>,
 }
 
 impl AllowedOrigins {
@@ -102,22 +83,24 @@ impl AllowedOrigins {
         }
     }
 
-    /// Adds a list read on every request (the namespace policy's field, which reloads).
-    pub fn with_dynamic(
-        mut self,
-        origins: impl Fn() -> Vec<String> + Send + Sync + 'static,
-    ) -> Self {
-        self.dynamic = Some(Arc::new(origins));
+    /// Also allows the origins of the namespace's default policy (`spec.allowedOrigins`), read
+    /// on every request so that a policy reload applies at once.
+    pub fn with_policy(self, policies: Policies) -> Self {
+        self.with_dynamic(move |origin| {
+            origin_allowed(origin, &policies.load().default_policy().allowed_origins)
+        })
+    }
+
+    /// Also allows what `allows` says, asked on every request.
+    pub fn with_dynamic(mut self, allows: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        self.dynamic = Some(Arc::new(allows));
         self
     }
 
     /// Whether `origin` is allowed now.
     pub fn allows(&self, origin: &str) -> bool {
         origin_allowed(origin, &self.fixed)
-            || self
-                .dynamic
-                .as_ref()
-                .is_some_and(|dynamic| origin_allowed(origin, &dynamic()))
+            || self.dynamic.as_ref().is_some_and(|dynamic| dynamic(origin))
     }
 }
 
@@ -169,29 +152,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn origins_are_scheme_host_and_port() {
-        for good in [
-            "*",
-            "https://player.example.com",
-            "http://127.0.0.1:8081",
-            "http://[::1]:3000",
-        ] {
-            assert_eq!(validate_origin(good), Ok(()), "{good}");
-        }
-        for bad in [
-            "player.example.com",
-            "https://player.example.com/",
-            "https://player.example.com/path",
-            "ftp://example.com",
-            "https://",
-            "https://exa mple.com",
-            "null",
-        ] {
-            assert!(validate_origin(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn origin_matching_is_exact_but_case_insensitive() {
         let allowed = ["https://player.example.com"];
         assert!(origin_allowed("https://player.example.com", &allowed));
@@ -212,7 +172,7 @@ mod tests {
         let current = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         let source = current.clone();
         let origins = AllowedOrigins::fixed(vec!["http://a.test".into()])
-            .with_dynamic(move || source.lock().unwrap().clone());
+            .with_dynamic(move |origin| origin_allowed(origin, &source.lock().unwrap()));
         assert!(origins.allows("http://a.test"));
         assert!(!origins.allows("http://b.test"));
         current.lock().unwrap().push("http://b.test".into());

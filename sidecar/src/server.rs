@@ -55,10 +55,10 @@ impl Sidecar {
     pub fn with_store(store: Arc<dyn SessionStore>, policies: PolicySet) -> Self {
         let policies: Policies = Arc::new(ArcSwap::from_pointee(policies));
         Self {
+            cors: AllowedOrigins::fixed(Vec::new()).with_policy(policies.clone()),
             engine: Engine::new(store, policies, Arc::new(Metrics::new())),
             proxy: None,
             limits: ConnectionLimits::default(),
-            cors: AllowedOrigins::fixed(Vec::new()),
         }
     }
 
@@ -74,9 +74,10 @@ impl Sidecar {
         self
     }
 
-    /// Lets pages from `origins` call the session API and the proxy (CORS).
+    /// Lets pages from `origins`, besides those of the namespace policy's `allowedOrigins`,
+    /// call the session API and the proxy (CORS).
     pub fn with_cors_origins(mut self, origins: Vec<String>) -> Self {
-        self.cors = AllowedOrigins::fixed(origins);
+        self.cors = AllowedOrigins::fixed(origins).with_policy(self.engine.policies().clone());
         self
     }
 

@@ -257,3 +257,32 @@ fn the_origins_flag_refuses_what_is_not_an_origin() {
         assert!(error.contains("--cors-allowed-origins"), "{error}");
     }
 }
+
+#[tokio::test]
+async fn the_namespace_policy_allows_origins_too() {
+    let (base, _) =
+        start("  maxStreamsPerAccount: 1\n  allowedOrigins: ['https://player.example.com']").await;
+    for origin in [PAGE, "https://player.example.com"] {
+        let response = preflight(
+            &base,
+            "/streaming?account=a&streamId=tv",
+            origin,
+            "PUT",
+            "authorization",
+        )
+        .await;
+        assert_eq!(
+            header(&response, "access-control-allow-origin"),
+            Some(origin)
+        );
+    }
+    let response = preflight(
+        &base,
+        "/streaming?account=a&streamId=tv",
+        OTHER_PAGE,
+        "PUT",
+        "authorization",
+    )
+    .await;
+    assert_eq!(cors_headers(&response), Vec::<String>::new());
+}
