@@ -21,6 +21,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use backon::{ConstantBuilder, Retryable};
 use chrono::{DateTime, Utc};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -406,63 +407,98 @@ fn is_conflict(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == 409)
 }
 
+/// Why one attempt at the Secret failed.
+enum SecretError {
+    /// Another replica wrote it between our read and our write: read again.
+    Conflict,
+    /// Anything else.
+    Failed(anyhow::Error),
+}
+
 /// Makes the Secret hold valid material for `settings` and returns it.
 pub async fn ensure_secret(client: &Client, settings: &SelfIssued) -> anyhow::Result<Material> {
     let api: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
-    let what = || format!("Secret {}/{}", settings.namespace, settings.secret);
-    // Another replica may win a race: re-read and go again.
-    for _ in 0..5 {
-        let now = Utc::now();
-        let current = api
-            .get_opt(&settings.secret)
-            .await
-            .with_context(|| format!("cannot read {}", what()))?;
-        let existing = current.as_ref().and_then(from_secret);
-        let Some(next) = next_material(existing.as_ref(), &settings.hosts, settings.validity, now)?
-        else {
-            return Ok(existing.expect("next_material renews when nothing exists"));
-        };
-        let mut secret = to_secret(&settings.secret, &settings.namespace, &next);
-        let written = match &current {
-            None => api.create(&PostParams::default(), &secret).await,
-            Some(current) => {
-                secret.metadata.resource_version = current.metadata.resource_version.clone();
-                api.replace(&settings.secret, &PostParams::default(), &secret)
-                    .await
-            }
-        };
-        match written {
-            Ok(_) => {
-                tracing::info!(secret = %what(), not_after = %next.cert_not_after, hosts = ?next.hosts, "issued the webhook serving certificate");
-                return Ok(next);
-            }
-            Err(error) if is_conflict(&error) => continue,
-            Err(error) => return Err(error).with_context(|| format!("cannot write {}", what())),
-        }
+    // Another replica may win a race: re-read and go again, a few times.
+    let result = (|| try_ensure_secret(&api, settings))
+        .retry(
+            ConstantBuilder::new()
+                .with_delay(Duration::from_millis(100))
+                .with_jitter()
+                .with_max_times(4),
+        )
+        .when(|error| matches!(error, SecretError::Conflict))
+        .await;
+    match result {
+        Ok(material) => Ok(material),
+        Err(SecretError::Failed(error)) => Err(error),
+        Err(SecretError::Conflict) => anyhow::bail!(
+            "Secret {}/{} keeps changing under us; will retry",
+            settings.namespace,
+            settings.secret
+        ),
     }
-    anyhow::bail!("{} keeps changing under us; will retry", what())
+}
+
+async fn try_ensure_secret(
+    api: &Api<Secret>,
+    settings: &SelfIssued,
+) -> Result<Material, SecretError> {
+    let what = || format!("Secret {}/{}", settings.namespace, settings.secret);
+    let now = Utc::now();
+    let current = api
+        .get_opt(&settings.secret)
+        .await
+        .with_context(|| format!("cannot read {}", what()))
+        .map_err(SecretError::Failed)?;
+    let existing = current.as_ref().and_then(from_secret);
+    let Some(next) = next_material(existing.as_ref(), &settings.hosts, settings.validity, now)
+        .map_err(SecretError::Failed)?
+    else {
+        return Ok(existing.expect("next_material renews when nothing exists"));
+    };
+    let mut secret = to_secret(&settings.secret, &settings.namespace, &next);
+    let written = match &current {
+        None => api.create(&PostParams::default(), &secret).await,
+        Some(current) => {
+            secret.metadata.resource_version = current.metadata.resource_version.clone();
+            api.replace(&settings.secret, &PostParams::default(), &secret)
+                .await
+        }
+    };
+    match written {
+        Ok(_) => {
+            tracing::info!(secret = %what(), not_after = %next.cert_not_after, hosts = ?next.hosts, "issued the webhook serving certificate");
+            Ok(next)
+        }
+        Err(error) if is_conflict(&error) => Err(SecretError::Conflict),
+        Err(error) => Err(SecretError::Failed(
+            anyhow::Error::new(error).context(format!("cannot write {}", what())),
+        )),
+    }
 }
 
 /// Sets the caBundle of every webhook in `name` to `bundle` where it differs. Returns whether it
 /// patched; a missing configuration is not an error (the chart may not have created it yet).
 pub async fn sync_ca_bundle(client: &Client, name: &str, bundle: &str) -> anyhow::Result<bool> {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    // A concurrent change (another replica, `helm upgrade`) fails the patch's `test`: re-read.
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match try_sync_ca_bundle(&api, name, bundle).await {
-            Err(SyncError::Patch(error)) if attempt < 3 && !is_forbidden(&error) => continue,
-            Err(SyncError::Patch(error)) => {
-                return Err(error).with_context(|| {
-                    format!("cannot patch the caBundle of MutatingWebhookConfiguration {name}")
-                });
-            }
-            Err(SyncError::Read(error)) => {
-                return Err(error)
-                    .with_context(|| format!("cannot read MutatingWebhookConfiguration {name}"));
-            }
-            Ok(patched) => return Ok(patched),
+    // A concurrent change (another replica, `helm upgrade`) fails the patch's `test`: re-read
+    // and try again, twice.
+    let result = (|| try_sync_ca_bundle(&api, name, bundle))
+        .retry(
+            ConstantBuilder::new()
+                .with_delay(Duration::from_millis(100))
+                .with_jitter()
+                .with_max_times(2),
+        )
+        .when(|error| matches!(error, SyncError::Patch(error) if !is_forbidden(error)))
+        .await;
+    match result {
+        Ok(patched) => Ok(patched),
+        Err(SyncError::Patch(error)) => Err(error).with_context(|| {
+            format!("cannot patch the caBundle of MutatingWebhookConfiguration {name}")
+        }),
+        Err(SyncError::Read(error)) => {
+            Err(error).with_context(|| format!("cannot read MutatingWebhookConfiguration {name}"))
         }
     }
 }
@@ -537,7 +573,8 @@ pub async fn reconcile_once(
     Ok(())
 }
 
-/// Runs the self-issued mode forever.
+/// Runs the self-issued mode forever. A schedule rather than a retry loop (it runs every
+/// [`CHECK_INTERVAL`] after a success too), so it stays a plain loop.
 pub async fn run_self_issued(
     client: Client,
     settings: SelfIssued,

@@ -172,7 +172,21 @@ pub struct Config {
     /// UID and GID the sidecar runs as (non-zero, as the restricted Pod Security Standard needs).
     #[arg(long, env = "STREAMGATE_SIDECAR_RUN_AS_USER", default_value_t = 65532)]
     pub sidecar_run_as_user: i64,
+
+    /// Namespaces never injected besides the operator's own (comma-separated); pods there are
+    /// not counted as running without the sidecar either.
+    #[arg(
+        long,
+        env = "STREAMGATE_INJECTION_EXCLUDED_NAMESPACES",
+        value_delimiter = ',',
+        default_values_t = DEFAULT_EXCLUDED_NAMESPACES.map(String::from)
+    )]
+    pub injection_excluded_namespaces: Vec<String>,
 }
+
+/// Namespaces never injected by default: Kubernetes' own.
+pub const DEFAULT_EXCLUDED_NAMESPACES: [&str; 3] =
+    ["kube-system", "kube-public", "kube-node-lease"];
 
 impl Config {
     /// The injection settings these flags describe, validated.
@@ -180,6 +194,7 @@ impl Config {
         let optional = |v: &str| (!v.trim().is_empty()).then(|| v.trim().to_string());
         let sidecar = SidecarConfig {
             operator_namespace: self.namespace.clone(),
+            excluded_namespaces: self.excluded_namespaces(),
             image: self.sidecar_image.clone(),
             image_pull_policy: self.sidecar_image_pull_policy.clone(),
             port: self.sidecar_port,
@@ -201,6 +216,15 @@ impl Config {
         };
         sidecar.validate()?;
         Ok(sidecar)
+    }
+
+    /// Namespaces never injected: `--injection-excluded-namespaces`, trimmed.
+    pub fn excluded_namespaces(&self) -> std::collections::BTreeSet<String> {
+        self.injection_excluded_namespaces
+            .iter()
+            .map(|ns| ns.trim().to_string())
+            .filter(|ns| !ns.is_empty())
+            .collect()
     }
 
     /// DNS names and addresses of the webhook's serving certificate.

@@ -2,7 +2,7 @@
 //! adds the StreamGate sidecar or a named reason not to. Pure, tested directly; the webhook
 //! (`crate::webhook`) only moves AdmissionReviews in and out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube_quantity::ParsedQuantity;
 use serde_json::{Value, json};
 
 use crate::render::{CONFIGMAP_NAME, POLICY_FILE_KEY};
@@ -80,6 +81,9 @@ pub struct SidecarResources {
 pub struct SidecarConfig {
     /// The operator's own namespace: never injected.
     pub operator_namespace: String,
+    /// Other namespaces never injected (by default `kube-system`, `kube-public`,
+    /// `kube-node-lease`), also when the webhook configuration's selector lets a pod through.
+    pub excluded_namespaces: BTreeSet<String>,
     /// Sidecar image.
     pub image: String,
     /// `imagePullPolicy` of the sidecar.
@@ -150,6 +154,8 @@ pub enum SkipReason {
     OperatorNamespace,
     /// The pod uses the host's network: the sidecar's port would clash across pods.
     HostNetwork,
+    /// The pod is in a namespace excluded from injection (`kube-system`, `kube-public`, ...).
+    ExcludedNamespace,
     /// The request is not a Pod CREATE with an object (the webhook configuration should not send
     /// these; admitted unchanged).
     Unsupported,
@@ -157,12 +163,13 @@ pub enum SkipReason {
 
 impl SkipReason {
     /// Every reason, for documentation and tests.
-    pub const ALL: [SkipReason; 6] = [
+    pub const ALL: [SkipReason; 7] = [
         Self::AlreadyInjected,
         Self::OptedOut,
         Self::NotOptedIn,
         Self::OperatorNamespace,
         Self::HostNetwork,
+        Self::ExcludedNamespace,
         Self::Unsupported,
     ];
 
@@ -174,6 +181,7 @@ impl SkipReason {
             Self::NotOptedIn => "NotOptedIn",
             Self::OperatorNamespace => "OperatorNamespace",
             Self::HostNetwork => "HostNetwork",
+            Self::ExcludedNamespace => "ExcludedNamespace",
             Self::Unsupported => "Unsupported",
         }
     }
@@ -195,6 +203,9 @@ pub enum Plan {
 pub fn plan(pod: &Pod, ctx: &PodContext, config: &SidecarConfig) -> Plan {
     if ctx.namespace == config.operator_namespace {
         return Plan::Skip(SkipReason::OperatorNamespace);
+    }
+    if config.excluded_namespaces.contains(&ctx.namespace) {
+        return Plan::Skip(SkipReason::ExcludedNamespace);
     }
     if is_injected(pod) {
         return Plan::Skip(SkipReason::AlreadyInjected);
@@ -358,7 +369,7 @@ fn upstream_port(
 /// Checks that `value` is a positive Kubernetes quantity.
 pub fn check_quantity(value: &str) -> Result<(), String> {
     match parse_quantity(value) {
-        Some(n) if n > 0.0 => Ok(()),
+        Some(q) if q > ParsedQuantity::default() => Ok(()),
         Some(_) => Err(format!("{value:?} must be positive")),
         None => Err(format!(
             "{value:?} is not a Kubernetes quantity (e.g. 100m, 0.5, 64Mi, 1G)"
@@ -366,49 +377,18 @@ pub fn check_quantity(value: &str) -> Result<(), String> {
     }
 }
 
-/// Parses a Kubernetes quantity (`100m`, `1.5`, `64Mi`, `1e3`) into its value; precise enough
-/// to compare requests with limits.
-pub fn parse_quantity(value: &str) -> Option<f64> {
-    let split = value
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
-        .unwrap_or(value.len());
-    let (number, suffix) = value.split_at(split);
-    if number.is_empty()
-        || !number.chars().any(|c| c.is_ascii_digit())
-        || number[1..].contains(['+', '-'])
-        || number.matches('.').count() > 1
-    {
+/// Parses a Kubernetes quantity (`100m`, `1.5`, `64Mi`, `1e3`) with `kube_quantity`, which
+/// follows the API server's grammar and compares exactly across suffixes.
+pub fn parse_quantity(value: &str) -> Option<ParsedQuantity> {
+    // kube_quantity reads a missing number as zero ("Mi" parses as 0Mi); the API server refuses it.
+    let unsigned = value.strip_prefix(['+', '-']).unwrap_or(value);
+    let number_len = unsigned
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(unsigned.len());
+    if !unsigned[..number_len].contains(|c: char| c.is_ascii_digit()) {
         return None;
     }
-    let number: f64 = number.parse().ok()?;
-    let multiplier = match suffix {
-        "" => 1.0,
-        "n" => 1e-9,
-        "u" => 1e-6,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        "Ki" => 1024f64,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        "Ei" => 1024f64.powi(6),
-        exponent if exponent.starts_with(['e', 'E']) => {
-            let digits = &exponent[1..];
-            let unsigned = digits.strip_prefix(['+', '-']).unwrap_or(digits);
-            if unsigned.is_empty() || !unsigned.chars().all(|c| c.is_ascii_digit()) {
-                return None;
-            }
-            10f64.powi(digits.parse().ok()?)
-        }
-        _ => return None,
-    };
-    Some(number * multiplier)
+    ParsedQuantity::try_from(value).ok()
 }
 
 fn policy_volume() -> Volume {
@@ -562,6 +542,10 @@ mod tests {
     fn config() -> SidecarConfig {
         SidecarConfig {
             operator_namespace: "streamgate-system".into(),
+            excluded_namespaces: crate::config::DEFAULT_EXCLUDED_NAMESPACES
+                .iter()
+                .map(|ns| ns.to_string())
+                .collect(),
             image: "streamgate/streamgate-sidecar:test".into(),
             image_pull_policy: "IfNotPresent".into(),
             port: 8080,
@@ -765,6 +749,26 @@ mod tests {
     }
 
     #[test]
+    fn never_touches_excluded_namespaces_such_as_kube_public() {
+        for namespace in ["kube-system", "kube-public", "kube-node-lease"] {
+            let c = PodContext {
+                namespace: namespace.into(),
+                namespace_opted_in: true,
+            };
+            let mut p = bare_pod();
+            p.metadata.annotations = Some(BTreeMap::from([(
+                annotations::INJECT.to_string(),
+                ENABLED.to_string(),
+            )]));
+            assert_eq!(
+                plan(&p, &c, &config()),
+                Plan::Skip(SkipReason::ExcludedNamespace),
+                "{namespace}"
+            );
+        }
+    }
+
+    #[test]
     fn skips_host_network_pods() {
         let mut p = bare_pod();
         p.spec.as_mut().unwrap().host_network = Some(true);
@@ -872,17 +876,20 @@ mod tests {
 
     #[test]
     fn quantities() {
-        assert_eq!(parse_quantity("100m"), Some(0.1));
-        assert_eq!(parse_quantity("1"), Some(1.0));
-        assert_eq!(parse_quantity("1.5"), Some(1.5));
-        assert_eq!(parse_quantity("64Mi"), Some(64.0 * 1024.0 * 1024.0));
-        assert_eq!(parse_quantity("1G"), Some(1e9));
-        assert_eq!(parse_quantity("1e3"), Some(1000.0));
+        assert_eq!(parse_quantity("100m"), parse_quantity("0.1"));
+        assert_eq!(parse_quantity("1.5"), parse_quantity("1500m"));
+        assert_eq!(parse_quantity("64Mi"), parse_quantity("65536Ki"));
+        assert_eq!(parse_quantity("1G"), parse_quantity("1000M"));
+        assert_eq!(parse_quantity("1e3"), parse_quantity("1k"));
         assert_eq!(parse_quantity(""), None);
         assert_eq!(parse_quantity("Mi"), None);
         assert_eq!(parse_quantity("1MB"), None);
         assert_eq!(parse_quantity("1-2"), None);
         assert!(parse_quantity("1Gi") > parse_quantity("1000Mi"));
+        assert!(parse_quantity("100m") < parse_quantity("1"));
+        assert!(check_quantity("0").is_err());
+        assert!(check_quantity("-1").is_err());
+        assert!(check_quantity("64Mi").is_ok());
     }
 
     #[test]

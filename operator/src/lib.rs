@@ -3,6 +3,7 @@
 //! The binary `streamgate-operator` is a thin wrapper over [`run`].
 #![forbid(unsafe_code)]
 
+pub mod census;
 pub mod certs;
 pub mod config;
 pub mod crd;
@@ -12,6 +13,7 @@ pub mod reconcile;
 pub mod render;
 pub mod webhook;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -21,17 +23,19 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::ListParams;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{Controller, watcher};
-use kube::{Api, Client};
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
 use kube_lease_manager::LeaseManagerBuilder;
 
 use crate::config::Config;
 use crate::crd::StreamingPolicy;
 use crate::metrics::Metrics;
 use crate::reconcile::{Context, MANAGED_BY, MANAGED_BY_LABEL, error_policy, reconcile};
+use crate::render::CONFIGMAP_NAME;
 
 /// Fails with instructions when the StreamingPolicy CRD is not installed.
 pub async fn check_crd_installed(client: &Client) -> anyhow::Result<()> {
@@ -46,8 +50,35 @@ pub async fn check_crd_installed(client: &Client) -> anyhow::Result<()> {
     }
 }
 
-/// Runs the controller until it stops (SIGTERM/SIGINT).
-pub async fn run_controller(client: Client, metrics: Arc<Metrics>) {
+/// Runs the controller until it stops (SIGTERM/SIGINT): one reconcile per namespace, triggered
+/// by its StreamingPolicies and its `streamgate-policies` ConfigMap, reading both from reflector
+/// caches; plus the census of opted-in pods without the sidecar. `excluded_namespaces` are
+/// never injected (the webhook's exclusions) and so never counted.
+pub async fn run_controller(
+    client: Client,
+    metrics: Arc<Metrics>,
+    excluded_namespaces: BTreeSet<String>,
+) {
+    let (policy_cache, policy_writer) = reflector::store::<StreamingPolicy>();
+    let (config_map_cache, config_map_writer) = reflector::store::<ConfigMap>();
+    let policy_events = watcher(
+        Api::<StreamingPolicy>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(policy_writer)
+    .touched_objects();
+    // Only the operator's own ConfigMaps, by name and label: the RBAC grants nothing else.
+    let config_map_events = watcher(
+        Api::<ConfigMap>::all(client.clone()),
+        watcher::Config::default()
+            .fields(&format!("metadata.name={CONFIGMAP_NAME}"))
+            .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
+    )
+    .default_backoff()
+    .reflect(config_map_writer)
+    .touched_objects();
+
     let context = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
@@ -57,26 +88,43 @@ pub async fn run_controller(client: Client, metrics: Arc<Metrics>) {
             },
         ),
         client: client.clone(),
-        metrics,
+        metrics: metrics.clone(),
+        policies: policy_cache,
+        config_maps: config_map_cache,
     });
-    let policies: Api<StreamingPolicy> = Api::all(client.clone());
-    let config_maps: Api<ConfigMap> = Api::all(client);
-    Controller::new(policies, watcher::Config::default())
-        .owns(
-            config_maps,
-            watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}")),
-        )
+    // `watches_stream` (kube's unstable stream control) is what lets the caches above be the
+    // reconciler's and the trigger's at once, instead of a second watch per kind.
+    let controller = Controller::new(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .watches_stream(policy_events, |policy| namespace_of(&policy))
+    .watches_stream(config_map_events, |config_map| namespace_of(&config_map));
+    let namespaces = controller.store();
+    let census = async move {
+        census::run(client, namespaces, excluded_namespaces, metrics).await;
+        // Only ends when its caches are gone, i.e. on shutdown: never stop the controller for it.
+        std::future::pending::<()>().await
+    };
+    let reconciling = controller
         .shutdown_on_signal()
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
             match result {
-                Ok((policy, _)) => tracing::debug!(policy = %policy.name, "reconciled"),
+                Ok((namespace, _)) => tracing::debug!(namespace = %namespace.name, "reconciled"),
                 // Reconcile failures are logged by error_policy; watch failures only here.
                 Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
                 Err(error) => tracing::warn!(%error, "controller error"),
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        () = reconciling => {}
+        () = census => {}
+    }
+}
+
+fn namespace_of<K: Resource>(object: &K) -> Option<ObjectRef<Namespace>> {
+    object.meta().namespace.as_deref().map(ObjectRef::new)
 }
 
 #[derive(Clone)]
@@ -135,6 +183,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| format!("--metrics-listen {}: cannot bind", config.metrics_listen))?;
+    // With port 0 the kernel picks the port: say which, so a supervisor (or a test) can find it.
+    tracing::info!(addr = %listener.local_addr()?, "serving health and metrics");
     let app = health_router(Health {
         metrics: metrics.clone(),
         ready: ready.clone(),
@@ -167,7 +217,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(%identity, "leading: starting the controller");
     metrics.leader.set(1);
     let result = tokio::select! {
-        () = run_controller(client, metrics.clone()) => Ok(()),
+        () = run_controller(client, metrics.clone(), config.excluded_namespaces()) => Ok(()),
         () = async {
             loop {
                 if leading.changed().await.is_err() || !*leading.borrow() {

@@ -14,6 +14,13 @@ pub struct ErrorLabel {
     pub error: String,
 }
 
+/// Label of the per-namespace metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabel {
+    /// The namespace.
+    pub namespace: String,
+}
+
 /// Labels of the injection counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InjectionLabel {
@@ -39,6 +46,10 @@ pub struct Metrics {
     pub injections: Family<InjectionLabel, Counter>,
     /// Expiry of the webhook's serving certificate, Unix seconds (0 until one is loaded).
     pub webhook_cert_expiry: Gauge,
+    /// Writes of the `streamgate-policies` ConfigMap, by namespace.
+    pub configmap_applies: Family<NamespaceLabel, Counter>,
+    /// Pods that opted in to injection but run without the sidecar, by namespace.
+    pub pods_without_sidecar: Family<NamespaceLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -84,8 +95,22 @@ impl Metrics {
             "When the webhook's serving certificate expires (Unix seconds)",
             webhook_cert_expiry.clone(),
         );
+        let configmap_applies = Family::<NamespaceLabel, Counter>::default();
+        registry.register(
+            "configmap_applies",
+            "Writes of the streamgate-policies ConfigMap, by namespace",
+            configmap_applies.clone(),
+        );
+        let pods_without_sidecar = Family::<NamespaceLabel, Gauge>::default();
+        registry.register(
+            "pods_without_sidecar",
+            "Pods that opted in to sidecar injection but run without the sidecar (e.g. created while the webhook was unreachable), by namespace",
+            pods_without_sidecar.clone(),
+        );
         Self {
             registry,
+            configmap_applies,
+            pods_without_sidecar,
             injections,
             webhook_cert_expiry,
             reconciles,
@@ -102,6 +127,36 @@ impl Metrics {
                 error: error.to_string(),
             })
             .inc();
+    }
+
+    /// Counts one write of a namespace's policy ConfigMap.
+    pub fn count_configmap_apply(&self, namespace: &str) {
+        self.configmap_applies
+            .get_or_create(&NamespaceLabel {
+                namespace: namespace.to_string(),
+            })
+            .inc();
+    }
+
+    /// How many times the policy ConfigMap of `namespace` was written.
+    pub fn configmap_apply_count(&self, namespace: &str) -> u64 {
+        self.configmap_applies
+            .get_or_create(&NamespaceLabel {
+                namespace: namespace.to_string(),
+            })
+            .get()
+    }
+
+    /// Replaces the pods-without-sidecar gauges: namespaces absent from `counts` have none.
+    pub fn set_pods_without_sidecar(&self, counts: &std::collections::BTreeMap<String, i64>) {
+        self.pods_without_sidecar.clear();
+        for (namespace, count) in counts {
+            self.pods_without_sidecar
+                .get_or_create(&NamespaceLabel {
+                    namespace: namespace.clone(),
+                })
+                .set(*count);
+        }
     }
 
     /// Counts one injection decision.

@@ -1,22 +1,27 @@
 //! The reconciler: renders the StreamingPolicies of a namespace into the `streamgate-policies`
 //! ConfigMap its sidecars mount, and reports each policy's status.
 //!
-//! Any change to a policy, or to the ConfigMap (edited or deleted by hand), re-renders the whole
-//! namespace: the file is one artefact of all its policies, and a change to one policy can change
-//! another's status (overlapping overrides).
+//! The controller is keyed on the namespace, not on the policy: policy and ConfigMap events map
+//! to their namespace, so a change costs one rendering whatever the number of policies, and no
+//! two reconciles ever write one namespace's ConfigMap at once (the controller never runs two
+//! reconciles of one key concurrently). Everything is read from reflector caches; the ConfigMap
+//! and the statuses are written only when they differ from what the cache holds.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::ConfigMap;
+use chrono::{DateTime, Utc};
+use futures::FutureExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as K8sEvent, EventType, Recorder};
-use kube::runtime::finalizer::{Event as Finalize, finalizer};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
+use tracing::instrument;
 
 use crate::crd::{PolicyCondition, StreamingPolicy, StreamingPolicyStatus};
 use crate::metrics::Metrics;
@@ -24,7 +29,7 @@ use crate::render::{
     CONFIGMAP_NAME, POLICY_FILE_KEY, PolicyInput, Verdict, previous_specs, render,
 };
 
-/// Finalizer that lets a deleted policy leave the ConfigMap before it goes.
+/// Finalizer that keeps a deleted policy until the ConfigMap no longer holds it.
 pub const FINALIZER: &str = "streamgate.dev/policy-rendering";
 /// Field manager of everything the operator writes with server-side apply.
 pub const FIELD_MANAGER: &str = "streamgate-operator";
@@ -32,8 +37,12 @@ pub const FIELD_MANAGER: &str = "streamgate-operator";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`].
 pub const MANAGED_BY: &str = "streamgate-operator";
-/// How often a policy is reconciled with nothing changed, to repair drift no watch reported.
+/// How often a namespace is reconciled with nothing changed, to repair drift no watch reported.
 pub const RESYNC: Duration = Duration::from_secs(300);
+/// How long a reconcile waits for the caches' first listing.
+pub const CACHE_WAIT: Duration = Duration::from_millis(200);
+/// How long after a failed reconcile it is retried.
+pub const RETRY: Duration = Duration::from_secs(5);
 
 /// Why a reconciliation failed. The variant name is the metric label.
 #[derive(Debug, thiserror::Error)]
@@ -41,12 +50,9 @@ pub enum Error {
     /// The Kubernetes API refused or failed a request.
     #[error("Kubernetes API: {0}")]
     KubeApi(#[source] kube::Error),
-    /// Adding or removing the finalizer failed.
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
-    /// A StreamingPolicy without a namespace: cannot happen for a namespaced CRD.
-    #[error("StreamingPolicy {0} has no namespace")]
-    MissingNamespace(String),
+    /// A reflector cache stopped (the controller is shutting down).
+    #[error("the {0} cache is gone")]
+    CacheGone(&'static str),
 }
 
 impl From<kube::Error> for Error {
@@ -60,8 +66,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::KubeApi(_) => "KubeApi",
-            Error::Finalizer(_) => "Finalizer",
-            Error::MissingNamespace(_) => "MissingNamespace",
+            Error::CacheGone(_) => "CacheGone",
         }
     }
 }
@@ -74,51 +79,93 @@ pub struct Context {
     pub recorder: Recorder,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Every StreamingPolicy of the cluster, as last seen.
+    pub policies: Store<StreamingPolicy>,
+    /// The operator's `streamgate-policies` ConfigMaps, as last seen.
+    pub config_maps: Store<ConfigMap>,
 }
 
-/// Reconciles one policy, which re-renders its namespace.
-pub async fn reconcile(policy: Arc<StreamingPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+/// Reconciles one namespace: renders its policies, writes what changed, and asks to be called
+/// again at the next `activeFrom` / `activeUntil` boundary (or after [`RESYNC`]).
+#[instrument(skip_all, fields(namespace = %namespace.name_any()))]
+pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Error> {
+    // Rendering from a cache that has not listed yet would drop every policy from the file:
+    // come back shortly. (Checked, not awaited: the caches fill only while the controller
+    // polls its trigger streams, and every namespace is reconciled at start-up.)
+    for (cache, readiness) in [
+        (
+            "StreamingPolicy",
+            ctx.policies.wait_until_ready().now_or_never(),
+        ),
+        (
+            "ConfigMap",
+            ctx.config_maps.wait_until_ready().now_or_never(),
+        ),
+    ] {
+        match readiness {
+            Some(Ok(())) => {}
+            Some(Err(_)) => return Err(Error::CacheGone(cache)),
+            None => return Ok(Action::requeue(CACHE_WAIT)),
+        }
+    }
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
-    let namespace = policy
-        .namespace()
-        .ok_or_else(|| Error::MissingNamespace(policy.name_any()))?;
-    let api: Api<StreamingPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
-    let (namespace, ctx) = (&namespace, &ctx);
-    let result = finalizer(&api, FINALIZER, policy, |event| async move {
-        match event {
-            // On deletion the policy is still listed, with a deletion timestamp, and the
-            // rendering leaves it out; the finalizer is removed once that is written.
-            Finalize::Apply(_) | Finalize::Cleanup(_) => {
-                sync_namespace(namespace, ctx).await?;
-                Ok(Action::requeue(RESYNC))
-            }
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    let now = Utc::now();
+    let result = sync_namespace(&namespace.name_any(), &ctx, now).await;
     ctx.metrics
         .duration
         .observe(started.elapsed().as_secs_f64());
-    result
+    Ok(next_action(result?, now))
+}
+
+/// When to come back: at the next window boundary if it is before the resync.
+pub fn next_action(next_boundary: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Action {
+    match next_boundary.and_then(|at| (at - now).to_std().ok()) {
+        // A timer that fires a hair early finds the window unchanged and asks again for the
+        // few milliseconds left, so no margin is needed for correctness.
+        Some(wait) if wait < RESYNC => Action::requeue(wait),
+        _ => Action::requeue(RESYNC),
+    }
 }
 
 /// Retries a failed reconciliation with a short delay, and counts the failure.
-pub fn error_policy(policy: Arc<StreamingPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(namespace: Arc<Namespace>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.count_failure(error.metric_label());
-    tracing::warn!(policy = %policy.name_any(), namespace = ?policy.namespace(), %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(5))
+    tracing::warn!(namespace = %namespace.name_any(), %error, "reconcile failed");
+    Action::requeue(RETRY)
 }
 
-/// Renders every policy of `namespace` into its ConfigMap and updates their status.
-pub async fn sync_namespace(namespace: &str, ctx: &Context) -> Result<(), Error> {
+/// Renders every policy of `namespace` into its ConfigMap, updates their status and
+/// finalizers. Returns the next window boundary, when the namespace must be rendered again.
+pub async fn sync_namespace(
+    namespace: &str,
+    ctx: &Context,
+    now: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, Error> {
+    let mut listed: Vec<Arc<StreamingPolicy>> = ctx
+        .policies
+        .state_filter(|p| p.namespace().as_deref() == Some(namespace));
+    listed.sort_by_key(|p| p.name_any());
+    let cached = ctx
+        .config_maps
+        .get(&ObjectRef::new(CONFIGMAP_NAME).within(namespace));
+    if listed.is_empty() && cached.is_none() {
+        // Most namespaces: nothing to render, nothing to clean up.
+        return Ok(None);
+    }
     let policies: Api<StreamingPolicy> = Api::namespaced(ctx.client.clone(), namespace);
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
-    let listed = policies.list(&ListParams::default()).await?.items;
-    let previous = config_maps
-        .get_opt(CONFIGMAP_NAME)
-        .await?
-        .and_then(|cm| cm.data?.remove(POLICY_FILE_KEY))
+
+    // The finalizer makes a policy's deletion wait for the rendering that leaves it out.
+    for policy in listed.iter().filter(|p| {
+        p.meta().deletion_timestamp.is_none() && !p.finalizers().iter().any(|f| f == FINALIZER)
+    }) {
+        add_finalizer(&policies, policy).await?;
+    }
+
+    let previous = cached
+        .as_ref()
+        .and_then(|cm| cm.data.as_ref()?.get(POLICY_FILE_KEY).cloned())
         .map(|file| previous_specs(&file))
         .unwrap_or_default();
     let inputs: Vec<PolicyInput> = listed
@@ -129,13 +176,53 @@ pub async fn sync_namespace(namespace: &str, ctx: &Context) -> Result<(), Error>
             deleting: p.meta().deletion_timestamp.is_some(),
         })
         .collect();
-    let rendering = render(namespace, &inputs, &previous, chrono::Utc::now());
+    let rendering = render(namespace, &inputs, &previous, now);
 
     let live: Vec<&StreamingPolicy> = listed
         .iter()
+        .map(|p| p.as_ref())
         .filter(|p| p.meta().deletion_timestamp.is_none())
         .collect();
-    let config_map = ConfigMap {
+    let desired = desired_config_map(namespace, &live, &rendering.policy_file);
+    // The cache may lag behind our own last write (a policy's status event can arrive before
+    // the ConfigMap's): ask the API server before writing the same content again.
+    if !config_map_matches(cached.as_deref(), &desired)
+        && !config_map_matches(
+            config_maps.get_opt(CONFIGMAP_NAME).await?.as_ref(),
+            &desired,
+        )
+    {
+        config_maps
+            .patch(
+                CONFIGMAP_NAME,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&desired),
+            )
+            .await?;
+        ctx.metrics.count_configmap_apply(namespace);
+        tracing::info!(policies = live.len(), "rendered the policy ConfigMap");
+    }
+
+    for policy in &live {
+        if let Some(verdict) = rendering.verdicts.get(&policy.name_any()) {
+            update_status(&policies, policy, verdict, ctx).await?;
+        }
+    }
+    for policy in listed.iter().filter(|p| {
+        p.meta().deletion_timestamp.is_some() && p.finalizers().iter().any(|f| f == FINALIZER)
+    }) {
+        remove_finalizer(&policies, policy).await?;
+    }
+    Ok(rendering.next_boundary)
+}
+
+/// The ConfigMap as the operator applies it.
+pub fn desired_config_map(
+    namespace: &str,
+    live: &[&StreamingPolicy],
+    policy_file: &str,
+) -> ConfigMap {
+    ConfigMap {
         metadata: ObjectMeta {
             name: Some(CONFIGMAP_NAME.into()),
             namespace: Some(namespace.into()),
@@ -143,32 +230,96 @@ pub async fn sync_namespace(namespace: &str, ctx: &Context) -> Result<(), Error>
                 MANAGED_BY_LABEL.to_string(),
                 MANAGED_BY.to_string(),
             )])),
-            // Owned by every policy (none is "the" controller), so a change to the ConfigMap
-            // wakes the reconciler, and the ConfigMap goes when the last policy does.
+            // Owned by every policy (none is "the" controller), so the ConfigMap goes when the
+            // last policy does.
             owner_references: Some(live.iter().map(|p| owner_reference(p)).collect()),
             ..ObjectMeta::default()
         },
         data: Some(BTreeMap::from([(
             POLICY_FILE_KEY.to_string(),
-            rendering.policy_file.clone(),
+            policy_file.to_string(),
         )])),
         ..ConfigMap::default()
-    };
-    config_maps
-        .patch(
-            CONFIGMAP_NAME,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&config_map),
-        )
-        .await?;
-
-    for policy in live {
-        let Some(verdict) = rendering.verdicts.get(&policy.name_any()) else {
-            continue;
-        };
-        update_status(&policies, policy, verdict, ctx).await?;
     }
-    Ok(())
+}
+
+/// Whether the cached ConfigMap already says what `desired` says (data, our label, owners):
+/// then applying it again would change nothing.
+pub fn config_map_matches(cached: Option<&ConfigMap>, desired: &ConfigMap) -> bool {
+    let Some(cached) = cached else {
+        return false;
+    };
+    let owners = |cm: &ConfigMap| -> Vec<String> {
+        let mut uids: Vec<String> = cm
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .map(|o| o.uid.clone())
+            .collect();
+        uids.sort();
+        uids
+    };
+    let labelled = cached
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY));
+    labelled && cached.data == desired.data && owners(cached) == owners(desired)
+}
+
+async fn add_finalizer(api: &Api<StreamingPolicy>, policy: &StreamingPolicy) -> Result<(), Error> {
+    // JSON patches with a `test`: a concurrent change of the list fails the patch instead of
+    // being overwritten, and the next reconcile sees the new list.
+    let patch = if policy.finalizers().is_empty() {
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+        ])
+    } else {
+        json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": policy.finalizers()},
+            {"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER},
+        ])
+    };
+    patch_finalizers(api, policy, patch).await
+}
+
+async fn remove_finalizer(
+    api: &Api<StreamingPolicy>,
+    policy: &StreamingPolicy,
+) -> Result<(), Error> {
+    let Some(index) = policy.finalizers().iter().position(|f| f == FINALIZER) else {
+        return Ok(());
+    };
+    let patch = json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{index}"), "value": FINALIZER},
+        {"op": "remove", "path": format!("/metadata/finalizers/{index}")},
+    ]);
+    patch_finalizers(api, policy, patch).await
+}
+
+async fn patch_finalizers(
+    api: &Api<StreamingPolicy>,
+    policy: &StreamingPolicy,
+    patch: serde_json::Value,
+) -> Result<(), Error> {
+    let patch: json_patch::Patch =
+        serde_json::from_value(patch).expect("the finalizer patches above are valid JSON patches");
+    match api
+        .patch(
+            &policy.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Gone already (deleted), or the cache was stale (the `test` failed, 422): the watch
+        // brings the current object and another reconcile.
+        Err(kube::Error::Api(status)) if status.code == 404 || status.code == 422 => Ok(()),
+        Err(error) => Err(error.into()),
+    }
 }
 
 fn owner_reference(policy: &StreamingPolicy) -> OwnerReference {
@@ -275,7 +426,7 @@ fn truncate(text: &str, max: usize) -> String {
 mod tests {
     use super::*;
     use crate::crd::StreamingPolicySpec;
-    use crate::render::reasons;
+    use crate::render::{reasons, render};
 
     fn policy(generation: i64, status: Option<StreamingPolicyStatus>) -> StreamingPolicy {
         let mut p = StreamingPolicy::new("p", StreamingPolicySpec::default());
@@ -348,7 +499,21 @@ mod tests {
         }
     }
 
-    fn test_context(client: kube::Client) -> Arc<Context> {
+    /// A context whose caches hold `policies` and `config_map`, as the reflectors would.
+    fn test_context(
+        client: kube::Client,
+        policies: Vec<StreamingPolicy>,
+        config_map: Option<ConfigMap>,
+    ) -> Arc<Context> {
+        use kube::runtime::{reflector, watcher};
+        let (policy_cache, mut policy_writer) = reflector::store();
+        for policy in policies {
+            policy_writer.apply_watcher_event(&watcher::Event::Apply(policy));
+        }
+        let (config_map_cache, mut config_map_writer) = reflector::store();
+        if let Some(cm) = config_map {
+            config_map_writer.apply_watcher_event(&watcher::Event::Apply(cm));
+        }
         Arc::new(Context {
             recorder: Recorder::new(
                 client.clone(),
@@ -359,19 +524,32 @@ mod tests {
             ),
             client,
             metrics: Arc::new(Metrics::new()),
+            policies: policy_cache,
+            config_maps: config_map_cache,
         })
+    }
+
+    /// A live policy of namespace `media` that already carries the finalizer.
+    fn media_policy() -> StreamingPolicy {
+        let mut p = StreamingPolicy::new("default", StreamingPolicySpec::default());
+        p.metadata.namespace = Some("media".into());
+        p.metadata.uid = Some("u1".into());
+        p.metadata.generation = Some(1);
+        p.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        p
+    }
+
+    fn namespace(name: &str) -> Arc<Namespace> {
+        let mut ns = Namespace::default();
+        ns.metadata.name = Some(name.into());
+        Arc::new(ns)
     }
 
     #[tokio::test]
     async fn a_refused_configmap_write_fails_the_reconcile_and_is_counted() {
         let (client, mut api) = mock::client();
-        let ctx = test_context(client);
+        let ctx = test_context(client, vec![media_policy()], None);
         let server = tokio::spawn(async move {
-            let mut p = StreamingPolicy::new("default", StreamingPolicySpec::default());
-            p.metadata.namespace = Some("media".into());
-            p.metadata.uid = Some("u1".into());
-            mock::expect(&mut api, "GET", "/apis/streamgate.dev/v1alpha1/namespaces/media/streamingpolicies", 200,
-                serde_json::json!({"apiVersion": "streamgate.dev/v1alpha1", "kind": "StreamingPolicyList", "metadata": {}, "items": [p]})).await;
             mock::expect(
                 &mut api,
                 "GET",
@@ -389,44 +567,34 @@ mod tests {
             )
             .await;
         });
-        let error = sync_namespace("media", &ctx).await.unwrap_err();
+        let error = sync_namespace("media", &ctx, Utc::now()).await.unwrap_err();
         server.await.unwrap();
         assert!(
             matches!(&error, Error::KubeApi(kube::Error::Api(s)) if s.code == 403),
             "{error:?}"
         );
-
-        let policy = Arc::new(StreamingPolicy::new(
-            "default",
-            StreamingPolicySpec::default(),
-        ));
-        let action = error_policy(policy, &error, ctx.clone());
-        assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+        let action = error_policy(namespace("media"), &error, ctx.clone());
+        assert_eq!(action, Action::requeue(RETRY));
+        let text = ctx.metrics.render();
         assert!(
-            ctx.metrics
-                .render()
-                .contains(r#"streamgate_operator_reconcile_failures_total{error="KubeApi"} 1"#)
+            text.contains(r#"streamgate_operator_reconcile_failures_total{error="KubeApi"} 1"#),
+            "{text}"
         );
+        assert_eq!(ctx.metrics.configmap_apply_count("media"), 0);
     }
 
     #[tokio::test]
     async fn a_failed_status_write_fails_the_reconcile_after_the_configmap_is_written() {
         let (client, mut api) = mock::client();
-        let ctx = test_context(client);
+        let ctx = test_context(client, vec![media_policy()], None);
         let server = tokio::spawn(async move {
-            let mut p = StreamingPolicy::new("default", StreamingPolicySpec::default());
-            p.metadata.namespace = Some("media".into());
-            p.metadata.uid = Some("u1".into());
-            p.metadata.generation = Some(1);
             let cm = serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "streamgate-policies", "namespace": "media"}, "data": {}});
-            mock::expect(&mut api, "GET", "/apis/streamgate.dev/v1alpha1/namespaces/media/streamingpolicies", 200,
-                serde_json::json!({"apiVersion": "streamgate.dev/v1alpha1", "kind": "StreamingPolicyList", "metadata": {}, "items": [p]})).await;
             mock::expect(
                 &mut api,
                 "GET",
                 "/api/v1/namespaces/media/configmaps/streamgate-policies",
-                200,
-                cm.clone(),
+                404,
+                mock::status(404, "NotFound"),
             )
             .await;
             mock::expect(
@@ -446,19 +614,77 @@ mod tests {
             )
             .await;
         });
-        let error = sync_namespace("media", &ctx).await.unwrap_err();
+        let error = sync_namespace("media", &ctx, Utc::now()).await.unwrap_err();
         server.await.unwrap();
         assert!(
             matches!(&error, Error::KubeApi(kube::Error::Api(s)) if s.code == 500),
             "{error:?}"
         );
+        assert_eq!(ctx.metrics.configmap_apply_count("media"), 1);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_written_when_the_caches_already_show_the_rendering() {
+        let now = Utc::now();
+        let mut policy = media_policy();
+        let input = PolicyInput {
+            name: "default".into(),
+            spec: policy.spec.policy.clone(),
+            deleting: false,
+        };
+        let rendering = render("media", &[input], &BTreeMap::new(), now);
+        let config_map = desired_config_map("media", &[&policy], &rendering.policy_file);
+        policy.status = Some(desired_status(
+            &policy,
+            &rendering.verdicts["default"],
+            "2030-01-01T00:00:00Z",
+        ));
+        let (client, api) = mock::client();
+        // Any request would fail: the mock API server is gone.
+        drop(api);
+        let ctx = test_context(client, vec![policy], Some(config_map));
+        assert_eq!(sync_namespace("media", &ctx, now).await.unwrap(), None);
+        assert_eq!(ctx.metrics.configmap_apply_count("media"), 0);
+
+        // A namespace without policies or ConfigMap: nothing to do either.
+        assert_eq!(sync_namespace("empty", &ctx, now).await.unwrap(), None);
+    }
+
+    #[test]
+    fn the_next_reconcile_is_at_the_next_window_boundary() {
+        let now = Utc::now();
+        assert_eq!(
+            next_action(Some(now + chrono::Duration::seconds(3)), now),
+            Action::requeue(Duration::from_secs(3))
+        );
+        assert_eq!(next_action(None, now), Action::requeue(RESYNC));
+        assert_eq!(
+            next_action(Some(now + chrono::Duration::days(2)), now),
+            Action::requeue(RESYNC)
+        );
+    }
+
+    #[test]
+    fn a_cached_configmap_matches_only_with_our_label_data_and_owners() {
+        let mut a = StreamingPolicy::new("a", StreamingPolicySpec::default());
+        a.metadata.uid = Some("ua".into());
+        let mut b = StreamingPolicy::new("b", StreamingPolicySpec::default());
+        b.metadata.uid = Some("ub".into());
+        let desired = desired_config_map("ns", &[&a, &b], "file");
+        assert!(!config_map_matches(None, &desired));
+        let reordered = desired_config_map("ns", &[&b, &a], "file");
+        assert!(config_map_matches(Some(&reordered), &desired));
+        let edited = desired_config_map("ns", &[&a, &b], "edited by hand");
+        assert!(!config_map_matches(Some(&edited), &desired));
+        let fewer_owners = desired_config_map("ns", &[&a], "file");
+        assert!(!config_map_matches(Some(&fewer_owners), &desired));
+        let mut unlabelled = desired.clone();
+        unlabelled.metadata.labels = None;
+        assert!(!config_map_matches(Some(&unlabelled), &desired));
     }
 
     #[test]
     fn error_names_are_metric_labels() {
-        assert_eq!(
-            Error::MissingNamespace("x".into()).metric_label(),
-            "MissingNamespace"
-        );
+        assert_eq!(Error::CacheGone("ConfigMap").metric_label(), "CacheGone");
     }
 }

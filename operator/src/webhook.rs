@@ -12,16 +12,13 @@ use anyhow::Context as _;
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsAcceptor;
 
 use crate::certs::{self, SelfIssued, ServingCert};
 use crate::config::Config;
@@ -149,7 +146,9 @@ pub fn review_pod(
 }
 
 /// Serves `router` over TLS on `listener` with the certificate in `cert` (swapped in place on
-/// renewal), until the returned task is aborted.
+/// renewal: rustls asks the resolver on every handshake), until the returned task is aborted.
+///
+/// `axum-server` runs the accept loop, the TLS handshakes (with a timeout) and the connections.
 pub fn serve(
     listener: TcpListener,
     router: Router,
@@ -163,33 +162,15 @@ pub fn serve(
     .with_no_client_auth()
     .with_cert_resolver(cert);
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let acceptor = RustlsAcceptor::new(RustlsConfig::from_config(Arc::new(tls)));
+    let server = axum_server::Server::<SocketAddr>::from_listener(listener)
+        .acceptor(acceptor)
+        .accept_error_handler(|_: Option<&SocketAddr>, error: &std::io::Error| {
+            tracing::warn!(%error, "webhook accept failed")
+        });
     Ok(tokio::spawn(async move {
-        loop {
-            let (tcp, _) = match listener.accept().await {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // E.g. out of file descriptors: back off instead of spinning.
-                    tracing::warn!(%error, "webhook accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let acceptor = acceptor.clone();
-            let service = TowerToHyperService::new(router.clone());
-            tokio::spawn(async move {
-                // A failed handshake or connection only affects that one caller.
-                let tls = match acceptor.accept(tcp).await {
-                    Ok(tls) => tls,
-                    Err(error) => {
-                        tracing::debug!(%error, "webhook TLS handshake failed");
-                        return;
-                    }
-                };
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tls), service)
-                    .await;
-            });
+        if let Err(error) = server.serve(router.into_make_service()).await {
+            tracing::error!(%error, "the webhook server stopped");
         }
     }))
 }
@@ -258,6 +239,7 @@ mod tests {
         WebhookState {
             sidecar: Arc::new(SidecarConfig {
                 operator_namespace: "streamgate-system".into(),
+                excluded_namespaces: Default::default(),
                 image: "sidecar:test".into(),
                 image_pull_policy: "IfNotPresent".into(),
                 port: 8080,

@@ -1,15 +1,21 @@
 //! The reconciler against a real kube-apiserver: policies applied with kubectl become the
 //! namespace's rendered ConfigMap and a Ready status; edits, deletions and hand edits of the
-//! ConfigMap are reconciled; invalid policies are refused by the API server.
+//! ConfigMap are reconciled; invalid policies are refused by the API server; a namespace costs
+//! one ConfigMap write per change whatever its number of policies; time-boxed overrides apply
+//! and lapse on their own; opted-in pods admitted without the sidecar are counted.
 
+use std::collections::BTreeMap;
 use std::process::Output;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::ConfigMap;
+use chrono::{Timelike, Utc};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
+use streamgate_operator::config::DEFAULT_EXCLUDED_NAMESPACES;
 use streamgate_operator::crd::{StreamingPolicy, StreamingPolicySpec};
 use streamgate_operator::metrics::Metrics;
 use streamgate_operator::reconcile::FINALIZER;
@@ -21,6 +27,12 @@ use streamgate_testenv::{
 use tokio::sync::OnceCell;
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// The metrics of the one controller the tests share.
+fn metrics() -> &'static Arc<Metrics> {
+    static METRICS: LazyLock<Arc<Metrics>> = LazyLock::new(|| Arc::new(Metrics::new()));
+    &METRICS
+}
 
 /// The shared control plane, with the CRD installed and one operator controller running on a
 /// runtime of its own (each test has its own runtime, which ends with the test).
@@ -42,7 +54,8 @@ async fn setup() -> Result<(&'static ControlPlane, Client)> {
                     .await
                     .expect("kube config");
                     let client = Client::try_from(config).expect("client");
-                    streamgate_operator::run_controller(client, Arc::new(Metrics::new())).await;
+                    let excluded = DEFAULT_EXCLUDED_NAMESPACES.map(String::from).into();
+                    streamgate_operator::run_controller(client, metrics().clone(), excluded).await;
                 });
             });
             anyhow::Ok(())
@@ -359,5 +372,364 @@ async fn a_spec_the_schema_cannot_catch_is_reported_and_the_last_good_version_st
     let file = rendered(&client, &ns).await?.unwrap();
     let set = PolicySet::from_yaml(&file, "r", &ns)?;
     assert_eq!(set.resolve("vip-1").limit, 7, "the last good version stays");
+    Ok(())
+}
+
+async fn wait_ready_at_generation(policies: &Api<StreamingPolicy>, name: &str) -> Result<()> {
+    wait_until(WAIT, &format!("{name} Ready for its generation"), || {
+        let policies = policies.clone();
+        async move {
+            let p = policies.get(name).await?;
+            Ok(ready_condition(&p).is_some_and(|(status, _, generation)| {
+                status == "True" && generation == p.metadata.generation
+            }))
+        }
+    })
+    .await
+}
+
+fn limited(name: &str, limit: u32, accounts: &[&str]) -> StreamingPolicy {
+    StreamingPolicy::new(
+        name,
+        StreamingPolicySpec {
+            policy: PolicySpec {
+                max_streams_per_account: limit,
+                accounts: accounts.iter().map(|a| a.to_string()).collect(),
+                ..PolicySpec::default()
+            },
+        },
+    )
+}
+
+#[tokio::test]
+async fn twenty_policies_cost_one_configmap_write_per_change() -> Result<()> {
+    let (_, client) = setup().await?;
+    let ns = create_namespace(&client, "twenty", &[]).await?;
+    let policies: Api<StreamingPolicy> = Api::namespaced(client.clone(), &ns);
+    policies
+        .create(&PostParams::default(), &limited("default", 3, &[]))
+        .await?;
+    for i in 1..20 {
+        let account = format!("acct-{i}");
+        policies
+            .create(
+                &PostParams::default(),
+                &limited(&format!("p{i:02}"), 4, &[&account]),
+            )
+            .await?;
+    }
+    wait_for_rendering(&client, &ns, "all twenty policies rendered", |s| {
+        s.policies().len() == 20
+    })
+    .await?;
+    for i in 1..20 {
+        wait_ready_at_generation(&policies, &format!("p{i:02}")).await?;
+    }
+    let start = metrics().configmap_apply_count(&ns);
+    assert!(
+        (1..=20).contains(&start),
+        "creating 20 policies wrote the ConfigMap {start} times"
+    );
+
+    for (round, limit) in [5u32, 6, 7].into_iter().enumerate() {
+        let patch = serde_json::json!({"spec": {"maxStreamsPerAccount": limit}});
+        policies
+            .patch("p07", &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        wait_for_rendering(&client, &ns, "the edit rendered", |s| {
+            s.resolve("acct-7").limit == limit
+        })
+        .await?;
+        wait_ready_at_generation(&policies, "p07").await?;
+        // The status write, and the ConfigMap's own watch event, wake the namespace again:
+        // those reconciles find nothing to write. A stray write shows in the next round.
+        assert_eq!(
+            metrics().configmap_apply_count(&ns) - start,
+            round as u64 + 1,
+            "one ConfigMap write per edit (edit {})",
+            round + 1
+        );
+    }
+    // A last edit of another policy: any stray write after the third round shows here.
+    let patch = serde_json::json!({"spec": {"maxStreamsPerAccount": 9}});
+    policies
+        .patch("default", &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    wait_for_rendering(&client, &ns, "the last edit rendered", |s| {
+        s.resolve("anyone").limit == 9
+    })
+    .await?;
+    wait_ready_at_generation(&policies, "default").await?;
+    assert_eq!(metrics().configmap_apply_count(&ns) - start, 4);
+    let rendered_text = metrics().render();
+    assert!(
+        rendered_text.contains(&format!(
+            "streamgate_operator_configmap_applies_total{{namespace=\"{ns}\"}} {}",
+            start + 4
+        )),
+        "{rendered_text}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_edits_are_all_rendered() -> Result<()> {
+    let (_, client) = setup().await?;
+    let ns = create_namespace(&client, "concurrent", &[]).await?;
+    let policies: Api<StreamingPolicy> = Api::namespaced(client.clone(), &ns);
+    for i in 0..10 {
+        policies
+            .create(
+                &PostParams::default(),
+                &limited(&format!("p{i}"), 1, &[&format!("acct-{i}")]),
+            )
+            .await?;
+    }
+    // Ten writers, five edits each, all at once: the last edit of every policy must win.
+    let writers = (0..10).map(|i| {
+        let policies = policies.clone();
+        tokio::spawn(async move {
+            for limit in 2..=6u32 {
+                let patch = serde_json::json!({"spec": {"maxStreamsPerAccount": limit + i}});
+                policies
+                    .patch(
+                        &format!("p{i}"),
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await?;
+            }
+            anyhow::Ok(())
+        })
+    });
+    for writer in futures::future::join_all(writers).await {
+        writer??;
+    }
+    wait_for_rendering(&client, &ns, "every last edit rendered", |s| {
+        (0..10).all(|i| s.resolve(&format!("acct-{i}")).limit == 6 + i)
+    })
+    .await?;
+    for i in 0..10 {
+        wait_ready_at_generation(&policies, &format!("p{i}")).await?;
+    }
+    Ok(())
+}
+
+fn windowed(
+    name: &str,
+    from: chrono::DateTime<Utc>,
+    until: chrono::DateTime<Utc>,
+) -> StreamingPolicy {
+    let mut policy = limited(name, 5, &["fan-1"]);
+    policy.spec.policy.active_from = Some(from);
+    policy.spec.policy.active_until = Some(until);
+    policy
+}
+
+async fn wait_reason(policies: &Api<StreamingPolicy>, name: &str, reason: &str) -> Result<()> {
+    wait_until(WAIT, &format!("{name} reports {reason}"), || {
+        let policies = policies.clone();
+        async move {
+            let p = policies.get(name).await?;
+            Ok(ready_condition(&p)
+                .is_some_and(|(_, r, g)| r == reason && g == p.metadata.generation))
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_time_boxed_override_applies_and_lapses_on_its_own() -> Result<()> {
+    let (cp, client) = setup().await?;
+    let ns = create_namespace(&client, "window", &[]).await?;
+    let policies: Api<StreamingPolicy> = Api::namespaced(client.clone(), &ns);
+    policies
+        .create(&PostParams::default(), &limited("default", 2, &[]))
+        .await?;
+    // Whole seconds: the API server keeps RFC 3339 timestamps to the second.
+    let now = Utc::now().with_nanosecond(0).expect("valid");
+    let from = now + chrono::Duration::seconds(6);
+    let until = from + chrono::Duration::seconds(6);
+    policies
+        .create(&PostParams::default(), &windowed("weekend", from, until))
+        .await?;
+
+    wait_reason(&policies, "weekend", "Scheduled").await?;
+    let file = rendered(&client, &ns).await?.context("rendered")?;
+    assert!(
+        !file.contains("weekend"),
+        "rendered before activeFrom:\n{file}"
+    );
+    let listing = run({
+        let mut get = cp.kubectl();
+        get.args(["get", "sp", "-n", &ns]);
+        get
+    })?;
+    let table = String::from_utf8_lossy(&listing.stdout);
+    let header = table.lines().next().unwrap_or_default();
+    assert!(
+        header.contains("ACTIVE-FROM")
+            && header.contains("ACTIVE-UNTIL")
+            && header.contains("REASON"),
+        "{table}"
+    );
+    let weekend_row = table
+        .lines()
+        .find(|l| l.starts_with("weekend"))
+        .unwrap_or_default();
+    assert!(
+        weekend_row.contains(&from.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            && weekend_row.contains("Scheduled"),
+        "{table}"
+    );
+
+    // No event but the clock: the override comes into force at activeFrom...
+    wait_for_rendering(&client, &ns, "the override in force", |s| {
+        s.resolve_at("fan-1", Utc::now()).limit == 5
+    })
+    .await?;
+    wait_reason(&policies, "weekend", "Rendered").await?;
+    assert!(Utc::now() >= from, "rendered before its window opened");
+    // ...and lapses at activeUntil.
+    wait_reason(&policies, "weekend", "Expired").await?;
+    assert!(Utc::now() >= until, "expired before its window closed");
+    let file = wait_for_rendering(&client, &ns, "the override gone", |s| {
+        s.policies().iter().all(|p| p.name != "weekend")
+    })
+    .await?;
+    assert_eq!(
+        PolicySet::from_yaml(&file, "r", &ns)?
+            .resolve("fan-1")
+            .limit,
+        2
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_reversed_window_is_refused_by_the_api_server() -> Result<()> {
+    let (_, client) = setup().await?;
+    let ns = create_namespace(&client, "reversed", &[]).await?;
+    let policies: Api<StreamingPolicy> = Api::namespaced(client.clone(), &ns);
+    let at = Utc::now();
+    for until in [at, at - chrono::Duration::hours(1)] {
+        let refused = policies
+            .create(&PostParams::default(), &windowed("reversed", at, until))
+            .await;
+        match refused {
+            Err(kube::Error::Api(status)) => {
+                assert_eq!(status.code, 422, "{status:?}");
+                assert!(
+                    status
+                        .message
+                        .contains("spec.activeUntil must be later than spec.activeFrom"),
+                    "{}",
+                    status.message
+                );
+            }
+            other => bail!("a reversed window was not refused: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+fn pod(name: &str, annotations: &[(&str, &str)]) -> Result<Pod> {
+    Ok(serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "annotations": annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+        },
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+    }))?)
+}
+
+fn without_sidecar_line(ns: &str, count: u32) -> String {
+    format!("streamgate_operator_pods_without_sidecar{{namespace=\"{ns}\"}} {count}")
+}
+
+#[tokio::test]
+async fn opted_in_pods_admitted_without_the_sidecar_are_counted() -> Result<()> {
+    let (_, client) = setup().await?;
+    let ns = create_namespace(
+        &client,
+        "unprotected",
+        &[("streamgate.dev/inject", "enabled")],
+    )
+    .await?;
+    let other = create_namespace(&client, "bystander", &[]).await?;
+    // The injection webhook is registered but unreachable: a listener that never accepts, so
+    // the API server times out and, with failurePolicy Ignore, admits the pod unchanged.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let webhook = format!("unreachable-{ns}");
+    let configuration: MutatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": webhook},
+        "webhooks": [{
+            "name": "namespace.inject.streamgate.dev",
+            "clientConfig": {"url": format!("https://{}/inject/namespace-enabled", silent.local_addr()?)},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+            "failurePolicy": "Ignore",
+            "timeoutSeconds": 1,
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+        }],
+    }))?;
+    let configurations = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    configurations
+        .create(&PostParams::default(), &configuration)
+        .await?;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let admitted = pods
+        .create(&PostParams::default(), &pod("player", &[])?)
+        .await?;
+    assert!(
+        !admitted
+            .annotations()
+            .contains_key("streamgate.dev/injected"),
+        "the premise: the pod started without the sidecar"
+    );
+    // Not counted: injected, opted out, or in a namespace that never asked.
+    pods.create(
+        &PostParams::default(),
+        &pod("injected", &[("streamgate.dev/injected", "0.1.0")])?,
+    )
+    .await?;
+    pods.create(
+        &PostParams::default(),
+        &pod("opted-out", &[("streamgate.dev/inject", "disabled")])?,
+    )
+    .await?;
+    Api::<Pod>::namespaced(client.clone(), &other)
+        .create(&PostParams::default(), &pod("plain", &[])?)
+        .await?;
+    configurations
+        .delete(&webhook, &DeleteParams::default())
+        .await?;
+
+    wait_until(WAIT, "the unprotected pod counted", || async {
+        Ok(metrics().render().contains(&without_sidecar_line(&ns, 1)))
+    })
+    .await?;
+    assert!(
+        !metrics()
+            .render()
+            .contains(&format!("namespace=\"{other}\""))
+    );
+
+    // Deleted: no longer counted.
+    pods.delete("player", &DeleteParams::default().grace_period(0))
+        .await?;
+    wait_until(WAIT, "the count back to none", || async {
+        Ok(!metrics().render().contains(&format!(
+            "streamgate_operator_pods_without_sidecar{{namespace=\"{ns}\"}}"
+        )))
+    })
+    .await?;
+    drop(silent);
     Ok(())
 }

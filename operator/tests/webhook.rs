@@ -53,6 +53,7 @@ impl Drop for Harness {
 fn sidecar_config(operator_ns: &str) -> SidecarConfig {
     SidecarConfig {
         operator_namespace: operator_ns.to_string(),
+        excluded_namespaces: Default::default(),
         image: "streamgate/streamgate-sidecar:test".into(),
         image_pull_policy: "IfNotPresent".into(),
         port: 8080,
