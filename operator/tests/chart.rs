@@ -13,10 +13,10 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
-use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use streamgate_testenv::{ControlPlane, create_namespace, shared, wait_until, workspace_root};
 
@@ -276,6 +276,141 @@ fn start_operator(
     Ok((Operator(child), metrics_port))
 }
 
+/// The operator's ServiceAccount, as the chart sets it up, attacks ConfigMaps that are not its
+/// own: `kubectl auth can-i` says no, and real writes are refused.
+async fn the_service_account_cannot_touch_other_config_maps(
+    cp: &ControlPlane,
+    admin: &Client,
+    as_sa: &Client,
+    sa: &str,
+) -> Result<()> {
+    for (verb, target, namespace, expected) in [
+        (
+            "patch",
+            "configmaps/extension-apiserver-authentication",
+            "kube-system",
+            "no",
+        ),
+        ("update", "configmaps/coredns", "kube-system", "no"),
+        ("delete", "configmaps/streamgate-policies", "default", "no"),
+        ("get", "configmaps/kube-root-ca.crt", "default", "no"),
+        (
+            "patch",
+            "configmaps/streamgate-policies",
+            "kube-system",
+            "yes",
+        ),
+    ] {
+        let mut can_i = cp.kubectl();
+        can_i.args([
+            "auth",
+            "can-i",
+            verb,
+            target,
+            "-n",
+            namespace,
+            &format!("--as={sa}"),
+        ]);
+        let output = can_i.output().context("kubectl auth can-i")?;
+        let answer = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        ensure!(
+            answer == expected,
+            "kubectl auth can-i {verb} {target} -n {namespace} --as={sa}: {answer:?}, expected {expected:?}"
+        );
+    }
+
+    let victim_ns = create_namespace(admin, "chart-victim", &[]).await?;
+    let victim: ConfigMap = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "app-settings"},
+        "data": {"mode": "safe"},
+    }))?;
+    Api::<ConfigMap>::namespaced(admin.clone(), &victim_ns)
+        .create(&PostParams::default(), &victim)
+        .await?;
+    let tamper = serde_json::json!({"data": {"mode": "owned"}});
+    for (namespace, name) in [
+        (victim_ns.as_str(), "app-settings"),
+        ("kube-system", "extension-apiserver-authentication"),
+    ] {
+        let theirs = Api::<ConfigMap>::namespaced(as_sa.clone(), namespace);
+        let patched = theirs
+            .patch(name, &PatchParams::default(), &Patch::Merge(&tamper))
+            .await;
+        ensure!(
+            matches!(&patched, Err(kube::Error::Api(s)) if s.code == 403),
+            "patching {namespace}/{name} as the operator: {patched:?}"
+        );
+        let read = theirs.get(name).await;
+        ensure!(
+            matches!(&read, Err(kube::Error::Api(s)) if s.code == 403),
+            "reading {namespace}/{name} as the operator: {read:?}"
+        );
+        let deleted = theirs.delete(name, &Default::default()).await;
+        ensure!(
+            matches!(&deleted, Err(kube::Error::Api(s)) if s.code == 403),
+            "deleting {namespace}/{name} as the operator: {deleted:?}"
+        );
+    }
+    let still = Api::<ConfigMap>::namespaced(admin.clone(), &victim_ns)
+        .get("app-settings")
+        .await?;
+    ensure!(
+        still
+            .data
+            .unwrap_or_default()
+            .get("mode")
+            .map(String::as_str)
+            == Some("safe"),
+        "the victim ConfigMap changed"
+    );
+
+    // RBAC lets it create (create cannot be limited by name); the admission policy refuses
+    // any name but streamgate-policies.
+    let mut planted = victim.clone();
+    planted.metadata.name = Some("planted".into());
+    let mine = Api::<ConfigMap>::namespaced(as_sa.clone(), &victim_ns);
+    let create = |cm: ConfigMap| {
+        let mine = mine.clone();
+        async move { mine.create(&PostParams::default(), &cm).await }
+    };
+    // The admission policy takes effect shortly after it is created: wait until it refuses.
+    wait_until(
+        Duration::from_secs(60),
+        "the admission policy refusing a planted ConfigMap",
+        || {
+            let attempt = create(planted.clone());
+            let admin = Api::<ConfigMap>::namespaced(admin.clone(), &victim_ns);
+            async move {
+                match attempt.await {
+                    Err(kube::Error::Api(s)) if s.code == 403 => {
+                        ensure!(
+                            s.message
+                                .contains("may only create ConfigMaps named streamgate-policies"),
+                            "{s:?}"
+                        );
+                        Ok(true)
+                    }
+                    Ok(_) => {
+                        // Not enforced yet: clean up and try again.
+                        admin.delete("planted", &Default::default()).await?;
+                        Ok(false)
+                    }
+                    Err(error) => Err(error.into()),
+                }
+            }
+        },
+    )
+    .await?;
+    let mut own = victim;
+    own.metadata.name = Some("streamgate-policies".into());
+    create(own)
+        .await
+        .context("the operator may create streamgate-policies")?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn helm_install_creates_crd_rbac_and_webhook_and_uninstall_removes_them() -> Result<()> {
     let cp = shared().await?;
@@ -312,8 +447,10 @@ async fn helm_install_creates_crd_rbac_and_webhook_and_uninstall_removes_them() 
         assert_eq!(hook.timeout_seconds, Some(10));
         let selector = serde_json::to_string(&hook.namespace_selector)?;
         assert!(
-            selector.contains("kube-system") && selector.contains(&ns),
-            "{} excludes kube-system and the release namespace: {selector}",
+            selector.contains("kube-system")
+                && selector.contains("kube-public")
+                && selector.contains(&ns),
+            "{} excludes kube-system, kube-public and the release namespace: {selector}",
             hook.name
         );
         let service = hook
@@ -419,8 +556,51 @@ async fn helm_install_creates_crd_rbac_and_webhook_and_uninstall_removes_them() 
             None,
             false,
         ),
+        // ConfigMaps: streamgate-policies only (create is guarded by the admission policy).
         ("create", "", "configmaps", Some("default"), None, true),
         ("delete", "", "configmaps", Some("default"), None, false),
+        (
+            "patch",
+            "",
+            "configmaps",
+            Some("media"),
+            Some("streamgate-policies"),
+            true,
+        ),
+        (
+            "watch",
+            "",
+            "configmaps",
+            None,
+            Some("streamgate-policies"),
+            true,
+        ),
+        (
+            "patch",
+            "",
+            "configmaps",
+            Some("kube-system"),
+            Some("coredns"),
+            false,
+        ),
+        (
+            "update",
+            "",
+            "configmaps",
+            Some("default"),
+            Some("app-settings"),
+            false,
+        ),
+        (
+            "get",
+            "",
+            "configmaps",
+            Some("kube-system"),
+            Some("extension-apiserver-authentication"),
+            false,
+        ),
+        ("list", "", "configmaps", None, None, false),
+        ("watch", "", "namespaces", None, None, true),
         (
             "create",
             "events.k8s.io",
@@ -450,8 +630,11 @@ async fn helm_install_creates_crd_rbac_and_webhook_and_uninstall_removes_them() 
             false,
         ),
         ("list", "", "secrets", nsr, None, false),
-        ("list", "", "pods", None, None, false),
-        ("get", "", "namespaces", None, None, false),
+        // Pods: listed and watched (metadata) for the pods-without-sidecar count; nothing else.
+        ("list", "", "pods", None, None, true),
+        ("get", "", "pods", Some("default"), Some("any"), false),
+        ("create", "", "pods", Some("default"), None, false),
+        ("get", "", "namespaces", None, Some("default"), false),
     ] {
         let got = can(&client, &sa, verb, group, resource, namespace, name).await?;
         ensure!(
@@ -470,13 +653,14 @@ async fn helm_install_creates_crd_rbac_and_webhook_and_uninstall_removes_them() 
         )
         .await?,
     )?;
-    let forbidden = Api::<k8s_openapi::api::core::v1::Pod>::all(as_sa)
+    let forbidden = Api::<Secret>::all(as_sa.clone())
         .list(&Default::default())
         .await;
     ensure!(
         matches!(&forbidden, Err(kube::Error::Api(s)) if s.code == 403),
         "the impersonating kubeconfig is not limited to the service account: {forbidden:?}"
     );
+    the_service_account_cannot_touch_other_config_maps(cp, &client, &as_sa, &sa).await?;
     let (operator, metrics_port) = start_operator(&deployment, &ns, kubeconfig.path())?;
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns);
     wait_until(
@@ -531,6 +715,30 @@ async fn helm_install_creates_crd_rbac_and_webhook_and_uninstall_removes_them() 
                 .is_ok_and(|r| r.status().is_success()))
         }
     })
+    .await?;
+
+    // With exactly this RBAC the controller renders a namespace's policies.
+    let media = create_namespace(&client, "chart-media", &[]).await?;
+    let mut policy = cp.kubectl();
+    policy
+        .args(["apply", "-n", &media, "-f"])
+        .arg(workspace_root().join("examples/streamingpolicy.yaml"));
+    run(policy, "kubectl apply examples/streamingpolicy.yaml")?;
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &media);
+    wait_until(
+        Duration::from_secs(60),
+        "the operator, with the chart's RBAC, renders the namespace's ConfigMap",
+        || {
+            let config_maps = config_maps.clone();
+            async move {
+                Ok(config_maps
+                    .get_opt("streamgate-policies")
+                    .await?
+                    .and_then(|cm| cm.data?.remove("policies.yaml"))
+                    .is_some_and(|file| file.contains("maxStreamsPerAccount: 3")))
+            }
+        },
+    )
     .await?;
     drop(operator);
 
