@@ -219,10 +219,36 @@ impl Drop for Operator {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// Reads the operator's log from its piped stdout until it reports the address it serves health
+/// and metrics on (it binds port 0, so no port is picked beforehand and hoped free), then keeps
+/// draining the pipe in the background so the operator never blocks on it.
+fn reported_metrics_addr(child: &mut Child) -> Result<std::net::SocketAddr> {
+    use std::io::BufRead as _;
+    let stdout = child
+        .stdout
+        .take()
+        .context("the operator's stdout is piped")?;
+    let (found, reported) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut found = Some(found);
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("serving health and metrics")
+                && let Some(at) = line.find("127.0.0.1:")
+            {
+                let rest = &line[at + "127.0.0.1:".len()..];
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                if let (Some(found), Ok(port)) = (found.take(), digits.parse::<u16>()) {
+                    let _ = found.send(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+                }
+            }
+        }
+    });
+    reported
+        .recv_timeout(Duration::from_secs(60))
+        .context("the operator did not report its metrics address")
 }
 
 /// A kubeconfig that acts as `user` (admin credentials + impersonation), so the operator runs
@@ -245,15 +271,14 @@ fn impersonating_kubeconfig(cp: &ControlPlane, user: &str) -> Result<tempfile::N
     Ok(file)
 }
 
-/// Starts the operator binary with the chart's Deployment args (listen addresses moved to free
-/// loopback ports) as the chart's service account. Returns it and its metrics port.
+/// Starts the operator binary with the chart's Deployment args (listen addresses moved to
+/// loopback, port 0) as the chart's service account. Returns it and its metrics port.
 fn start_operator(
     deployment: &Deployment,
     namespace: &str,
     kubeconfig: &std::path::Path,
 ) -> Result<(Operator, u16)> {
     let container = &deployment.spec.template.spec.as_ref().unwrap().containers[0];
-    let metrics_port = free_port()?;
     let mut args: Vec<String> = container
         .args
         .clone()
@@ -261,19 +286,21 @@ fn start_operator(
         .into_iter()
         .filter(|a| !a.starts_with("--metrics-listen=") && !a.starts_with("--webhook-listen="))
         .collect();
-    args.push(format!("--metrics-listen=127.0.0.1:{metrics_port}"));
-    args.push(format!("--webhook-listen=127.0.0.1:{}", free_port()?));
-    let child = Command::new(env!("CARGO_BIN_EXE_streamgate-operator"))
+    args.push("--metrics-listen=127.0.0.1:0".into());
+    args.push("--webhook-listen=127.0.0.1:0".into());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_streamgate-operator"))
         .args(&args)
         .env("KUBECONFIG", kubeconfig)
         .env("POD_NAMESPACE", namespace)
         .env("POD_NAME", "chart-test-operator")
         .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting streamgate-operator")?;
-    Ok((Operator(child), metrics_port))
+    let addr = reported_metrics_addr(&mut child);
+    let operator = Operator(child);
+    Ok((operator, addr?.port()))
 }
 
 /// The operator's ServiceAccount, as the chart sets it up, attacks ConfigMaps that are not its

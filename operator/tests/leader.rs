@@ -27,24 +27,25 @@ impl Drop for Operator {
 
 impl Operator {
     fn start(kubeconfig: &std::path::Path, lease_namespace: &str, identity: &str) -> Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_streamgate-operator"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_streamgate-operator"))
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "warn")
-            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+            .env("RUST_LOG", "info")
+            .args(["--metrics-listen", "127.0.0.1:0"])
             .args(["--namespace", lease_namespace, "--identity", identity])
             .args(["--lease-duration", "4s"])
             // The injection webhook has tests of its own; here only the controller matters.
             .args(["--webhook", "false"])
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .context("starting streamgate-operator")?;
-        Ok(Self {
+        let addr = reported_metrics_addr(&mut child);
+        // Killed on drop, also when the address never came.
+        let mut operator = Self {
             child,
-            metrics: format!("http://127.0.0.1:{port}/metrics"),
-        })
+            metrics: String::new(),
+        };
+        operator.metrics = format!("http://{}/metrics", addr?);
+        Ok(operator)
     }
 
     /// `(leader gauge, reconciles counter)`, or None while the endpoint is not up.
@@ -59,6 +60,38 @@ impl Operator {
             sample("streamgate_operator_reconciles_total")?,
         ))
     }
+}
+
+/// Reads the operator's log from its piped stdout until it reports the address it serves health
+/// and metrics on (it binds port 0, so no port is picked beforehand and hoped free), then keeps
+/// draining the pipe in the background so the operator never blocks on it.
+fn reported_metrics_addr(child: &mut Child) -> Result<std::net::SocketAddr> {
+    use std::io::BufRead as _;
+    let stdout = child
+        .stdout
+        .take()
+        .context("the operator's stdout is piped")?;
+    let (found, reported) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut found = Some(found);
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("serving health and metrics")
+                && let Some(at) = line.find("127.0.0.1:")
+            {
+                let rest = &line[at + "127.0.0.1:".len()..];
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                if let (Some(found), Ok(port)) = (found.take(), digits.parse::<u16>()) {
+                    let _ = found.send(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+                }
+            }
+        }
+    });
+    reported
+        .recv_timeout(Duration::from_secs(60))
+        .context("the operator did not report its metrics address")
 }
 
 async fn create_policy(api: &Api<StreamingPolicy>, name: &str) -> Result<()> {
