@@ -86,6 +86,11 @@ pub struct SimulateArgs {
     /// Delay between viewer starts, so that viewers open in order (0s: all at once).
     #[arg(long, default_value = "100ms", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub stagger: Duration,
+
+    /// Also draw the run as a timeline picture (SVG) into FILE: one lane per viewer with its
+    /// admission, heartbeats and refusal or cut.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<std::path::PathBuf>,
 }
 
 /// A media path: starts with `/`.

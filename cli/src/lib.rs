@@ -10,6 +10,7 @@ pub mod load;
 pub mod progress;
 pub mod report;
 pub mod simulate;
+pub mod svg;
 
 use std::path::Path;
 
@@ -31,7 +32,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(&cli.endpoint, cli.timeout, pool)?;
     match &cli.command {
         Command::Simulate(args) => {
+            if let Some(path) = &args.svg {
+                check_writable_location(path)?;
+            }
             let report = simulate::run(client, args, true).await?;
+            if let Some(path) = &args.svg {
+                std::fs::write(path, svg::render(&report))
+                    .with_context(|| format!("--svg {}: cannot write the picture", path.display()))?;
+            }
             print(cli.output, &report, report::format_simulate)
         }
         Command::Load(args) => {
@@ -96,6 +104,25 @@ fn print<T: Serialize>(
     match output {
         Output::Text => print!("{}", text(value)),
         Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+    }
+    Ok(())
+}
+
+/// Fails before a run whose `--svg` picture could not be written: its folder must exist.
+fn check_writable_location(path: &Path) -> anyhow::Result<()> {
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() {
+        bail!(
+            "--svg {}: the folder {} does not exist",
+            path.display(),
+            folder.display()
+        );
+    }
+    if path.is_dir() {
+        bail!("--svg {}: is a folder, not a file", path.display());
     }
     Ok(())
 }

@@ -63,6 +63,9 @@ pub struct ViewerReport {
     pub reason: Option<String>,
     /// Heartbeats answered 200.
     pub heartbeats: u32,
+    /// When each of those heartbeats was answered, seconds from the start of the run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heartbeat_at: Vec<f64>,
     /// With `--media`: bytes of media received through the proxy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media_bytes: Option<u64>,
@@ -513,6 +516,7 @@ mod tests {
             ended_at: None,
             reason: None,
             heartbeats: 0,
+            heartbeat_at: Vec::new(),
             media_bytes: None,
             limit: None,
             active: None,

@@ -161,6 +161,7 @@ async fn play(run: Arc<Run>, viewer: Viewer) -> ViewerReport {
         ended_at: None,
         reason: None,
         heartbeats: 0,
+        heartbeat_at: Vec::new(),
         media_bytes: None,
         limit: None,
         active: None,
@@ -249,6 +250,7 @@ async fn play(run: Arc<Run>, viewer: Viewer) -> ViewerReport {
         {
             Ok(Beat::Renewed(_)) => {
                 report.heartbeats += 1;
+                report.heartbeat_at.push(run.now());
                 c.heartbeats.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Beat::Gone(body)) => {

@@ -25,6 +25,12 @@ pub const POLICY_VOLUME: &str = "streamgate-policies";
 pub const POLICY_DIR: &str = "/etc/streamgate/policies";
 /// Name of the sidecar's container port (probes refer to it).
 pub const PORT_NAME: &str = "streamgate";
+/// Name of the sidecar's metrics port: the chart's PodMonitor scrapes it by this name.
+pub const METRICS_PORT_NAME: &str = "sg-metrics";
+/// Port of the sidecar's `/metrics` listener in injected pods.
+pub const METRICS_PORT: u16 = 9091;
+/// Label the injector puts on every pod it injects; the chart's PodMonitor selects on it.
+pub const INJECTED_LABEL: &str = "streamgate.dev/injected";
 
 /// Annotations and labels the injector reads or writes.
 pub mod annotations {
@@ -263,6 +269,18 @@ pub fn plan(pod: &Pod, ctx: &PodContext, config: &SidecarConfig) -> Plan {
             "value": config.version,
         })),
     }
+    match &pod.metadata.labels {
+        None => ops.push(json!({
+            "op": "add",
+            "path": "/metadata/labels",
+            "value": { INJECTED_LABEL: "true" },
+        })),
+        Some(_) => ops.push(json!({
+            "op": "add",
+            "path": format!("/metadata/labels/{}", escape(INJECTED_LABEL)),
+            "value": "true",
+        })),
+    }
     match spec.and_then(|s| s.volumes.as_ref()) {
         None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
         Some(_) => ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume})),
@@ -433,6 +451,11 @@ fn sidecar_container(
 ) -> Container {
     let mut env_vars = vec![
         env("STREAMGATE_LISTEN", format!("0.0.0.0:{}", config.port)),
+        // Prometheus scrapes the pod's IP, so metrics listen beyond loopback.
+        env(
+            "STREAMGATE_METRICS_LISTEN",
+            format!("0.0.0.0:{METRICS_PORT}"),
+        ),
         match &config.store {
             StoreSource::Url(url) => env("STREAMGATE_STORE", url.clone()),
             StoreSource::Secret { name, key } => EnvVar {
@@ -487,12 +510,20 @@ fn sidecar_container(
         // A native sidecar: starts before the app containers and lives as long as the pod.
         restart_policy: Some("Always".into()),
         env: Some(env_vars),
-        ports: Some(vec![ContainerPort {
-            name: Some(PORT_NAME.into()),
-            container_port: i32::from(config.port),
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some(PORT_NAME.into()),
+                container_port: i32::from(config.port),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some(METRICS_PORT_NAME.into()),
+                container_port: i32::from(METRICS_PORT),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+        ]),
         // The app containers start once the session API answers.
         startup_probe: Some(http_probe("/healthz", 1, 30)),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
@@ -634,6 +665,13 @@ mod tests {
         assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
         assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
         assert_eq!(c["ports"][0]["containerPort"], 8080);
+        assert_eq!(c["ports"][1]["name"], "sg-metrics");
+        assert_eq!(c["ports"][1]["containerPort"], 9091);
+        assert_eq!(
+            env_of(c, "STREAMGATE_METRICS_LISTEN").unwrap()["value"],
+            "0.0.0.0:9091"
+        );
+        assert_eq!(doc["metadata"]["labels"]["streamgate.dev/injected"], "true");
         assert_eq!(c["resources"]["requests"]["cpu"], "50m");
         assert_eq!(c["resources"]["limits"]["memory"], "128Mi");
         assert_eq!(c["volumeMounts"][0]["mountPath"], POLICY_DIR);
@@ -670,7 +708,7 @@ mod tests {
     #[test]
     fn appends_to_existing_init_containers_volumes_and_annotations() {
         let p = pod(json!({
-            "metadata": {"name": "player", "annotations": {"a/b": "c"}},
+            "metadata": {"name": "player", "annotations": {"a/b": "c"}, "labels": {"app": "player"}},
             "spec": {
                 "initContainers": [{"name": "setup", "image": "setup:1"}],
                 "containers": [{"name": "app", "image": "app:1"}],
@@ -690,6 +728,11 @@ mod tests {
         assert_eq!(
             doc["metadata"]["annotations"]["streamgate.dev/injected"],
             "0.1.0"
+        );
+        // The PodMonitor's selector label joins the pod's own labels.
+        assert_eq!(
+            doc["metadata"]["labels"],
+            json!({"app": "player", "streamgate.dev/injected": "true"})
         );
     }
 

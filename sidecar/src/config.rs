@@ -95,6 +95,11 @@ pub struct Config {
     #[arg(long, env = "STREAMGATE_CORS_ALLOWED_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
     pub cors_allowed_origins: Vec<String>,
 
+    /// On Redis: how often the fleet-wide live-session count (`streamgate_active_sessions`)
+    /// is refreshed in the background.
+    #[arg(long, env = "STREAMGATE_ACTIVE_SESSIONS_REFRESH", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub active_sessions_refresh: Duration,
+
     /// Log format.
     #[arg(
         long,

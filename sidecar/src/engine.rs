@@ -686,9 +686,7 @@ impl Engine {
     /// Refreshes the active-sessions gauge and renders all metrics.
     pub async fn render_metrics(&self) -> String {
         match self.store.active_sessions().await {
-            Ok(Some(n)) => {
-                self.metrics.active_sessions.set(n as i64);
-            }
+            Ok(Some(n)) => self.metrics.set_active_local(n),
             Ok(None) => {}
             Err(e) => {
                 self.store_failed(Operation::ActiveSessions, e);

@@ -7,6 +7,10 @@
 use prometheus_client::encoding::{EncodeLabelSet, text::encode};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -62,6 +66,17 @@ pub fn method_label(method: &axum::http::Method) -> &'static str {
     }
 }
 
+/// Labels of the live-session gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActiveLabels {
+    /// The policy in force for the counted accounts; empty where the store is not broken down
+    /// by policy (the embedded store).
+    pub policy: String,
+    /// `memory` (this sidecar's own sessions) or `redis` (the whole shared store, counted in the
+    /// background: every sidecar on that store reports the same figures).
+    pub store: String,
+}
+
 /// Label of the policy reload counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -96,8 +111,12 @@ pub struct Metrics {
     pub revocations_subscribed: Gauge,
     /// Sessions admitted without the store under failurePolicy Open.
     pub failed_open: Counter,
-    /// Active sessions in the store (set when scraped).
-    pub active_sessions: Gauge,
+    /// Active sessions in the store, by policy and store kind.
+    pub active_sessions: Family<ActiveLabels, Gauge>,
+    /// Policies with a shared-store count, so a policy that disappears loses its series.
+    active_shared_policies: Mutex<Vec<String>>,
+    /// Age of the shared-store count, seconds.
+    pub active_sessions_age: Gauge<f64, AtomicU64>,
     /// Policy file reloads.
     pub policy_reloads: Family<ResultLabel, Counter>,
     /// HTTP request durations.
@@ -201,11 +220,17 @@ impl Metrics {
             "Sessions admitted without the store because it was unreachable (failurePolicy Open)",
             failed_open.clone(),
         );
-        let active_sessions = Gauge::default();
+        let active_sessions = Family::<ActiveLabels, Gauge>::default();
         registry.register(
             "active_sessions",
-            "Active sessions in the session store",
+            "Active sessions in the session store, by policy; store=redis: the whole shared store, counted in the background",
             active_sessions.clone(),
+        );
+        let active_sessions_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "active_sessions_age_seconds",
+            "Age of the shared store's active_sessions count (Redis only)",
+            active_sessions_age.clone(),
         );
         let policy_reloads = Family::<ResultLabel, Counter>::default();
         registry.register(
@@ -258,6 +283,8 @@ impl Metrics {
             revocations_subscribed,
             failed_open,
             active_sessions,
+            active_shared_policies: Mutex::new(Vec::new()),
+            active_sessions_age,
             policy_reloads,
             http_requests,
         }
@@ -270,6 +297,42 @@ impl Metrics {
                 reason: reason.as_str().into(),
             })
             .inc_by(n as u64);
+    }
+
+    /// Sets this sidecar's own live-session count (the embedded store).
+    pub fn set_active_local(&self, n: u64) {
+        self.active_sessions
+            .get_or_create(&ActiveLabels {
+                policy: String::new(),
+                store: "memory".into(),
+            })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the shared store's live sessions by policy, dropping policies no longer counted.
+    pub fn set_active_shared(&self, by_policy: &std::collections::BTreeMap<String, u64>) {
+        let labels = |policy: &str| ActiveLabels {
+            policy: policy.to_string(),
+            store: "redis".into(),
+        };
+        let mut previous = self
+            .active_shared_policies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for gone in previous.iter().filter(|p| !by_policy.contains_key(*p)) {
+            self.active_sessions.remove(&labels(gone));
+        }
+        for (policy, n) in by_policy {
+            self.active_sessions
+                .get_or_create(&labels(policy))
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+        *previous = by_policy.keys().cloned().collect();
+    }
+
+    /// Sets how old the shared store's count is.
+    pub fn set_active_age(&self, age: Duration) {
+        self.active_sessions_age.set(age.as_secs_f64());
     }
 
     /// Counts a DryRun decision.

@@ -34,6 +34,7 @@ use crate::metrics::{HttpLabels, Metrics, method_label};
 use crate::policy::PolicySet;
 use crate::policy_watch::PolicyWatcher;
 use crate::proxy::Proxy;
+use crate::store::redis_count::refresh_active_sessions;
 use crate::store::{MemoryStore, RedisStore, SessionStore};
 
 /// A sidecar's engine and HTTP application, ready to serve.
@@ -307,6 +308,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
     sidecar.start(&tasks, &stop);
+    // On Redis the fleet-wide live-session count is taken in the background (see redis_count).
+    if let StoreSpec::Redis(target) = StoreSpec::parse(&config.store)? {
+        tasks.spawn(refresh_active_sessions(
+            target,
+            sidecar.engine().policies().clone(),
+            sidecar.engine().metrics().clone(),
+            config.active_sessions_refresh,
+            stop.clone(),
+        ));
+    }
     if let Some(path) = &config.policy_file {
         let watcher = PolicyWatcher::new(
             path.clone(),

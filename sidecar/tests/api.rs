@@ -7,6 +7,8 @@ use reqwest::Method;
 use serde_json::Value;
 
 const TTL_MS: i64 = 90_000;
+/// The embedded store's live-session series (not broken down by policy).
+const ACTIVE_MEMORY: &str = r#"streamgate_active_sessions{policy="",store="memory"}"#;
 
 fn ids(sessions: &Value) -> Vec<String> {
     sessions
@@ -48,7 +50,7 @@ async fn reject_new_refuses_the_fourth_stream_and_lists_the_conflicting_sessions
     let m = t.metrics().await;
     assert_eq!(metric(&m, "streamgate_sessions_admitted_total"), Some(4.0));
     assert_eq!(metric(&m, "streamgate_sessions_refused_total"), Some(1.0));
-    assert_eq!(metric(&m, "streamgate_active_sessions"), Some(4.0));
+    assert_eq!(metric(&m, ACTIVE_MEMORY), Some(4.0));
 }
 
 #[tokio::test]
@@ -290,7 +292,7 @@ async fn a_session_without_heartbeats_expires_after_its_ttl() {
     })
     .await;
     assert_eq!(
-        metric(&t.metrics().await, "streamgate_active_sessions"),
+        metric(&t.metrics().await, ACTIVE_MEMORY),
         Some(0.0)
     );
 }
@@ -328,7 +330,7 @@ async fn bad_identifiers_get_400_naming_the_parameter_and_store_nothing() {
     }
     let m = t.metrics().await;
     assert_eq!(metric(&m, "streamgate_sessions_admitted_total"), Some(0.0));
-    assert_eq!(metric(&m, "streamgate_active_sessions"), Some(0.0));
+    assert_eq!(metric(&m, ACTIVE_MEMORY), Some(0.0));
 
     // Exactly 128 visible ASCII characters is fine, punctuation included.
     let edge = "{}:~".repeat(32);

@@ -6,6 +6,7 @@
 //! (except in DryRun, which admits over the limit by design).
 
 pub mod memory;
+pub mod redis_count;
 pub mod redis_store;
 
 use async_trait::async_trait;
