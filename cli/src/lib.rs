@@ -37,8 +37,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let report = simulate::run(client, args, true).await?;
             if let Some(path) = &args.svg {
-                std::fs::write(path, svg::render(&report))
-                    .with_context(|| format!("--svg {}: cannot write the picture", path.display()))?;
+                std::fs::write(path, svg::render(&report)).with_context(|| {
+                    format!("--svg {}: cannot write the picture", path.display())
+                })?;
             }
             print(cli.output, &report, report::format_simulate)
         }

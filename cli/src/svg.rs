@@ -44,7 +44,10 @@ pub fn render(report: &SimulateReport) -> String {
         report.streams,
         escape(&report.endpoint)
     );
-    let _ = writeln!(svg, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
+    let _ = writeln!(
+        svg,
+        r##"<rect width="100%" height="100%" fill="#ffffff"/>"##
+    );
     let c = &report.counts;
     let _ = writeln!(
         svg,

@@ -65,7 +65,10 @@ fn assert_picture_shows_every_viewer(report: &Value, svg: &str) {
         .unwrap_or_else(|e| panic!("the SVG is not well-formed XML: {e}\n{svg}"));
     let root = doc.root_element();
     assert_eq!(root.tag_name().name(), "svg");
-    assert_eq!(root.tag_name().namespace(), Some("http://www.w3.org/2000/svg"));
+    assert_eq!(
+        root.tag_name().namespace(),
+        Some("http://www.w3.org/2000/svg")
+    );
     let lanes: Vec<roxmltree::Node> = root
         .descendants()
         .filter(|n| n.has_tag_name("g") && n.attribute("class") == Some("viewer"))
@@ -79,7 +82,11 @@ fn assert_picture_shows_every_viewer(report: &Value, svg: &str) {
             .find(|g| g.attribute("data-viewer") == Some(number.as_str()))
             .unwrap_or_else(|| panic!("no lane for viewer {number}"));
         let outcome = viewer["outcome"].as_str().unwrap();
-        assert_eq!(lane.attribute("data-outcome"), Some(outcome), "viewer {number}");
+        assert_eq!(
+            lane.attribute("data-outcome"),
+            Some(outcome),
+            "viewer {number}"
+        );
         let title = lane
             .children()
             .find(|n| n.has_tag_name("title"))
@@ -96,7 +103,11 @@ fn assert_picture_shows_every_viewer(report: &Value, svg: &str) {
                 .count()
         };
         let heartbeats = viewer["heartbeats"].as_u64().unwrap() as usize;
-        assert_eq!(count("heartbeat"), heartbeats, "viewer {number}'s heartbeats");
+        assert_eq!(
+            count("heartbeat"),
+            heartbeats,
+            "viewer {number}'s heartbeats"
+        );
         let text: String = lane
             .descendants()
             .filter_map(|n| n.text())

@@ -128,7 +128,12 @@ fn template(values: &[&str], extra: &[&str]) -> Result<Output> {
 fn monitoring_api_versions() -> Vec<String> {
     MONITORING_KINDS
         .iter()
-        .flat_map(|k| ["--api-versions".to_string(), format!("monitoring.coreos.com/v1/{k}")])
+        .flat_map(|k| {
+            [
+                "--api-versions".to_string(),
+                format!("monitoring.coreos.com/v1/{k}"),
+            ]
+        })
         .collect()
 }
 
@@ -162,7 +167,9 @@ fn helm_template_renders_without_a_cluster() -> Result<()> {
     let docs = documents(&String::from_utf8(output.stdout)?)?;
     ensure!(kinds(&docs).contains(&"Deployment".to_string()));
     ensure!(
-        !kinds(&docs).iter().any(|k| MONITORING_KINDS.contains(&k.as_str())),
+        !kinds(&docs)
+            .iter()
+            .any(|k| MONITORING_KINDS.contains(&k.as_str())),
         "monitoring is off by default"
     );
 
@@ -209,7 +216,10 @@ fn helm_template_renders_without_a_cluster() -> Result<()> {
     let mut required = ALL_MONITORING.to_vec();
     required.push("monitoring.requireCRDs=true");
     let output = template(&required, &[])?;
-    ensure!(!output.status.success(), "requireCRDs without CRDs must fail");
+    ensure!(
+        !output.status.success(),
+        "requireCRDs without CRDs must fail"
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     ensure!(
         stderr.contains("ServiceMonitor CRD") && stderr.contains("monitoring.requireCRDs=false"),
@@ -255,7 +265,10 @@ fn every_alert_passes_promtool_and_its_unit_tests_and_has_a_runbook() -> Result<
     let mut unit = Command::new(&promtool);
     unit.current_dir(dir.path())
         .args(["test", "rules", "alerts.test.yaml"]);
-    run(unit, "promtool test rules charts/streamgate/tests/alerts.test.yaml")?;
+    run(
+        unit,
+        "promtool test rules charts/streamgate/tests/alerts.test.yaml",
+    )?;
 
     // Every alert: a severity, a summary, a runbook section; tested firing and not firing.
     let runbooks = std::fs::read_to_string(workspace_root().join("docs/runbooks.md"))?;
@@ -446,7 +459,10 @@ pub fn lint_dashboard(name: &str, dashboard: &Value) -> Vec<String> {
             if v["refresh"] != 2 {
                 problem(
                     "template-on-time-change-reload-rule",
-                    format!("variable {} is not refreshed on time range change", v["name"]),
+                    format!(
+                        "variable {} is not refreshed on time range change",
+                        v["name"]
+                    ),
                 );
             }
             let query = v["query"]["query"].as_str().unwrap_or_default();
@@ -622,7 +638,11 @@ fn dashboards_pass_the_lint_rules_and_their_queries_parse() -> Result<()> {
             }
         }
     }
-    ensure!(problems.is_empty(), "dashboard lint:\n{}", problems.join("\n"));
+    ensure!(
+        problems.is_empty(),
+        "dashboard lint:\n{}",
+        problems.join("\n")
+    );
     // Every query parses as PromQL: promtool checks them as recording rules.
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("queries.yaml");
@@ -723,12 +743,12 @@ fn as_classic_text(exposition: &str) -> String {
         if line.starts_with("# EOF") || line.starts_with("# UNIT ") {
             continue;
         }
-        let line = match line.strip_prefix("# TYPE ").and_then(|r| r.strip_suffix(" counter")) {
+        let line = match line
+            .strip_prefix("# TYPE ")
+            .and_then(|r| r.strip_suffix(" counter"))
+        {
             Some(name) if !name.ends_with("_total") => format!("# TYPE {name}_total counter"),
-            _ => match line
-                .strip_prefix("# HELP ")
-                .and_then(|r| r.split_once(' '))
-            {
+            _ => match line.strip_prefix("# HELP ").and_then(|r| r.split_once(' ')) {
                 Some((name, help))
                     if exposition.contains(&format!("# TYPE {name} counter"))
                         && !name.ends_with("_total") =>
@@ -766,11 +786,23 @@ fn promtool_check_metrics(exposition: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// A sidecar on the test Redis with the live-session refresher running; returns its /metrics
-/// after some sessions were opened and counted.
-async fn live_sidecar_metrics() -> Result<String> {
+/// Serves `router` on a free loopback port; returns its base URL.
+async fn serve(router: axum::Router) -> Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok(base)
+}
+
+/// Live sidecars driven through every decision their metrics count, on the test Redis with the
+/// live-session refresher running; returns their /metrics. Counter families appear in /metrics
+/// once counted, so the scenario makes each happen: admissions, refusals, evictions, kicks,
+/// dry-run decisions, a failed policy reload, proxied and refused media requests, a stream cut,
+/// and (on a sidecar whose Redis is unreachable) store errors and an admission failing open.
+async fn live_sidecar_metrics() -> Result<Vec<String>> {
     use streamgate_sidecar::engine::Policies;
     use streamgate_sidecar::policy::PolicySet;
+    use streamgate_sidecar::policy_watch::PolicyWatcher;
     use streamgate_sidecar::server::Sidecar;
     use streamgate_sidecar::store::redis_count::ActiveSessionRefresher;
     use streamgate_sidecar::store::{RedisStore, RedisTarget};
@@ -778,46 +810,150 @@ async fn live_sidecar_metrics() -> Result<String> {
     let url = std::env::var("STREAMGATE_TEST_REDIS").context(
         "STREAMGATE_TEST_REDIS is not set: start the test Redis with `eval \"$(scripts/redis-up)\"`",
     )?;
+    let run = format!("monitoring-{:08x}", rand::random::<u32>());
+    let dry = format!("{run}-dry");
+    let policy_yaml = format!(
+        "apiVersion: streamgate.dev/v1alpha1\nkind: StreamingPolicy\nmetadata: {{name: default}}\nspec: {{maxStreamsPerAccount: 2, onLimitExceeded: EvictOldest}}\n---\napiVersion: streamgate.dev/v1alpha1\nkind: StreamingPolicy\nmetadata: {{name: trial}}\nspec: {{maxStreamsPerAccount: 1, mode: DryRun, accounts: [\"{dry}\"]}}\n"
+    );
+    let dir = tempfile::tempdir()?;
+    let policy_file = dir.path().join("policies.yaml");
+    std::fs::write(&policy_file, &policy_yaml)?;
+
+    // An endless upstream stream for the enforcing proxy.
+    let upstream = serve(axum::Router::new().route(
+        "/live",
+        axum::routing::get(|| async {
+            let chunks = futures::stream::unfold((), |()| async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Some((Ok::<_, std::io::Error>(vec![0u8; 1024]), ()))
+            });
+            axum::body::Body::from_stream(chunks)
+        }),
+    ))
+    .await?;
+
     let target = RedisTarget::parse(&url).map_err(anyhow::Error::msg)?;
-    let policies = PolicySet::from_yaml(
-        "apiVersion: streamgate.dev/v1alpha1\nkind: StreamingPolicy\nmetadata: {name: default}\nspec: {maxStreamsPerAccount: 2}\n",
-        "test",
-        "default",
-    )?;
+    let policies = PolicySet::from_yaml(&policy_yaml, "test", "default")?;
     let store = RedisStore::new(target.clone(), Duration::from_secs(2));
-    let sidecar = Sidecar::with_store(Arc::new(store), policies);
+    let sidecar = Sidecar::with_store(Arc::new(store), policies)
+        .with_upstream(reqwest::Url::parse(&upstream)?);
     let policies: Policies = sidecar.engine().policies().clone();
     let refresher = ActiveSessionRefresher::start(
         target,
-        policies,
+        policies.clone(),
         sidecar.engine().metrics().clone(),
         Duration::from_millis(200),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let serving = sidecar.clone();
-    let server = tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
+    let watcher = PolicyWatcher::new(
+        policy_file.clone(),
+        "default".into(),
+        policies,
+        sidecar.engine().metrics().clone(),
+    );
+    let watching = tokio::spawn(watcher.run(Duration::from_millis(100)));
+    let base = serve(sidecar.router()).await?;
     let http = reqwest::Client::new();
-    let account = format!("monitoring-{:x}", rand::random::<u32>());
-    for stream in ["a", "b", "c"] {
-        http.put(format!("{base}/streaming?account={account}&streamId={stream}"))
-            .send()
-            .await?;
-    }
-    let mut text = String::new();
-    wait_until(Duration::from_secs(20), "the live-session count", || {
-        let http = http.clone();
-        let base = base.clone();
-        let text = &mut text;
-        async move {
-            *text = http.get(format!("{base}/metrics")).send().await?.text().await?;
-            Ok(text.contains(r#"streamgate_active_sessions{policy="default",store="redis"}"#))
-        }
-    })
+    let open = |account: &str, stream: &str| {
+        http.put(format!(
+            "{base}/streaming?account={account}&streamId={stream}"
+        ))
+        .send()
+    };
+
+    // Watch a stream through the proxy, then open two more: the first is evicted and cut.
+    let first: Value = open(&run, "tv").await?.json().await?;
+    let session = first["sessionId"]
+        .as_str()
+        .context("a session id")?
+        .to_string();
+    let mut media = http
+        .get(format!("{base}/live"))
+        .header("X-StreamGate-Session", &session)
+        .send()
+        .await?;
+    media.chunk().await?.context("media flows")?;
+    open(&run, "phone").await?;
+    open(&run, "laptop").await?;
+    while media.chunk().await.is_ok_and(|c| c.is_some()) {}
+    // A media request without a session is refused; a session is kicked.
+    http.get(format!("{base}/live")).send().await?;
+    let listed: Value = http
+        .get(format!("{base}/v1/accounts/{run}/sessions"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let kicked = listed["sessions"][0]["sessionId"]
+        .as_str()
+        .context("a session to kick")?;
+    http.delete(format!("{base}/v1/sessions/{kicked}"))
+        .send()
+        .await?;
+    // Dry run: the second stream of a DryRun account of limit 1 would be refused.
+    open(&dry, "a").await?;
+    open(&dry, "b").await?;
+    // A policy file that does not parse is refused on reload.
+    std::fs::write(
+        &policy_file,
+        "kind: StreamingPolicy\nspec: [not, a, mapping\n",
+    )?;
+
+    let families = [
+        "streamgate_sessions_revoked_total{",
+        "streamgate_streams_cut_total{",
+        "streamgate_dry_run_decisions_total{",
+        r#"streamgate_policy_reloads_total{result="error"}"#,
+        r#"streamgate_active_sessions{policy="default",store="redis"}"#,
+    ];
+    let last = Arc::new(std::sync::Mutex::new(String::new()));
+    wait_until(
+        Duration::from_secs(30),
+        "every sidecar metric family",
+        || {
+            let (http, base, last) = (http.clone(), base.clone(), last.clone());
+            async move {
+                let text = http
+                    .get(format!("{base}/metrics"))
+                    .send()
+                    .await?
+                    .text()
+                    .await?;
+                let all = families.iter().all(|f| text.contains(f));
+                *last.lock().unwrap() = text;
+                Ok(all)
+            }
+        },
+    )
     .await?;
+    let main = last.lock().unwrap().clone();
     refresher.stop().await;
-    server.abort();
-    Ok(text)
+    watching.abort();
+
+    // A sidecar whose Redis is not there: store errors, and failurePolicy Open admits anyway.
+    let unreachable = format!("redis://127.0.0.1:{}", free_port()?);
+    let lonely = Sidecar::with_store(
+        Arc::new(RedisStore::new(
+            RedisTarget::parse(&unreachable).map_err(anyhow::Error::msg)?,
+            Duration::from_millis(200),
+        )),
+        PolicySet::from_yaml(&policy_yaml, "test", "default")?,
+    );
+    let lonely_base = serve(lonely.router()).await?;
+    http.put(format!("{lonely_base}/streaming?account={run}&streamId=x"))
+        .send()
+        .await?;
+    let degraded = http
+        .get(format!("{lonely_base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        degraded.contains("streamgate_store_errors_total{")
+            && degraded.contains("streamgate_failed_open_admissions_total 1"),
+        "the unreachable store was not counted:\n{degraded}"
+    );
+    Ok(vec![main, degraded])
 }
 
 /// The operator binary, killed when dropped.
@@ -837,12 +973,17 @@ fn free_port() -> Result<u16> {
 }
 
 /// Starts the operator binary with the chart's Deployment args (listen addresses moved to free
-/// loopback ports); returns it and its metrics port.
-fn start_operator(deployment: &Deployment, namespace: &str, cp: &ControlPlane) -> Result<(Operator, u16)> {
+/// loopback ports); returns it, its metrics port and its webhook port.
+fn start_operator(
+    deployment: &Deployment,
+    namespace: &str,
+    cp: &ControlPlane,
+) -> Result<(Operator, u16, u16)> {
     let container = &deployment
         .spec
+        .template
+        .spec
         .as_ref()
-        .and_then(|s| s.template.spec.as_ref())
         .context("Deployment without a pod spec")?
         .containers[0];
     let metrics_port = free_port()?;
@@ -853,8 +994,9 @@ fn start_operator(deployment: &Deployment, namespace: &str, cp: &ControlPlane) -
         .into_iter()
         .filter(|a| !a.starts_with("--metrics-listen=") && !a.starts_with("--webhook-listen="))
         .collect();
+    let webhook_port = free_port()?;
     args.push(format!("--metrics-listen=127.0.0.1:{metrics_port}"));
-    args.push(format!("--webhook-listen=127.0.0.1:{}", free_port()?));
+    args.push(format!("--webhook-listen=127.0.0.1:{webhook_port}"));
     let child = Command::new(env!("CARGO_BIN_EXE_streamgate-operator"))
         .args(&args)
         .env("KUBECONFIG", cp.kubeconfig_path())
@@ -865,7 +1007,7 @@ fn start_operator(deployment: &Deployment, namespace: &str, cp: &ControlPlane) -
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting streamgate-operator")?;
-    Ok((Operator(child), metrics_port))
+    Ok((Operator(child), metrics_port, webhook_port))
 }
 
 fn monitoring_api(client: &kube::Client, namespace: &str, kind: &str) -> Api<DynamicObject> {
@@ -874,7 +1016,12 @@ fn monitoring_api(client: &kube::Client, namespace: &str, kind: &str) -> Api<Dyn
     Api::namespaced_with(client.clone(), namespace, &resource)
 }
 
-fn helm_install(cp: &ControlPlane, release: &str, namespace: &str, values: &[&str]) -> Result<Output> {
+fn helm_install(
+    cp: &ControlPlane,
+    release: &str,
+    namespace: &str,
+    values: &[&str],
+) -> Result<Output> {
     let mut install = cp.helm();
     install
         .args(["install", release])
@@ -904,24 +1051,36 @@ async fn monitoring_on_the_real_api_server() -> Result<()> {
     let mut required = ALL_MONITORING.to_vec();
     required.push("monitoring.requireCRDs=true");
     let output = helm_install(cp, "mon-required", &ns_required, &required)?;
-    ensure!(!output.status.success(), "requireCRDs without the CRDs must fail");
+    ensure!(
+        !output.status.success(),
+        "requireCRDs without the CRDs must fail"
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
-    ensure!(stderr.contains("ServiceMonitor CRD"), "unclear failure: {stderr}");
+    ensure!(
+        stderr.contains("ServiceMonitor CRD"),
+        "unclear failure: {stderr}"
+    );
     let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns_required)
         .list(&Default::default())
         .await?;
     ensure!(
-        !configmaps
-            .items
-            .iter()
-            .any(|c| c.metadata.name.as_deref().unwrap_or_default().contains("dashboard")),
+        !configmaps.items.iter().any(|c| c
+            .metadata
+            .name
+            .as_deref()
+            .unwrap_or_default()
+            .contains("dashboard")),
         "a failed install left dashboards behind"
     );
 
     // 2. The prometheus-operator CRDs, from its Go module.
     let crds = tool_path("PROMETHEUS_OPERATOR_CRDS")?;
     for kind in ["servicemonitors", "podmonitors", "prometheusrules"] {
-        install_crds(&client, &crds.join(format!("monitoring.coreos.com_{kind}.yaml"))).await?;
+        install_crds(
+            &client,
+            &crds.join(format!("monitoring.coreos.com_{kind}.yaml")),
+        )
+        .await?;
     }
 
     // 3. Everything on: the objects exist, as kube-prometheus-stack expects them.
@@ -951,7 +1110,10 @@ async fn monitoring_on_the_real_api_server() -> Result<()> {
         ("PrometheusRule", &rule.metadata.labels),
     ] {
         ensure!(
-            labels.as_ref().and_then(|l| l.get("release")).map(String::as_str)
+            labels
+                .as_ref()
+                .and_then(|l| l.get("release"))
+                .map(String::as_str)
                 == Some("kube-prometheus-stack"),
             "{what} lacks the additional label release=kube-prometheus-stack"
         );
@@ -987,13 +1149,15 @@ async fn monitoring_on_the_real_api_server() -> Result<()> {
         "PodMonitor spec: {}",
         pod_monitor.data["spec"]
     );
-    let groups = rule.data["spec"]["groups"].as_array().context("rule groups")?;
+    let groups = rule.data["spec"]["groups"]
+        .as_array()
+        .context("rule groups")?;
     ensure!(groups.len() == 2, "rule groups: {groups:?}");
     // The dashboards, labelled for Grafana's sidecar, in the folder annotation.
     let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns)
         .list(&Default::default())
         .await?;
-    let dashboards: Vec<&ConfigMap> = configmaps
+    let dashboard_maps: Vec<&ConfigMap> = configmaps
         .items
         .iter()
         .filter(|c| {
@@ -1005,8 +1169,12 @@ async fn monitoring_on_the_real_api_server() -> Result<()> {
                 == Some("1")
         })
         .collect();
-    ensure!(dashboards.len() == 3, "{} dashboard ConfigMaps", dashboards.len());
-    for cm in &dashboards {
+    ensure!(
+        dashboard_maps.len() == 3,
+        "{} dashboard ConfigMaps",
+        dashboard_maps.len()
+    );
+    for cm in &dashboard_maps {
         ensure!(
             cm.metadata
                 .annotations
@@ -1028,33 +1196,85 @@ async fn monitoring_on_the_real_api_server() -> Result<()> {
     let deployment = Api::<Deployment>::namespaced(client.clone(), &ns)
         .get(fullname)
         .await?;
-    let (_operator, metrics_port) = start_operator(&deployment, &ns, cp)?;
+    let (_operator, metrics_port, webhook_port) = start_operator(&deployment, &ns, cp)?;
     let http = reqwest::Client::new();
-    let mut operator_metrics = String::new();
-    wait_until(Duration::from_secs(60), "the operator to lead and load its certificate", || {
-        let http = http.clone();
-        let out = &mut operator_metrics;
-        async move {
-            *out = http
-                .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-                .send()
-                .await?
-                .text()
-                .await?;
-            Ok(out.contains("streamgate_operator_leader 1")
-                && !out.contains("streamgate_operator_webhook_certificate_expiry_timestamp_seconds 0\n"))
-        }
-    })
+    // Make it count what its dashboard shows: a reconcile that fails (the namespace's ConfigMap
+    // was made immutable by hand) and an injection decision (the recorded AdmissionReview, sent
+    // as the API server would).
+    let broken = create_namespace(&client, "mon-broken", &[]).await?;
+    let immutable: ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "streamgate-policies"},
+        "data": {"policies.yaml": "# frozen by hand"},
+        "immutable": true
+    }))?;
+    Api::<ConfigMap>::namespaced(client.clone(), &broken)
+        .create(&Default::default(), &immutable)
+        .await?;
+    let mut apply = cp.kubectl();
+    apply
+        .args(["apply", "-n", &broken, "-f"])
+        .arg(workspace_root().join("examples/streamingpolicy.yaml"));
+    run(apply, "kubectl apply examples/streamingpolicy.yaml")?;
+    let review = std::fs::read_to_string(workspace_root().join("examples/admission-review.json"))?;
+    let insecure = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()?;
+    wait_until(
+        Duration::from_secs(60),
+        "the operator's webhook to answer",
+        || {
+            let (insecure, review) = (insecure.clone(), review.clone());
+            async move {
+                Ok(insecure
+                    .post(format!("https://127.0.0.1:{webhook_port}/inject"))
+                    .header("content-type", "application/json")
+                    .body(review)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success()))
+            }
+        },
+    )
     .await?;
+    let last = Arc::new(std::sync::Mutex::new(String::new()));
+    wait_until(
+        Duration::from_secs(60),
+        "the operator to lead, load its certificate, count a failure and an injection",
+        || {
+            let (http, last) = (http.clone(), last.clone());
+            async move {
+                let text = http
+                    .get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+                    .send()
+                    .await?
+                    .text()
+                    .await?;
+                let ready = text.contains("streamgate_operator_leader 1")
+                    && text.contains("streamgate_operator_reconcile_failures_total{")
+                    && text.contains("streamgate_operator_injections_total{")
+                    && !text.contains(
+                        "streamgate_operator_webhook_certificate_expiry_timestamp_seconds 0\n",
+                    );
+                *last.lock().unwrap() = text;
+                Ok(ready)
+            }
+        },
+    )
+    .await?;
+    let operator_metrics = last.lock().unwrap().clone();
     promtool_check_metrics(&operator_metrics, "the operator")?;
 
-    // 5. A live sidecar's /metrics (on Redis, with the live-session count).
+    // 5. Live sidecars' /metrics (on Redis, with the live-session count).
     let sidecar_metrics = live_sidecar_metrics().await?;
-    promtool_check_metrics(&sidecar_metrics, "a sidecar")?;
+    for text in &sidecar_metrics {
+        promtool_check_metrics(text, "a sidecar")?;
+    }
 
     // 6. Every metric a dashboard names is exported by one of them.
     let mut exported = exported_names(&operator_metrics);
-    exported.extend(exported_names(&sidecar_metrics));
+    for text in &sidecar_metrics {
+        exported.extend(exported_names(text));
+    }
     let mut unknown = Vec::new();
     for (name, dashboard) in dashboards()? {
         let mut queries: Vec<String> = Vec::new();
@@ -1063,7 +1283,11 @@ async fn monitoring_on_the_real_api_server() -> Result<()> {
                 queries.push(target["expr"].as_str().unwrap_or_default().to_string());
             }
         }
-        for variable in dashboard["templating"]["list"].as_array().into_iter().flatten() {
+        for variable in dashboard["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             if let Some(q) = variable["query"]["query"].as_str() {
                 // label_values(METRIC{...}, label)
                 let inner = q.trim_start_matches("label_values(");

@@ -211,7 +211,9 @@ async fn count_matches_the_true_count_during_a_load_run_on_redis_cluster() {
 async fn an_unreachable_cluster_fails_the_count_with_an_error_naming_no_credentials() {
     let port = common::free_port();
     let target = RedisTarget::parse(&format!("redis-cluster://:secret@127.0.0.1:{port}")).unwrap();
-    let error = count_active(&target).await.expect_err("nothing listens there");
+    let error = count_active(&target)
+        .await
+        .expect_err("nothing listens there");
     assert!(error.to_string().contains(&port.to_string()), "{error}");
     assert!(!error.to_string().contains("secret"), "{error}");
 }
@@ -243,7 +245,10 @@ async fn wait_for_series(sidecar: &SidecarProcess, series: &str, value: f64) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sidecar_exports_the_fleet_wide_count_by_policy_with_its_age() {
     // A database of its own, so the fleet-wide figure is this test's sessions alone.
-    let url = format!("{}/11", redis_env("STREAMGATE_TEST_REDIS").trim_end_matches('/'));
+    let url = format!(
+        "{}/11",
+        redis_env("STREAMGATE_TEST_REDIS").trim_end_matches('/')
+    );
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
     let () = redis::cmd("FLUSHDB")
@@ -269,10 +274,13 @@ async fn the_sidecar_exports_the_fleet_wide_count_by_policy_with_its_age() {
     second.wait_ready().await;
     let http = reqwest::Client::new();
     for (account, stream) in [("a", "1"), ("a", "2"), ("a", "3"), ("b", "1"), ("c", "1")] {
-        http.put(format!("{}/streaming?account={account}&streamId={stream}", first.base))
-            .send()
-            .await
-            .unwrap();
+        http.put(format!(
+            "{}/streaming?account={account}&streamId={stream}",
+            first.base
+        ))
+        .send()
+        .await
+        .unwrap();
     }
     // a's third stream was refused (limit 2): 4 live sessions.
     let series = r#"streamgate_active_sessions{policy="default",store="redis"}"#;

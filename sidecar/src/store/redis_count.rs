@@ -198,8 +198,8 @@ fn redacted(url: &str) -> String {
 }
 
 async fn connect(url: &str) -> Result<MultiplexedConnection, CountError> {
-    let client = redis::Client::open(url)
-        .map_err(|e| CountError(format!("{}: {e}", redacted(url))))?;
+    let client =
+        redis::Client::open(url).map_err(|e| CountError(format!("{}: {e}", redacted(url))))?;
     match tokio::time::timeout(
         Duration::from_secs(5),
         client.get_multiplexed_async_connection(),
