@@ -794,6 +794,15 @@ async fn serve(router: axum::Router) -> Result<String> {
     Ok(base)
 }
 
+/// Serves `sidecar` (with its background work) on a free loopback port; returns its base URL.
+async fn serve_sidecar(sidecar: &streamgate_sidecar::server::Sidecar) -> Result<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let serving = sidecar.clone();
+    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
+    Ok(base)
+}
+
 /// Live sidecars driven through every decision their metrics count, on the test Redis with the
 /// live-session refresher running; returns their /metrics. Counter families appear in /metrics
 /// once counted, so the scenario makes each happen: admissions, refusals, evictions, kicks,
@@ -850,8 +859,9 @@ async fn live_sidecar_metrics() -> Result<Vec<String>> {
         policies,
         sidecar.engine().metrics().clone(),
     );
-    let watching = tokio::spawn(watcher.run(Duration::from_millis(100)));
-    let base = serve(sidecar.router()).await?;
+    let stop_watching = tokio_util::sync::CancellationToken::new();
+    let watching = tokio::spawn(watcher.run(Duration::from_millis(100), stop_watching.clone()));
+    let base = serve_sidecar(&sidecar).await?;
     let http = reqwest::Client::new();
     let open = |account: &str, stream: &str| {
         http.put(format!(
@@ -927,7 +937,8 @@ async fn live_sidecar_metrics() -> Result<Vec<String>> {
     .await?;
     let main = last.lock().unwrap().clone();
     refresher.stop().await;
-    watching.abort();
+    stop_watching.cancel();
+    watching.await?;
 
     // A sidecar whose Redis is not there: store errors, and failurePolicy Open admits anyway.
     let unreachable = format!("redis://127.0.0.1:{}", free_port()?);
@@ -938,7 +949,7 @@ async fn live_sidecar_metrics() -> Result<Vec<String>> {
         )),
         PolicySet::from_yaml(&policy_yaml, "test", "default")?,
     );
-    let lonely_base = serve(lonely.router()).await?;
+    let lonely_base = serve_sidecar(&lonely).await?;
     http.put(format!("{lonely_base}/streaming?account={run}&streamId=x"))
         .send()
         .await?;

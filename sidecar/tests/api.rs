@@ -291,10 +291,7 @@ async fn a_session_without_heartbeats_expires_after_its_ttl() {
         metric(&m, r#"streamgate_sessions_revoked_total{reason="expired"}"#) == Some(2.0)
     })
     .await;
-    assert_eq!(
-        metric(&t.metrics().await, ACTIVE_MEMORY),
-        Some(0.0)
-    );
+    assert_eq!(metric(&t.metrics().await, ACTIVE_MEMORY), Some(0.0));
 }
 
 #[tokio::test]

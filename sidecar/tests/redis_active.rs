@@ -209,7 +209,11 @@ async fn count_matches_the_true_count_during_a_load_run_on_redis_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_cluster_fails_the_count_with_an_error_naming_no_credentials() {
-    let port = common::free_port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let target = RedisTarget::parse(&format!("redis-cluster://:secret@127.0.0.1:{port}")).unwrap();
     let error = count_active(&target)
         .await
