@@ -725,10 +725,10 @@ fn exported_names(exposition: &str) -> BTreeSet<String> {
                 }
                 _ => {}
             }
-        } else if !line.starts_with('#') {
-            if let Some(name) = line.split(['{', ' ']).next() {
-                names.insert(name.to_string());
-            }
+        } else if !line.starts_with('#')
+            && let Some(name) = line.split(['{', ' ']).next()
+        {
+            names.insert(name.to_string());
         }
     }
     names
