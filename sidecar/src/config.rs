@@ -95,6 +95,11 @@ pub struct Config {
     #[arg(long, env = "STREAMGATE_CORS_ALLOWED_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
     pub cors_allowed_origins: Vec<String>,
 
+    /// Also serve `/metrics` on this address (injected pods: `0.0.0.0:9091`, the port named
+    /// `sg-metrics` that the chart's PodMonitor scrapes). `/metrics` stays on `--listen` too.
+    #[arg(long, env = "STREAMGATE_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
     /// On Redis: how often the fleet-wide live-session count (`streamgate_active_sessions`)
     /// is refreshed in the background.
     #[arg(long, env = "STREAMGATE_ACTIVE_SESSIONS_REFRESH", default_value = "15s", value_parser = humantime::parse_duration)]

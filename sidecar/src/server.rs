@@ -308,6 +308,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
     sidecar.start(&tasks, &stop);
+    if let Some(address) = config.metrics_listen {
+        serve_metrics(address, sidecar.engine().clone(), &tasks, &stop).await?;
+    }
     // On Redis the fleet-wide live-session count is taken in the background (see redis_count).
     if let StoreSpec::Redis(target) = StoreSpec::parse(&config.store)? {
         tasks.spawn(refresh_active_sessions(
@@ -354,6 +357,44 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tasks.close();
     tasks.wait().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Serves `/metrics` alone on `address` (`--metrics-listen`) on `tasks` until `stop`.
+async fn serve_metrics(
+    address: std::net::SocketAddr,
+    engine: Engine,
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("--metrics-listen {address}: cannot bind"))?;
+    tracing::info!(listen = %listener.local_addr()?, "serving /metrics");
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let engine = engine.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    engine.render_metrics().await,
+                )
+            }
+        }),
+    );
+    let stopped = stop.clone().cancelled_owned();
+    tasks.spawn(async move {
+        if let Err(error) = axum::serve(listener, app)
+            .with_graceful_shutdown(stopped)
+            .await
+        {
+            tracing::error!(%error, "the metrics listener failed");
+        }
+    });
     Ok(())
 }
 

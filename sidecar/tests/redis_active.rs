@@ -271,10 +271,19 @@ async fn the_sidecar_exports_the_fleet_wide_count_by_policy_with_its_age() {
         "--active-sessions-refresh",
         "200ms",
     ];
-    // Two sidecars on one store: each reports the whole store's figure.
+    // Two sidecars on one store: each reports the whole store's figure. The second serves
+    // /metrics also on a port of its own, as injected sidecars do for the PodMonitor.
     let first = SidecarProcess::start(&args).await;
     first.wait_ready().await;
-    let second = SidecarProcess::start(&args).await;
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_listen = format!("127.0.0.1:{metrics_port}");
+    let mut with_metrics_port = args.to_vec();
+    with_metrics_port.extend(["--metrics-listen", metrics_listen.as_str()]);
+    let second = SidecarProcess::start(&with_metrics_port).await;
     second.wait_ready().await;
     let http = reqwest::Client::new();
     for (account, stream) in [("a", "1"), ("a", "2"), ("a", "3"), ("b", "1"), ("c", "1")] {
@@ -289,7 +298,18 @@ async fn the_sidecar_exports_the_fleet_wide_count_by_policy_with_its_age() {
     // a's third stream was refused (limit 2): 4 live sessions.
     let series = r#"streamgate_active_sessions{policy="default",store="redis"}"#;
     wait_for_series(&first, series, 4.0).await;
-    let text = wait_for_series(&second, series, 4.0).await;
+    wait_for_series(&second, series, 4.0).await;
+    let text = reqwest::get(format!("http://{metrics_listen}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&text, series),
+        Some(4.0),
+        "--metrics-listen serves the same:\n{text}"
+    );
     let age = metric(&text, "streamgate_active_sessions_age_seconds").expect("the age");
     assert!(
         (0.0..30.0).contains(&age),
