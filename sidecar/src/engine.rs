@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::OverLimit;
+use crate::breaker::{Breaker, BreakerConfig, Outcome};
 use crate::metrics::Metrics;
 use crate::policy::{EffectivePolicy, FailurePolicy, Mode, PolicySet};
 use crate::session::{
@@ -74,10 +75,15 @@ pub enum Kicked {
 /// has been logged and counted by the engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum EngineError {
-    /// The store is unavailable (transient) and failurePolicy does not admit: 503
+    /// The store is unavailable (the breaker judges it down) and failurePolicy does not admit,
+    /// or this sidecar already admitted the account's limit without the store: 503
     /// `store_unavailable`.
     #[error("the session store is unavailable")]
     Unavailable,
+    /// The store did not answer in time but is not judged down: 503 `store_unavailable`, never
+    /// admitted under failurePolicy Open (slow is not down).
+    #[error("the session store did not answer in time")]
+    Slow,
     /// The store answered wrongly (fatal): 500 `internal_error`. Never admits.
     #[error("internal error")]
     Internal,
@@ -182,6 +188,14 @@ impl Degraded {
         }
     }
 
+    /// The account's degraded sessions still within their TTL at `now_ms`.
+    fn live_for(&self, account: &str, now_ms: i64) -> u32 {
+        self.by_id
+            .values()
+            .filter(|r| r.account == account && r.expires_at_ms > now_ms)
+            .count() as u32
+    }
+
     fn by_stream(&self, account: &str, stream_id: &str) -> Option<SessionRecord> {
         self.by_id
             .values()
@@ -222,6 +236,8 @@ pub struct Engine {
     tags: Arc<ArcSwap<TagIndex>>,
     /// When the last fatal store error happened (ms on the sidecar's clock), or 0.
     last_fatal_ms: Arc<AtomicI64>,
+    /// Whether the store is down, from recent call outcomes.
+    breaker: Arc<Mutex<Breaker>>,
 }
 
 impl Engine {
@@ -236,7 +252,33 @@ impl Engine {
             degraded: Arc::default(),
             tags,
             last_fatal_ms: Arc::new(AtomicI64::new(0)),
+            breaker: Arc::new(Mutex::new(Breaker::new(
+                BreakerConfig::default(),
+                chrono::Utc::now().timestamp_millis(),
+            ))),
         }
+    }
+
+    /// Replaces the breaker's thresholds (the breaker starts closed again).
+    pub fn with_breaker(self, config: BreakerConfig) -> Self {
+        *self.lock_breaker() = Breaker::new(config, chrono::Utc::now().timestamp_millis());
+        self
+    }
+
+    fn lock_breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        // Plain state under the lock: a poisoned lock is still consistent.
+        self.breaker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells the breaker the store answered.
+    fn answered(&self) {
+        self.lock_breaker()
+            .record(Outcome::Answered, chrono::Utc::now().timestamp_millis());
+    }
+
+    /// Whether the breaker judges the store down now.
+    pub fn store_down(&self) -> bool {
+        self.lock_breaker().is_open()
     }
 
     /// The policies in force, for the policy file watcher that replaces them.
@@ -322,16 +364,26 @@ impl Engine {
 
     /// Counts and logs a failed store operation and says what it means for the request.
     fn store_failed(&self, operation: Operation, error: StoreError) -> EngineError {
-        let kind = match &error {
-            StoreError::Unavailable(_) => "transient",
-            StoreError::Fatal(_) => "fatal",
-            StoreError::AtCapacity(_) => "capacity",
+        let (kind, outcome) = match &error {
+            StoreError::Unavailable(_) => ("transient", Outcome::Unreachable),
+            StoreError::TimedOut(_) => ("timeout", Outcome::TimedOut),
+            // The store is there: it answered, wrongly or full.
+            StoreError::Fatal(_) => ("fatal", Outcome::Answered),
+            StoreError::AtCapacity(_) => ("capacity", Outcome::Answered),
         };
         self.metrics.count_store_error(operation.as_str(), kind);
+        let down = self
+            .lock_breaker()
+            .record(outcome, chrono::Utc::now().timestamp_millis());
         match error {
-            StoreError::Unavailable(detail) => {
-                tracing::warn!(operation = operation.as_str(), %detail, "session store unavailable");
-                EngineError::Unavailable
+            StoreError::Unavailable(detail) | StoreError::TimedOut(detail) => {
+                tracing::warn!(operation = operation.as_str(), %detail, store_down = down,
+                    "session store call failed");
+                if down {
+                    EngineError::Unavailable
+                } else {
+                    EngineError::Slow
+                }
             }
             StoreError::Fatal(detail) => {
                 self.last_fatal_ms
@@ -360,13 +412,16 @@ impl Engine {
             mode: policy.mode,
         };
         let outcome = match self.store.open(&request).await {
-            Ok(outcome) => outcome,
+            Ok(outcome) => {
+                self.answered();
+                outcome
+            }
             Err(error) => {
-                let transient = error.is_transient();
                 let error = self.store_failed(Operation::Open, error);
                 return match policy.failure_policy {
-                    FailurePolicy::Open if transient => {
-                        Ok(self.admit_without_store(&request, &policy))
+                    // Only a store judged down by the breaker: a slow one answers 503.
+                    FailurePolicy::Open if error == EngineError::Unavailable => {
+                        self.admit_without_store(&request, &policy)
                     }
                     _ => Err(error),
                 };
@@ -422,16 +477,42 @@ impl Engine {
 
     /// failurePolicy Open: a session the store never saw, so the viewer keeps watching. It is
     /// remembered, so its media requests are honoured, and written back when the store answers.
-    fn admit_without_store(&self, request: &OpenRequest<'_>, policy: &EffectivePolicy) -> Opened {
-        self.metrics.failed_open.inc();
+    ///
+    /// Bounded: this sidecar admits at most the account's limit without the store (live degraded
+    /// sessions, counted by itself; Enforce only, DryRun admits over the limit by design). Over
+    /// that, 503. So an outage over-admits at most (sidecars - 1) x limit per account, and only
+    /// until the store is back and the degraded sessions are written to it.
+    fn admit_without_store(
+        &self,
+        request: &OpenRequest<'_>,
+        policy: &EffectivePolicy,
+    ) -> Result<Opened, EngineError> {
         let now = chrono::Utc::now().timestamp_millis();
+        let mut degraded = self.lock_degraded();
+        if let Some(mut existing) = degraded.by_stream(request.account, request.stream_id)
+            && existing.expires_at_ms > now
+        {
+            existing.expires_at_ms = now + request.ttl_ms;
+            degraded.by_id.insert(existing.id, existing.clone());
+            let held = degraded.live_for(request.account, now);
+            return Ok(Opened::Renewed(self.view(&existing, policy, held)));
+        }
+        let held = degraded.live_for(request.account, now);
+        if policy.mode == Mode::Enforce && held >= policy.limit {
+            drop(degraded);
+            self.metrics.refused.inc();
+            tracing::warn!(account = %fingerprint(request.account), held,
+                "store down: this sidecar already admitted the account's limit without it");
+            return Err(EngineError::Unavailable);
+        }
+        self.metrics.failed_open.inc();
         let record = request.new_session(now);
-        self.lock_degraded().remember(record.clone());
-        Opened::Created {
-            session: self.view(&record, policy, 0),
+        degraded.remember(record.clone());
+        Ok(Opened::Created {
+            session: self.view(&record, policy, held + 1),
             dry_run: None,
             degraded: true,
-        }
+        })
     }
 
     /// Renews the active session of `(account, stream_id)`.
@@ -441,11 +522,34 @@ impl Engine {
         stream_id: &str,
     ) -> Result<Heartbeat, EngineError> {
         let policy = self.policy_for(account);
-        let mut outcome = self
+        let mut outcome = match self
             .store
             .heartbeat(account, stream_id, policy.ttl_ms())
             .await
-            .map_err(|e| self.store_failed(Operation::Heartbeat, e))?;
+        {
+            Ok(outcome) => {
+                self.answered();
+                outcome
+            }
+            Err(error) => {
+                let error = self.store_failed(Operation::Heartbeat, error);
+                // Store down under Open: a degraded session of this sidecar is renewed here.
+                if error == EngineError::Unavailable && policy.failure_policy == FailurePolicy::Open
+                {
+                    let now = chrono::Utc::now().timestamp_millis();
+                    let mut degraded = self.lock_degraded();
+                    if let Some(mut record) = degraded.by_stream(account, stream_id)
+                        && record.expires_at_ms > now
+                    {
+                        record.expires_at_ms = now + policy.ttl_ms();
+                        degraded.by_id.insert(record.id, record.clone());
+                        let held = degraded.live_for(account, now);
+                        return Ok(Heartbeat::Renewed(self.view(&record, &policy, held)));
+                    }
+                }
+                return Err(error);
+            }
+        };
         let degraded = if outcome == HeartbeatOutcome::NotFound {
             self.lock_degraded().by_stream(account, stream_id)
         } else {
@@ -458,6 +562,7 @@ impl Engine {
                 .store
                 .heartbeat(account, stream_id, policy.ttl_ms())
                 .await
+                .inspect(|_| self.answered())
                 .map_err(|e| self.store_failed(Operation::Heartbeat, e))?;
         }
         Ok(match outcome {
@@ -476,6 +581,7 @@ impl Engine {
             .store
             .end(account, stream_id)
             .await
+            .inspect(|_| self.answered())
             .map_err(|e| self.store_failed(Operation::End, e))?;
         if ended.is_some() {
             self.metrics.ended.inc();
@@ -490,6 +596,7 @@ impl Engine {
             .store
             .list(account)
             .await
+            .inspect(|_| self.answered())
             .map_err(|e| self.store_failed(Operation::List, e))?;
         let count = active.len() as u32;
         let sessions = active
@@ -505,6 +612,7 @@ impl Engine {
             .store
             .get(id)
             .await
+            .inspect(|_| self.answered())
             .map_err(|e| self.store_failed(Operation::Get, e))?
         else {
             return Ok(None);
@@ -515,6 +623,7 @@ impl Engine {
             self.store
                 .list(&record.account)
                 .await
+                .inspect(|_| self.answered())
                 .map_err(|e| self.store_failed(Operation::List, e))?
                 .len() as u32
         } else {
@@ -529,6 +638,7 @@ impl Engine {
             .store
             .kick(id)
             .await
+            .inspect(|_| self.answered())
             .map_err(|e| self.store_failed(Operation::Kick, e))?;
         Ok(match outcome {
             KickOutcome::Kicked(record) => {
@@ -558,17 +668,21 @@ impl Engine {
         let policy = self.policy_for_id(id);
         let renew_after_ms = i64::from(policy.heartbeat_interval_seconds) * 500;
         let touched = match self.store.touch(id, policy.ttl_ms(), renew_after_ms).await {
-            Ok(touched) => touched,
+            Ok(touched) => {
+                self.answered();
+                touched
+            }
             Err(error) => {
-                let transient = error.is_transient();
                 let error = self.store_failed(Operation::Media, error);
                 let degraded = self.lock_degraded().by_id.get(&id).cloned();
                 return match policy.failure_policy {
-                    FailurePolicy::Open if transient => Ok(MediaAccess::Allowed {
-                        session: degraded,
-                        renewed: false,
-                        degraded: true,
-                    }),
+                    FailurePolicy::Open if error == EngineError::Unavailable => {
+                        Ok(MediaAccess::Allowed {
+                            session: degraded,
+                            renewed: false,
+                            degraded: true,
+                        })
+                    }
                     _ => Err(error),
                 };
             }
@@ -586,6 +700,7 @@ impl Engine {
                     .store
                     .touch(id, policy.ttl_ms(), renew_after_ms)
                     .await
+                    .inspect(|_| self.answered())
                     .map_err(|e| self.store_failed(Operation::Media, e))?
                 {
                     Some(touched) => touched,
@@ -625,6 +740,7 @@ impl Engine {
             .touch(id, 0, i64::MAX)
             .await
             .map(|t| t.map(|t| t.session))
+            .inspect(|_| self.answered())
             .map_err(|e| self.store_failed(Operation::Media, e))
     }
 
@@ -635,6 +751,7 @@ impl Engine {
             .store
             .adopt(record)
             .await
+            .inspect(|_| self.answered())
             .map_err(|e| self.store_failed(Operation::Adopt, e))?;
         self.lock_degraded().forget(record.id);
         if adopted {
@@ -668,10 +785,17 @@ impl Engine {
     /// Whether the sidecar may take traffic: the store answers, no fatal store error happened
     /// in the last [`FATAL_UNREADY`], and the revocation subscription (shared stores) is up.
     pub async fn ready(&self) -> Result<(), NotReady> {
-        self.store
-            .ping()
-            .await
-            .map_err(|e| NotReady::Store(self.store_failed(Operation::Ping, e)))?;
+        match self.store.ping().await {
+            Ok(()) => self.answered(),
+            // One slow PING is not down: readiness follows the breaker.
+            Err(error) => match self.store_failed(Operation::Ping, error) {
+                EngineError::Slow => {}
+                error => return Err(NotReady::Store(error)),
+            },
+        }
+        if self.store_down() {
+            return Err(NotReady::Store(EngineError::Unavailable));
+        }
         let last_fatal = self.last_fatal_ms.load(Ordering::SeqCst);
         let now = chrono::Utc::now().timestamp_millis();
         if last_fatal != 0 && now - last_fatal < FATAL_UNREADY.as_millis() as i64 {
@@ -748,6 +872,7 @@ async fn restore_degraded_loop(engine: Engine, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         if engine.degraded_pending() > 0 && engine.store.ping().await.is_ok() {
+            engine.answered();
             let left = engine.restore_degraded().await;
             tracing::info!(left, "degraded admissions written back to the store");
         }

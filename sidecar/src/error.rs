@@ -171,6 +171,11 @@ impl From<EngineError> for ApiError {
                 ErrorCode::StoreUnavailable,
                 "the session store is unavailable; retry shortly",
             ),
+            EngineError::Slow => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::StoreUnavailable,
+                "the session store did not answer in time; retry shortly",
+            ),
             EngineError::Internal => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 ErrorCode::InternalError,
@@ -187,10 +192,14 @@ impl From<EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut response = (self.status, Json(*self.body)).into_response();
-        response
-            .headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        let status = self.status;
+        let mut response = (status, Json(*self.body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // Every 503 is "come back shortly": the store, the upstream or the sidecar's capacity.
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         response
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod breaker;
 pub mod clock;
 pub mod config;
 pub mod connections;

@@ -187,7 +187,7 @@ impl Metrics {
         let store_errors = Family::<StoreErrorLabels, Counter>::default();
         registry.register(
             "store_errors",
-            "Session store operations that failed, by operation and kind (transient, fatal, capacity)",
+            "Session store operations that failed, by operation and kind (transient, timeout, fatal, capacity)",
             store_errors.clone(),
         );
         let capacity_refused = Counter::default();

@@ -359,13 +359,9 @@ async fn a_redis_outage_follows_the_failure_policy_and_recovers_without_restarts
         })
         .await;
     }
-    assert_eq!(
-        streaming_at(&client, &fail_closed.base, Method::PUT, "acct-c", "phone")
-            .await
-            .0,
-        201,
-        "new streams are admitted again"
-    );
+    let (status, body) =
+        streaming_at(&client, &fail_closed.base, Method::PUT, "acct-c", "phone").await;
+    assert_eq!(status, 201, "new streams are admitted again: {body}");
 
     let statuses = load.await.unwrap();
     assert!(

@@ -23,15 +23,20 @@ pub use redis_store::{RedisStore, RedisTarget};
 
 /// A failed store operation, typed by what the engine may do about it.
 ///
-/// Only [`StoreError::Unavailable`] means "the store could not be asked": the policy's
-/// failurePolicy applies. A [`StoreError::Fatal`] error means the store answered in a way the
+/// Only [`StoreError::Unavailable`] and [`StoreError::TimedOut`] mean "the store could not be
+/// asked": the policy's failurePolicy may apply (when the engine's breaker judges the store
+/// down). A [`StoreError::Fatal`] error means the store answered in a way the
 /// sidecar cannot trust (a script error, a malformed reply, out of memory, a key of the wrong
 /// type): admitting anyone on it would turn a bug into an open door, so it never admits.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
-    /// Transient: connection refused or lost, timeout, the server loading or failing over.
+    /// Transient: connection refused or lost, the server loading or failing over.
     #[error("session store unavailable: {0}")]
     Unavailable(String),
+    /// Transient: the store did not answer in time (slow, or stopped). Whether failurePolicy
+    /// applies is the engine's circuit breaker's call ([`crate::breaker`]): slow is not down.
+    #[error("session store timed out: {0}")]
+    TimedOut(String),
     /// The store answered wrongly; retrying will not help.
     #[error("session store error: {0}")]
     Fatal(String),
@@ -43,7 +48,7 @@ pub enum StoreError {
 impl StoreError {
     /// True for errors under which failurePolicy applies.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::TimedOut(_))
     }
 }
 

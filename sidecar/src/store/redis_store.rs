@@ -113,6 +113,9 @@ impl std::fmt::Display for RedisTarget {
 /// authentication failure — is fatal. The detail stays in the error for the log; it never
 /// reaches an HTTP body.
 pub fn classify(error: &RedisError) -> StoreError {
+    if error.is_timeout() {
+        return StoreError::TimedOut(format!("Redis: {error}"));
+    }
     let transient = error.is_io_error()
         || error.is_timeout()
         || error.is_connection_dropped()
@@ -181,6 +184,34 @@ struct Inner {
     subscribed: watch::Sender<bool>,
     /// Tests only: "now" for the scripts instead of the Redis server's clock.
     clock: Option<Arc<dyn Clock>>,
+    /// The Redis clock against this process's, for deadlines on the store's clock.
+    offset: std::sync::Mutex<Option<ClockOffset>>,
+}
+
+/// The Redis server's clock minus this process's, measured with TIME.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ClockOffset {
+    /// Redis ms minus local ms, at the midpoint of the TIME round trip.
+    offset_ms: i64,
+    /// Half the round trip, plus one for the millisecond rounding: how wrong `offset_ms` may be.
+    uncertainty_ms: i64,
+}
+
+impl ClockOffset {
+    /// From a TIME answered at `redis_ms`, asked at `sent_ms` and received at `received_ms`.
+    fn measure(sent_ms: i64, redis_ms: i64, received_ms: i64) -> Self {
+        Self {
+            offset_ms: redis_ms - (sent_ms + received_ms) / 2,
+            uncertainty_ms: (received_ms - sent_ms + 1) / 2 + 1,
+        }
+    }
+
+    /// The deadline on the Redis clock of a call started at `started_ms` (local) that gives up
+    /// after `timeout_ms`: early by the uncertainty, so a script never runs after its caller
+    /// gave up.
+    fn deadline(self, started_ms: i64, timeout_ms: i64) -> i64 {
+        started_ms + timeout_ms + self.offset_ms - self.uncertainty_ms
+    }
 }
 
 /// The keys of one account.
@@ -246,11 +277,63 @@ impl RedisStore {
                 revocations,
                 subscribed: watch::Sender::new(false),
                 clock,
+                offset: std::sync::Mutex::new(None),
             }),
         }
     }
 
+    /// Measures the Redis clock against ours with TIME; keeps the measurement unless an earlier
+    /// one was much tighter (a slow round trip says little).
+    async fn measure_offset(&self, connection: &Connection) -> Result<(), StoreError> {
+        let sent = chrono::Utc::now().timestamp_millis();
+        let time = async {
+            let cmd = redis::cmd("TIME");
+            match connection.clone() {
+                Connection::Standalone(mut c) => cmd.query_async::<(i64, i64)>(&mut c).await,
+                Connection::Cluster(mut c) => cmd.query_async::<(i64, i64)>(&mut c).await,
+            }
+        };
+        let (secs, micros) = match tokio::time::timeout(self.inner.timeout, time).await {
+            Ok(Ok(time)) => time,
+            Ok(Err(e)) => return Err(classify(&e)),
+            Err(_) => return Err(StoreError::TimedOut("Redis did not answer TIME".into())),
+        };
+        let received = chrono::Utc::now().timestamp_millis();
+        let measured = ClockOffset::measure(sent, secs * 1000 + micros / 1000, received);
+        let mut offset = self.inner.offset.lock().unwrap_or_else(|p| p.into_inner());
+        match *offset {
+            Some(old) if measured.uncertainty_ms > old.uncertainty_ms.max(5) => {}
+            _ => *offset = Some(measured),
+        }
+        Ok(())
+    }
+
+    /// The deadline (ms on the store's clock) to give a script started now; 0 (none) while the
+    /// offset is unknown.
+    fn deadline(&self, started_ms: i64) -> i64 {
+        let timeout_ms = self.inner.timeout.as_millis() as i64;
+        if let Some(clock) = &self.inner.clock {
+            return clock.now_ms() + timeout_ms;
+        }
+        let offset = *self.inner.offset.lock().unwrap_or_else(|p| p.into_inner());
+        offset.map_or(0, |o| o.deadline(started_ms, timeout_ms).max(1))
+    }
+
     async fn connection(&self) -> Result<Connection, StoreError> {
+        let connection = self.connect().await?;
+        let unmeasured = self
+            .inner
+            .offset
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none();
+        if unmeasured && self.inner.clock.is_none() {
+            self.measure_offset(&connection).await?;
+        }
+        Ok(connection)
+    }
+
+    async fn connect(&self) -> Result<Connection, StoreError> {
         let timeout = self.inner.timeout;
         self.inner
             .connection
@@ -281,7 +364,7 @@ impl RedisStore {
                 match tokio::time::timeout(timeout.max(Duration::from_secs(1)), connect).await {
                     Ok(Ok(connection)) => Ok(connection),
                     Ok(Err(e)) => Err(classify(&e)),
-                    Err(_) => Err(StoreError::Unavailable(
+                    Err(_) => Err(StoreError::TimedOut(
                         "cannot connect to Redis: timed out".into(),
                     )),
                 }
@@ -301,7 +384,7 @@ impl RedisStore {
         match tokio::time::timeout(self.inner.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(classify(&e)),
-            Err(_) => Err(StoreError::Unavailable(format!(
+            Err(_) => Err(StoreError::TimedOut(format!(
                 "Redis did not answer within {:?}",
                 self.inner.timeout
             ))),
@@ -537,6 +620,7 @@ fn reply<'a>(
 #[async_trait]
 impl SessionStore for RedisStore {
     async fn open(&self, request: &OpenRequest<'_>) -> Result<OpenOutcome, StoreError> {
+        let started = chrono::Utc::now().timestamp_millis();
         let keys = AccountKeys::new(request.account);
         let id = SessionId::for_account(request.account);
         let mut invocation = self.inner.scripts.open.prepare_invoke();
@@ -555,6 +639,17 @@ impl SessionStore for RedisStore {
                 Mode::Enforce => "enforce",
                 Mode::DryRun => "dryrun",
             });
+        // Measured before the call: the connection may be (re)made inside it.
+        if self
+            .inner
+            .offset
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none()
+        {
+            self.connection().await?;
+        }
+        invocation.arg(self.deadline(started));
         self.origin_and_channel(&mut invocation);
         let value = self.run(&invocation).await?;
         let bad = || malformed("open", &value);
@@ -587,6 +682,11 @@ impl SessionStore for RedisStore {
             ("refused", [_, active]) => OpenOutcome::Refused {
                 active: sessions(active).ok_or_else(bad)?,
             },
+            ("late", _) => {
+                return Err(StoreError::TimedOut(
+                    "the open reached Redis after its caller gave up; refused there".into(),
+                ));
+            }
             _ => return Err(bad()),
         };
         Ok(outcome)
@@ -748,9 +848,13 @@ impl SessionStore for RedisStore {
             }
         };
         match tokio::time::timeout(self.inner.timeout, ping).await {
+            Ok(Ok(_)) if self.inner.clock.is_none() => {
+                let connection = self.connection().await?;
+                self.measure_offset(&connection).await
+            }
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(classify(&e)),
-            Err(_) => Err(StoreError::Unavailable(format!(
+            Err(_) => Err(StoreError::TimedOut(format!(
                 "Redis did not answer PING within {:?}",
                 self.inner.timeout
             ))),
@@ -810,6 +914,16 @@ mod tests {
         assert_eq!(keys.account_prefix.matches('{').count(), 1);
         let id = SessionId::for_account("{x}:y");
         assert!(session_key(id).starts_with(&keys.tag_prefix));
+    }
+
+    #[test]
+    fn deadlines_on_the_redis_clock_are_early_by_the_uncertainty() {
+        // Redis is 5 s ahead; TIME asked at 1000, answered at 6003 (Redis), received at 1006.
+        let offset = ClockOffset::measure(1_000, 6_003, 1_006);
+        assert_eq!(offset.offset_ms, 5_000);
+        assert_eq!(offset.uncertainty_ms, 4);
+        // A call started at 2000 that gives up after 100 ms: Redis must refuse after 7096.
+        assert_eq!(offset.deadline(2_000, 100), 7_096);
     }
 
     #[test]

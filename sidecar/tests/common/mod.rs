@@ -318,23 +318,69 @@ pub struct OwnRedis {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<std::process::Child>,
+    /// Extra `redis-server` arguments (e.g. `--maxmemory-policy allkeys-lru`).
+    extra: Vec<String>,
 }
 
 impl OwnRedis {
+    /// Starts a server with extra `redis-server` arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
+        for _ in 0..5 {
+            let mut redis = Self::unstarted();
+            redis.extra = extra.iter().map(|a| a.to_string()).collect();
+            if redis.try_start() {
+                return redis;
+            }
+        }
+        panic!("redis-server did not start (is it installed? ./scripts/test installs it)");
+    }
+
+    fn unstarted() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self {
+            port,
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            extra: Vec::new(),
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is answered.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a paused server (SIGCONT): it runs what was sent to it meanwhile.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis-server is running");
+        let status = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} redis-server");
+    }
+
+    /// A synchronous connection to the server, for inspecting it.
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
     /// Starts a server on a free loopback port. redis-server cannot be handed a bound socket,
     /// so the port is picked, and picked again if another process took it meanwhile.
     pub fn start() -> Self {
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let mut redis = Self {
-                port,
-                dir: tempfile::tempdir().unwrap(),
-                child: None,
-            };
+            let mut redis = Self::unstarted();
             if redis.try_start() {
                 return redis;
             }
@@ -368,6 +414,7 @@ impl OwnRedis {
                 "--save",
                 "",
             ])
+            .args(&self.extra)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("redis-server must be installed (./scripts/test installs it)");
@@ -402,6 +449,10 @@ impl OwnRedis {
 impl Drop for OwnRedis {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
+            // A paused server must not outlive a failed test frozen.
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
             let _ = child.kill();
             let _ = child.wait();
         }

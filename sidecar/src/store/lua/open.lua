@@ -1,14 +1,19 @@
 -- open: opens the session of (account, stream), or renews it if active.
 -- KEYS[1] A..'streams', KEYS[2] A..'age', KEYS[3] A..'exp', KEYS[4] A..'cut'
 -- ARGV: P, A, account, stream, new id, limit, ttl ms, on-limit ('reject'|'evict'),
---       mode ('enforce'|'dryrun'), origin, channel
--- Reply: {'renewed', active count, session, expired}
+--       mode ('enforce'|'dryrun'), deadline (ms on this server's clock, 0: none), origin, channel
+-- Reply: {'late', 0, expired}: the caller's deadline has passed (it has given up: answering
+--        would take a slot nobody holds), nothing changed
+--      | {'renewed', active count, session, expired}
 --      | {'admitted', active count, session, evicted, dry run ('' | 'refuse' | 'evict'), expired}
 --      | {'refused', active count, active sessions, expired}
 local P, A, account, stream, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local limit, ttl, on_limit, mode = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8], ARGV[9]
-local origin, channel = ARGV[10], ARGV[11]
+local deadline, origin, channel = tonumber(ARGV[10]), ARGV[11], ARGV[12]
 local now = now_ms()
+if deadline > 0 and now > deadline then
+  return {'late', 0, {}}
+end
 local expired = expire_overdue(P, A, now, origin, channel)
 
 local existing = redis.call('HGET', KEYS[1], stream)

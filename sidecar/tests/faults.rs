@@ -1,0 +1,212 @@
+//! Store faults on a real redis-server of the test's own, frozen with SIGSTOP and thawed with
+//! SIGCONT: slow is not down (failurePolicy applies only once the breaker judges the store down),
+//! degraded admission is bounded per sidecar, and opens answered 503 during a pause take no slot
+//! when Redis runs them after it resumes.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{OwnRedis, default_policy, eventually, json};
+use reqwest::Client;
+use streamgate_sidecar::policy::PolicySet;
+use streamgate_sidecar::server::Sidecar;
+use streamgate_sidecar::store::{RedisStore, RedisTarget};
+
+const STORE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// An in-process sidecar on `redis_url` with a 100 ms store timeout.
+async fn sidecar(redis_url: &str, spec: &str) -> String {
+    let policies = PolicySet::from_yaml(&default_policy(spec), "test.yaml", "default").unwrap();
+    let store = RedisStore::new(RedisTarget::parse(redis_url).unwrap(), STORE_TIMEOUT);
+    let sidecar = Sidecar::with_store(Arc::new(store), policies);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { sidecar.serve(listener, std::future::pending()).await });
+    eventually("the sidecar is ready", async || ready(&base).await == 200).await;
+    base
+}
+
+async fn ready(base: &str) -> u16 {
+    Client::new()
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
+/// Opens a stream: status, body, whether it was a degraded admission, the Retry-After header.
+async fn open(base: &str, account: &str, stream: &str) -> (u16, serde_json::Value, bool, String) {
+    let response = Client::new()
+        .put(format!(
+            "{base}/streaming?account={account}&streamId={stream}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    let degraded = response.headers().contains_key("x-streamgate-degraded");
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let (status, body) = json(response).await;
+    (status, body, degraded, retry_after)
+}
+
+/// The account's active sessions in the store.
+async fn active(base: &str, account: &str) -> usize {
+    let (status, body) = json(
+        Client::new()
+            .get(format!("{base}/v1/accounts/{account}/sessions"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["sessions"].as_array().unwrap().len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_pause_is_slow_not_down_503_with_retry_after_and_no_slot_taken() {
+    let redis = OwnRedis::start();
+    let base = sidecar(
+        &redis.url(),
+        "  maxStreamsPerAccount: 3\n  failurePolicy: Open",
+    )
+    .await;
+    // Redis knows the open script (the opens during the pause are sent by hash and run as such).
+    let (status, body, _, _) = open(&base, "other", "tv").await;
+    assert_eq!(status, 201, "{body}");
+
+    redis.pause();
+    let (status, body, degraded, retry_after) = open(&base, "acct", "tv").await;
+    // Under failurePolicy Open, one slow call is not an outage: no admission without the store.
+    assert_eq!((status, degraded), (503, false), "{body}");
+    assert_eq!(body["error"], "store_unavailable");
+    assert_eq!(retry_after, "1");
+    // Readiness follows the breaker, which one slow call does not open.
+    assert_eq!(ready(&base).await, 200);
+    redis.resume();
+
+    // The open that timed out reaches Redis now, after its caller gave up: it takes no slot.
+    eventually("Redis answers again", async || ready(&base).await == 200).await;
+    assert_eq!(active(&base, "acct").await, 0, "no phantom session");
+    let (status, body, degraded, _) = open(&base, "acct", "tv").await;
+    assert_eq!((status, degraded), (201, false), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opens_answered_503_during_a_pause_take_no_slot_when_redis_resumes() {
+    let redis = OwnRedis::start();
+    let base = sidecar(
+        &redis.url(),
+        "  maxStreamsPerAccount: 3\n  failurePolicy: Closed",
+    )
+    .await;
+    // Redis knows the open script (the opens during the pause are sent by hash and run as such).
+    let (status, body, _, _) = open(&base, "other", "tv").await;
+    assert_eq!(status, 201, "{body}");
+
+    redis.pause();
+    let opens = (0..30).map(|i| {
+        let base = base.clone();
+        tokio::spawn(async move { open(&base, "acct", &format!("s{i}")).await })
+    });
+    for answer in futures::future::join_all(opens).await {
+        let (status, body, _, retry_after) = answer.unwrap();
+        assert_eq!((status, retry_after.as_str()), (503, "1"), "{body}");
+    }
+    redis.resume();
+
+    eventually("the sidecar is ready again", async || {
+        ready(&base).await == 200
+    })
+    .await;
+    // Every one of the 30 scripts ran after its deadline: none took a slot.
+    let mut raw = redis.connection();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("sg:*:s:*").query(&mut raw).unwrap();
+    let accounts: Vec<String> = keys
+        .iter()
+        .map(|k| {
+            redis::cmd("HGET")
+                .arg(k)
+                .arg("account")
+                .query(&mut raw)
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(accounts, vec!["other"], "no session of acct was stored");
+    assert_eq!(active(&base, "acct").await, 0);
+    for i in 0..3 {
+        let (status, body, _, _) = open(&base, "acct", &format!("after{i}")).await;
+        assert_eq!(status, 201, "the account's slots are all free: {body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_outage_opens_the_breaker_and_admits_at_most_the_limit_without_the_store() {
+    let redis = OwnRedis::start();
+    let base = sidecar(
+        &redis.url(),
+        "  maxStreamsPerAccount: 2\n  failurePolicy: Open\n  heartbeatIntervalSeconds: 2\n  sessionTTLSeconds: 10",
+    )
+    .await;
+    let (status, body, _, _) = open(&base, "other", "tv").await;
+    assert_eq!(status, 201, "{body}");
+
+    redis.pause();
+    let paused = Instant::now();
+    // Opens time out (503) until the breaker judges the store down; then one is admitted
+    // without the store.
+    let mut probe = 0;
+    let first = loop {
+        let (status, body, degraded, _) = open(&base, "acct", &format!("p{probe}")).await;
+        if status == 201 {
+            assert!(degraded, "{body}");
+            break format!("p{probe}");
+        }
+        assert_eq!(status, 503, "{body}");
+        probe += 1;
+        assert!(
+            paused.elapsed() < Duration::from_secs(15),
+            "the breaker never opened"
+        );
+    };
+    let breaker_opened_after = paused.elapsed();
+    assert!(
+        breaker_opened_after >= Duration::from_secs(2),
+        "a pause shorter than the quiet period is not an outage ({breaker_opened_after:?})"
+    );
+    assert_eq!(ready(&base).await, 503, "readiness follows the breaker");
+    // The account's limit is 2: one more is admitted without the store, then 503.
+    let (status, body, degraded, _) = open(&base, "acct", "second").await;
+    assert_eq!((status, degraded), (201, true), "{body}");
+    let (status, body, _, retry_after) = open(&base, "acct", "third").await;
+    assert_eq!((status, retry_after.as_str()), (503, "1"), "{body}");
+    assert_eq!(body["error"], "store_unavailable");
+    // Reopening a degraded stream renews it; it takes no second slot.
+    let (status, body, _, _) = open(&base, "acct", &first).await;
+    assert_eq!(status, 200, "{body}");
+
+    redis.resume();
+    let resumed = Instant::now();
+    // Within one heartbeat interval the store counts exactly the two degraded sessions: the
+    // opens that timed out before the breaker opened took no slot.
+    eventually("the degraded sessions are in the store", async || {
+        ready(&base).await == 200 && active(&base, "acct").await == 2
+    })
+    .await;
+    let recovered = resumed.elapsed();
+    assert!(
+        recovered < Duration::from_secs(2),
+        "written back within a heartbeat interval, took {recovered:?}"
+    );
+    let (status, body, _, _) = open(&base, "acct", "after").await;
+    assert_eq!(status, 429, "the account is at its limit again: {body}");
+    eprintln!(
+        "breaker opened {breaker_opened_after:?} into the pause; store count right {recovered:?} after it"
+    );
+}
