@@ -801,6 +801,10 @@ impl Engine {
         if last_fatal != 0 && now - last_fatal < FATAL_UNREADY.as_millis() as i64 {
             return Err(NotReady::RecentFatalError);
         }
+        if let Err(problem) = self.store.check_config().await {
+            tracing::error!(%problem, "session store misconfigured");
+            return Err(NotReady::Misconfigured(problem));
+        }
         if !*self.store.subscribed().borrow() {
             return Err(NotReady::NotSubscribed);
         }
@@ -821,7 +825,7 @@ impl Engine {
 }
 
 /// Why `/readyz` fails.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NotReady {
     /// The store does not answer (or answers wrongly).
     #[error("the session store is not usable")]
@@ -829,6 +833,9 @@ pub enum NotReady {
     /// A fatal store error happened recently.
     #[error("the session store answered wrongly recently; see the sidecar's log")]
     RecentFatalError,
+    /// The store is configured so that it may lose sessions; the message says why.
+    #[error("{0}")]
+    Misconfigured(String),
     /// Other sidecars' revocations are not heard (shared stores).
     #[error("not subscribed to revocations yet")]
     NotSubscribed,

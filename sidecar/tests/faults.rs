@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{OwnRedis, default_policy, eventually, json};
+use common::{OwnRedis, default_policy, eventually, eventually_value, json};
 use reqwest::Client;
 use streamgate_sidecar::policy::PolicySet;
 use streamgate_sidecar::server::Sidecar;
@@ -88,7 +88,8 @@ async fn a_short_pause_is_slow_not_down_503_with_retry_after_and_no_slot_taken()
     assert_eq!(body["error"], "store_unavailable");
     assert_eq!(retry_after, "1");
     // Readiness follows the breaker, which one slow call does not open.
-    assert_eq!(ready(&base).await, 200);
+    let (status, body) = readiness(&base).await;
+    assert_eq!(status, 200, "{body}");
     redis.resume();
 
     // The open that timed out reaches Redis now, after its caller gave up: it takes no slot.
@@ -209,4 +210,115 @@ async fn a_long_outage_opens_the_breaker_and_admits_at_most_the_limit_without_th
     eprintln!(
         "breaker opened {breaker_opened_after:?} into the pause; store count right {recovered:?} after it"
     );
+}
+
+async fn readiness(base: &str) -> (u16, serde_json::Value) {
+    json(
+        Client::new()
+            .get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// An in-process sidecar that need not become ready.
+async fn unready_sidecar(redis_url: &str, spec: &str) -> String {
+    let policies = PolicySet::from_yaml(&default_policy(spec), "test.yaml", "default").unwrap();
+    let store = RedisStore::new(RedisTarget::parse(redis_url).unwrap(), STORE_TIMEOUT);
+    let sidecar = Sidecar::with_store(Arc::new(store), policies);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { sidecar.serve(listener, std::future::pending()).await });
+    base
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_may_evict_sessions_fails_readiness_saying_why() {
+    let redis = OwnRedis::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+    let base = unready_sidecar(&redis.url(), "  maxStreamsPerAccount: 3").await;
+    let (status, body) = eventually_value(async || {
+        let (status, body) = readiness(&base).await;
+        (status == 503 && body["message"].as_str()?.contains("maxmemory-policy"))
+            .then_some((status, body))
+    })
+    .await;
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("allkeys-lru") && message.contains("noeviction"),
+        "{status} {body}"
+    );
+    // volatile-* too: every StreamGate key has a TTL, so it may evict any of them.
+    let mut raw = redis.connection();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("volatile-lru")
+        .query(&mut raw)
+        .unwrap();
+    eventually("volatile-lru is refused", async || {
+        let (_, body) = readiness(&base).await;
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("volatile-lru"))
+    })
+    .await;
+    // Fixed without restarting the sidecar.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query(&mut raw)
+        .unwrap();
+    eventually("ready once Redis keeps every key", async || {
+        ready(&base).await == 200
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_never_admits_under_open_and_fails_readiness() {
+    let redis = OwnRedis::start_with(&["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"]);
+    let base = sidecar(
+        &redis.url(),
+        "  maxStreamsPerAccount: 3\n  failurePolicy: Open",
+    )
+    .await;
+    let (status, body, _, _) = open(&base, "acct", "tv").await;
+    assert_eq!(status, 201, "{body}");
+    // Fill Redis until it refuses writes.
+    let mut raw = redis.connection();
+    let junk = "x".repeat(64 * 1024);
+    let mut filled = false;
+    for i in 0..1_000 {
+        let set: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(format!("junk:{i}"))
+            .arg(&junk)
+            .query(&mut raw);
+        if let Err(e) = set {
+            assert_eq!(e.code(), Some("OOM"), "{e}");
+            filled = true;
+            break;
+        }
+    }
+    assert!(filled, "Redis never filled up");
+    // A refused write frees its own buffer, leaving Redis just under its limit; lower the limit
+    // under what it holds so it stays full (noeviction: nothing can be freed).
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1mb")
+        .query(&mut raw)
+        .unwrap();
+
+    // Out of memory is not an outage: never admitted without the store.
+    let (status, body, degraded, _) = open(&base, "acct", "phone").await;
+    assert_eq!((status, degraded), (500, false), "{body}");
+    assert_eq!(body["error"], "internal_error");
+    let (status, body) = readiness(&base).await;
+    assert_eq!(status, 503, "{body}");
+    let mut raw = redis.connection();
+    let sessions: Vec<String> = redis::cmd("KEYS").arg("sg:*:s:*").query(&mut raw).unwrap();
+    assert_eq!(sessions.len(), 1, "only the first session is stored");
 }

@@ -198,6 +198,12 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Checks that the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Checks that the store is configured so that it keeps what it is told (a Redis that may
+    /// evict keys would forget sessions and over-admit). `Err` says why not, for readiness.
+    async fn check_config(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Active sessions across all accounts, when the store can count them cheaply.
     async fn active_sessions(&self) -> Result<Option<u64>, StoreError>;
 

@@ -151,8 +151,14 @@ struct Scripts {
 
 impl Scripts {
     fn load() -> Self {
-        let with_common =
-            |body: &str| Script::new(&format!("{}\n{body}", include_str!("lua/common.lua")));
+        // The shebang (Redis 7) makes Redis refuse a script while it is out of memory (OOM)
+        // before it runs, instead of letting it write.
+        let with_common = |body: &str| {
+            Script::new(&format!(
+                "#!lua\n{}\n{body}",
+                include_str!("lua/common.lua")
+            ))
+        };
         Self {
             open: with_common(include_str!("lua/open.lua")),
             heartbeat: with_common(include_str!("lua/heartbeat.lua")),
@@ -552,6 +558,43 @@ fn parse_reason(reason: &str) -> Option<EndReason> {
     }
 }
 
+/// Why a Redis `maxmemory-policy` is unsafe for sessions, if it is.
+///
+/// Only `noeviction` keeps every session: an evicted account key forgets its sessions and the
+/// account is admitted over its limit. `volatile-*` is no better here: every StreamGate key
+/// carries a TTL (they expire by themselves), so `volatile-*` may evict any of them just like
+/// `allkeys-*`.
+pub fn eviction_problem(policy: &str) -> Result<(), String> {
+    if policy.eq_ignore_ascii_case("noeviction") {
+        return Ok(());
+    }
+    Err(format!(
+        "Redis maxmemory-policy is {policy:?}: Redis may evict session keys when full and \
+         accounts would be admitted over their limit; set maxmemory-policy noeviction \
+         (StreamGate keys all carry TTLs, so volatile-* policies may evict them too)"
+    ))
+}
+
+/// Every string in a reply, depth first, in order.
+fn flatten_strings(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Array(items) | Value::Set(items) => {
+            items.iter().for_each(|v| flatten_strings(v, out));
+        }
+        Value::Map(pairs) => {
+            for (k, v) in pairs {
+                flatten_strings(k, out);
+                flatten_strings(v, out);
+            }
+        }
+        other => {
+            if let Some(text) = text(other) {
+                out.push(text);
+            }
+        }
+    }
+}
+
 /// A script reply that does not have the documented shape: a bug, reported as a store error.
 fn malformed(what: &str, value: &Value) -> StoreError {
     StoreError::Fatal(format!("unexpected Redis reply to {what}: {value:?}"))
@@ -867,6 +910,54 @@ impl SessionStore for RedisStore {
         Ok(None)
     }
 
+    async fn check_config(&self) -> Result<(), String> {
+        let connection = self.connection().await.map_err(|e| e.to_string())?;
+        let get = async {
+            let mut cmd = redis::cmd("CONFIG");
+            cmd.arg("GET").arg("maxmemory-policy");
+            match connection {
+                Connection::Standalone(mut c) => cmd.query_async::<Value>(&mut c).await,
+                // Every master: one evicting master loses the sessions of its slots.
+                Connection::Cluster(mut c) => {
+                    c.route_command(
+                        cmd,
+                        redis::cluster_routing::RoutingInfo::MultiNode((
+                            redis::cluster_routing::MultipleNodeRoutingInfo::AllMasters,
+                            None,
+                        )),
+                    )
+                    .await
+                }
+            }
+        };
+        let reply = match tokio::time::timeout(self.inner.timeout, get).await {
+            Ok(Ok(reply)) => reply,
+            // Managed services may rename or forbid CONFIG: the operator vouches for it then
+            // (documented); never blocks readiness on what cannot be read.
+            Ok(Err(e))
+                if matches!(e.code(), Some("NOPERM"))
+                    || e.to_string().contains("unknown command") =>
+            {
+                tracing::warn!(error = %e, "cannot read maxmemory-policy; make sure it is noeviction");
+                return Ok(());
+            }
+            // Slow is not down; the breaker and PING judge availability.
+            Ok(Err(e)) if classify(&e).is_transient() => return Ok(()),
+            Err(_) => return Ok(()),
+            Ok(Err(e)) => return Err(format!("cannot read maxmemory-policy: {}", classify(&e))),
+        };
+        let mut strings = Vec::new();
+        flatten_strings(&reply, &mut strings);
+        let policies = strings
+            .windows(2)
+            .filter(|w| w[0] == "maxmemory-policy")
+            .map(|w| w[1].as_str());
+        for policy in policies {
+            eviction_problem(policy)?;
+        }
+        Ok(())
+    }
+
     fn revocations(&self) -> broadcast::Receiver<Revocation> {
         self.inner.revocations.subscribe()
     }
@@ -924,6 +1015,23 @@ mod tests {
         assert_eq!(offset.uncertainty_ms, 4);
         // A call started at 2000 that gives up after 100 ms: Redis must refuse after 7096.
         assert_eq!(offset.deadline(2_000, 100), 7_096);
+    }
+
+    #[test]
+    fn only_noeviction_keeps_sessions() {
+        assert_eq!(eviction_problem("noeviction"), Ok(()));
+        for policy in [
+            "allkeys-lru",
+            "volatile-lru",
+            "volatile-ttl",
+            "allkeys-random",
+        ] {
+            let problem = eviction_problem(policy).unwrap_err();
+            assert!(
+                problem.contains(policy) && problem.contains("noeviction"),
+                "{problem}"
+            );
+        }
     }
 
     #[test]
