@@ -365,6 +365,17 @@ impl Metrics {
             .inc_by(n as u64);
     }
 
+    /// Counts proxied streams closed because the sidecar is shutting down (reason `shutdown`):
+    /// their sessions are not cut, the player reconnects through another sidecar.
+    pub fn count_streams_closed_by_shutdown(&self, n: usize) {
+        self.streams_cut
+            .get_or_create(&CutLabels {
+                reason: "shutdown".into(),
+                dry_run: "false".into(),
+            })
+            .inc_by(n as u64);
+    }
+
     /// Counts a media request forwarded upstream.
     pub fn count_proxied(&self) {
         self.proxied.inc();

@@ -106,6 +106,24 @@ impl Proxy {
         }
     }
 
+    /// Closes every response in flight because the sidecar is shutting down: counted with
+    /// reason `shutdown`, and no session is cut or announced (the viewer keeps its slot and
+    /// reconnects through another sidecar). Returns how many were closed.
+    pub fn close_for_shutdown(&self) -> usize {
+        let tokens: Vec<CancellationToken> = self
+            .lock()
+            .drain()
+            .flat_map(|(_, streams)| streams.into_iter().map(|(_, token)| token))
+            .collect();
+        for token in &tokens {
+            token.cancel();
+        }
+        self.engine
+            .metrics()
+            .count_streams_closed_by_shutdown(tokens.len());
+        tokens.len()
+    }
+
     /// Responses in flight, for metrics and tests.
     pub fn streams_in_flight(&self) -> usize {
         self.lock().values().map(Vec::len).sum()
@@ -386,8 +404,19 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
         .send()
         .await
         .map_err(|e| {
+            let refused = e.is_connect();
             tracing::warn!(error = %e.without_url(), "upstream request failed");
-            ApiError::bad_gateway("the streaming container did not answer")
+            if refused {
+                // Not listening (starting, restarting, draining): come back shortly (503 with
+                // Retry-After), unlike an upstream that broke mid-answer (502).
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::UpstreamUnavailable,
+                    "the streaming container is not accepting connections; retry shortly",
+                )
+            } else {
+                ApiError::bad_gateway("the streaming container did not answer")
+            }
         })?;
 
     let (token, registration) = proxy.register(id);

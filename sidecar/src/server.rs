@@ -92,6 +92,12 @@ impl Sidecar {
         &self.engine
     }
 
+    /// Shutdown: closes the proxied streams still in flight (counted with reason `shutdown`;
+    /// no session is cut). Returns how many.
+    pub fn close_streams_for_shutdown(&self) -> usize {
+        self.proxy.as_ref().map_or(0, |p| p.close_for_shutdown())
+    }
+
     /// The HTTP application.
     pub fn router(&self) -> Router {
         cors::apply(
@@ -351,6 +357,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tokio::time::sleep(config.shutdown_timeout).await;
         } => {
             tracing::warn!(timeout = ?config.shutdown_timeout, "in-flight requests did not finish in time");
+            // Live streams never finish by themselves: close them (sessions are kept), then
+            // give their connections a moment to go.
+            let closed = sidecar.close_streams_for_shutdown();
+            tracing::info!(streams = closed, reason = "shutdown",
+                "closed proxied streams for shutdown; their sessions are kept");
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), &mut serve).await;
         }
     }
     stop.cancel();
