@@ -10,7 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::DateTime;
-use common::{OwnRedis, SidecarProcess, default_policy, eventually, json, redis_env, streaming_at};
+use common::{
+    OwnRedis, SidecarProcess, default_policy, eventually, json, max_concurrent, redis_env,
+    streaming_at,
+};
 use futures::future::join_all;
 use reqwest::{Client, Method};
 use streamgate_sidecar::policy::{Mode, OnLimitExceeded};
@@ -50,23 +53,6 @@ fn millis(rfc3339: &str) -> i64 {
     DateTime::parse_from_rfc3339(rfc3339)
         .unwrap()
         .timestamp_millis()
-}
-
-/// Sessions' lifetimes `[start, end)` in ms; the largest number alive at any instant.
-fn max_concurrent(intervals: &[(i64, i64)]) -> usize {
-    let mut events: Vec<(i64, i32)> = Vec::new();
-    for &(start, end) in intervals {
-        events.push((start, 1));
-        events.push((end, -1));
-    }
-    // At equal times an end comes before a start: the store cuts the victim, then admits.
-    events.sort();
-    let (mut alive, mut peak) = (0i32, 0i32);
-    for (_, delta) in events {
-        alive += delta;
-        peak = peak.max(alive);
-    }
-    peak as usize
 }
 
 /// Opens `n` streams of one account concurrently, spread over `sidecars`. With `with_ends`, every

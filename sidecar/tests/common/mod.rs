@@ -507,3 +507,21 @@ pub async fn streaming_at(
         .unwrap();
     json(response).await
 }
+
+/// Sessions' lifetimes `[start, end)` in ms; the largest number alive at any instant (the
+/// history checker of the race tests).
+pub fn max_concurrent(intervals: &[(i64, i64)]) -> usize {
+    let mut events: Vec<(i64, i32)> = Vec::new();
+    for &(start, end) in intervals {
+        events.push((start, 1));
+        events.push((end, -1));
+    }
+    // At equal times an end comes before a start: the store cuts the victim, then admits.
+    events.sort();
+    let (mut alive, mut peak) = (0i32, 0i32);
+    for (_, delta) in events {
+        alive += delta;
+        peak = peak.max(alive);
+    }
+    peak as usize
+}
