@@ -322,3 +322,71 @@ async fn a_full_redis_never_admits_under_open_and_fails_readiness() {
     let sessions: Vec<String> = redis::cmd("KEYS").arg("sg:*:s:*").query(&mut raw).unwrap();
     assert_eq!(sessions.len(), 1, "only the first session is stored");
 }
+
+/// Opens new streams of `account` on `base` until one is admitted without the store (the
+/// breaker has judged Redis down); every answer before it must be a 503.
+async fn until_degraded(base: &str, account: &str, prefix: &str) -> String {
+    let started = Instant::now();
+    for probe in 0.. {
+        let stream = format!("{prefix}{probe}");
+        let (status, body, degraded, _) = open(base, account, &stream).await;
+        if status == 201 {
+            assert!(degraded, "{body}");
+            return stream;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the breaker never opened"
+        );
+    }
+    unreachable!()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_an_outage_each_sidecar_admits_at_most_the_limit_and_the_store_counts_them_after() {
+    let redis = OwnRedis::start();
+    let spec = "  maxStreamsPerAccount: 1\n  failurePolicy: Open\n  heartbeatIntervalSeconds: 2\n  sessionTTLSeconds: 10";
+    let a = sidecar(&redis.url(), spec).await;
+    let b = sidecar(&redis.url(), spec).await;
+    let (status, body, _, _) = open(&a, "other", "tv").await;
+    assert_eq!(status, 201, "{body}");
+
+    redis.pause();
+    let (on_a, on_b) = tokio::join!(
+        until_degraded(&a, "acct", "a"),
+        until_degraded(&b, "acct", "b")
+    );
+    // Each has admitted the limit (1) on its own: no more, on either.
+    for base in [&a, &b] {
+        let (status, body, _, _) = open(base, "acct", "more").await;
+        assert_eq!(status, 503, "{body}");
+    }
+    redis.resume();
+
+    // The over-admission is bounded by (sidecars - 1) x limit = 1, and both sessions are in the
+    // store (their ids keep working); nothing else is.
+    eventually("both degraded sessions are in the store", async || {
+        ready(&a).await == 200 && active(&a, "acct").await == 2
+    })
+    .await;
+    let mut raw = redis.connection();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("sg:*:s:*").query(&mut raw).unwrap();
+    let mut streams = Vec::new();
+    for key in &keys {
+        let (account, stream): (String, String) = redis::cmd("HMGET")
+            .arg(key)
+            .arg("account")
+            .arg("stream")
+            .query(&mut raw)
+            .unwrap();
+        if account == "acct" {
+            streams.push(stream);
+        }
+    }
+    streams.sort();
+    assert_eq!(streams, vec![on_a, on_b]);
+    // Over its limit now: refused until viewers leave.
+    let (status, body, _, _) = open(&b, "acct", "after").await;
+    assert_eq!(status, 429, "{body}");
+}

@@ -345,9 +345,15 @@ async fn a_redis_outage_follows_the_failure_policy_and_recovers_without_restarts
         })
         .await;
     }
-    let (status, body) =
-        streaming_at(&client, &fail_closed.base, Method::PUT, "acct-c", "phone").await;
-    assert_eq!(status, 201, "new streams are admitted again: {body}");
+    // A call slow right after the restart (scripts re-sent) may answer 503 with Retry-After,
+    // which a player retries; nothing else.
+    eventually("new streams are admitted again", async || {
+        let (status, body) =
+            streaming_at(&client, &fail_closed.base, Method::PUT, "acct-c", "phone").await;
+        assert!(status == 201 || status == 503, "{status} {body}");
+        status == 201
+    })
+    .await;
 
     let statuses = load.await.unwrap();
     assert!(
