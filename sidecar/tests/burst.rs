@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use chrono::DateTime;
-use common::{SidecarProcess, default_policy, json, max_concurrent, redis_env};
+use common::{SidecarProcess, default_policy, eventually, json, max_concurrent, redis_env};
 use futures::future::join_all;
 use reqwest::Client;
 
@@ -72,6 +72,10 @@ struct Tally {
     refused: usize,
     slow: usize,
     worst_alive: usize,
+    /// Sessions nobody was given, right after the burst (discarded in the background).
+    phantoms_at_end: usize,
+    /// How long discarding them took (the longest of the rounds in the totals).
+    phantom_cleared_ms: u128,
 }
 
 /// One burst on a fresh account; checks it and returns its tally.
@@ -125,20 +129,27 @@ async fn burst(fleet: &[SidecarProcess], account: &str) -> Tally {
         tally.worst_alive <= LIMIT,
         "more than {LIMIT} alive at once: {tally:?}"
     );
-    // No phantom: every session the store holds for the account was given to a caller.
-    let (status, list) = streaming_list(&client, &fleet[0].base, account).await;
-    assert_eq!(status, 200, "{list}");
-    let stored: HashSet<String> = list["sessions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["sessionId"].as_str().unwrap().to_string())
-        .collect();
-    assert!(
-        stored.is_subset(&admitted_ids),
-        "sessions nobody was given: {:?}",
-        stored.difference(&admitted_ids).collect::<Vec<_>>()
-    );
+    // No phantom: every session the store holds for the account was given to a caller. An
+    // open whose answer came back after its caller gave up may have taken a slot: the sidecar
+    // discards it in the background, so this holds within a moment.
+    let phantoms = async || {
+        let (status, list) = streaming_list(&client, &fleet[0].base, account).await;
+        assert_eq!(status, 200, "{list}");
+        list["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["sessionId"].as_str().unwrap().to_string())
+            .filter(|id| !admitted_ids.contains(id))
+            .count()
+    };
+    tally.phantoms_at_end = phantoms().await;
+    let cleared = Instant::now();
+    eventually("no session nobody was given", async || {
+        phantoms().await == 0
+    })
+    .await;
+    tally.phantom_cleared_ms = cleared.elapsed().as_millis();
     tally
 }
 
@@ -173,6 +184,8 @@ async fn bursts_on(store_env: &str) {
         totals.refused += tally.refused;
         totals.slow += tally.slow;
         totals.worst_alive = totals.worst_alive.max(tally.worst_alive);
+        totals.phantoms_at_end += tally.phantoms_at_end;
+        totals.phantom_cleared_ms = totals.phantom_cleared_ms.max(tally.phantom_cleared_ms);
     }
     // Each account got its limit at most, and (the store being up) a burst is admitted at all.
     assert!(

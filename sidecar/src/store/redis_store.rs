@@ -7,7 +7,7 @@
 //! learns of evictions and kicks made elsewhere.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -147,6 +147,7 @@ struct Scripts {
     kick: Script,
     touch: Script,
     adopt: Script,
+    discard: Script,
 }
 
 impl Scripts {
@@ -168,6 +169,7 @@ impl Scripts {
             kick: with_common(include_str!("lua/kick.lua")),
             touch: with_common(include_str!("lua/touch.lua")),
             adopt: with_common(include_str!("lua/adopt.lua")),
+            discard: with_common(include_str!("lua/discard.lua")),
         }
     }
 }
@@ -192,7 +194,17 @@ struct Inner {
     clock: Option<Arc<dyn Clock>>,
     /// The Redis clock against this process's, for deadlines on the store's clock.
     offset: std::sync::Mutex<Option<ClockOffset>>,
+    /// Opens whose caller gave up waiting (account, new session id, when to stop trying): the
+    /// script may have run and admitted a session nobody was given; the background work
+    /// discards it. Bounded by [`ABANDONED_CAPACITY`].
+    abandoned: std::sync::Mutex<Vec<(String, SessionId, Instant)>>,
 }
+
+/// Abandoned opens remembered for discarding; past this, the oldest are forgotten (their
+/// sessions expire by themselves after one TTL).
+const ABANDONED_CAPACITY: usize = 10_000;
+/// How often abandoned opens are discarded.
+const DISCARD_INTERVAL: Duration = Duration::from_millis(200);
 
 /// The Redis server's clock minus this process's, measured with TIME.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -284,6 +296,7 @@ impl RedisStore {
                 subscribed: watch::Sender::new(false),
                 clock,
                 offset: std::sync::Mutex::new(None),
+                abandoned: std::sync::Mutex::new(Vec::new()),
             }),
         }
     }
@@ -510,6 +523,70 @@ async fn listen_for_revocations(inner: Arc<Inner>, shutdown: CancellationToken) 
     inner.subscribed.send_replace(false);
 }
 
+/// Discards the sessions of opens whose callers gave up, every [`DISCARD_INTERVAL`], until
+/// `shutdown`; one that cannot be discarded yet (store unreachable) is tried again until its TTL
+/// has passed (then it has expired by itself).
+async fn discard_abandoned(store: RedisStore, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(DISCARD_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let pending: Vec<_> = std::mem::take(
+            &mut *store
+                .inner
+                .abandoned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        let mut retry = Vec::new();
+        for (account, id, give_up) in pending {
+            if Instant::now() >= give_up {
+                continue;
+            }
+            match store.discard(&account, id).await {
+                Ok(true) => {
+                    tracing::info!(account = %crate::engine::fingerprint(&account),
+                        "discarded a session admitted after its caller gave up");
+                }
+                Ok(false) => {}
+                Err(_) => retry.push((account, id, give_up)),
+            }
+        }
+        if !retry.is_empty() {
+            let mut abandoned = store
+                .inner
+                .abandoned
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            retry.append(&mut abandoned);
+            *abandoned = retry;
+        }
+    }
+}
+
+impl RedisStore {
+    /// Discards session `id` of `account` if an abandoned open admitted it and nobody renewed it
+    /// since. `true` if it was discarded.
+    async fn discard(&self, account: &str, id: SessionId) -> Result<bool, StoreError> {
+        let keys = AccountKeys::new(account);
+        let mut invocation = self.inner.scripts.discard.prepare_invoke();
+        keys.add_keys(&mut invocation);
+        invocation.arg(id.to_string());
+        self.origin_and_channel(&mut invocation);
+        let value = self.run(&invocation).await?;
+        let (kind, _, expired) = reply("discard", &value)?;
+        self.publish_local(expired);
+        match kind.as_str() {
+            "discarded" => Ok(true),
+            "kept" | "absent" => Ok(false),
+            _ => Err(malformed("discard", &value)),
+        }
+    }
+}
+
 /// Parses `origin TAB id TAB account TAB stream TAB state TAB reason TAB created TAB expires TAB ttl`.
 fn parse_notice(payload: &str) -> Option<(String, SessionRecord)> {
     let fields: Vec<&str> = payload.split('\t').collect();
@@ -694,7 +771,25 @@ impl SessionStore for RedisStore {
         }
         invocation.arg(self.deadline(started));
         self.origin_and_channel(&mut invocation);
-        let value = self.run(&invocation).await?;
+        let value = match self.run(&invocation).await {
+            Ok(value) => value,
+            Err(error @ StoreError::TimedOut(_)) => {
+                // The script may still have run before its deadline, its answer arriving too
+                // late: a slot nobody holds. Discarded in the background unless renewed by then.
+                let mut abandoned = self
+                    .inner
+                    .abandoned
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                if abandoned.len() >= ABANDONED_CAPACITY {
+                    abandoned.remove(0);
+                }
+                let give_up = Instant::now() + Duration::from_millis(request.ttl_ms.max(0) as u64);
+                abandoned.push((request.account.to_string(), id, give_up));
+                return Err(error);
+            }
+            Err(error) => return Err(error),
+        };
         let bad = || malformed("open", &value);
         let (kind, fields, expired) = reply("open", &value)?;
         self.publish_local(expired);
@@ -963,10 +1058,11 @@ impl SessionStore for RedisStore {
     }
 
     fn background(&self, shutdown: CancellationToken) -> Option<BoxFuture<'static, ()>> {
-        Some(Box::pin(listen_for_revocations(
-            self.inner.clone(),
-            shutdown,
-        )))
+        let listen = listen_for_revocations(self.inner.clone(), shutdown.clone());
+        let discard = discard_abandoned(self.clone(), shutdown);
+        Some(Box::pin(async move {
+            futures::join!(listen, discard);
+        }))
     }
 
     fn subscribed(&self) -> watch::Receiver<bool> {
