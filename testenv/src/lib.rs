@@ -22,6 +22,7 @@ mod binaries;
 mod certs;
 mod control_plane;
 mod https;
+mod node;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -38,6 +39,7 @@ pub use binaries::{Binaries, Versions};
 pub use certs::{Ca, CertPair};
 pub use control_plane::ControlPlane;
 pub use https::HttpsServer;
+pub use node::{Node, NodeImages, shared_node};
 
 /// The field manager this crate applies objects with.
 pub const FIELD_MANAGER: &str = "streamgate-testenv";

@@ -1,0 +1,18 @@
+// Command kube-proxy is upstream's kube-proxy main, built from the published
+// k8s.io/kubernetes module (see testenv/build-node).
+package main
+
+import (
+	"os"
+
+	"k8s.io/component-base/cli"
+	_ "k8s.io/component-base/logs/json/register"          // JSON log format
+	_ "k8s.io/component-base/metrics/prometheus/clientgo" // client-go metrics
+	_ "k8s.io/component-base/metrics/prometheus/version"  // version metric
+	"k8s.io/kubernetes/cmd/kube-proxy/app"
+)
+
+func main() {
+	command := app.NewProxyCommand()
+	os.Exit(cli.Run(command))
+}
