@@ -89,7 +89,11 @@ struct NodeEnv {
 fn parse_env(text: &str) -> Result<NodeEnv> {
     let get = |key: &str| {
         text.lines()
-            .filter_map(|l| l.strip_prefix("export ")?.strip_prefix(key)?.strip_prefix('='))
+            .filter_map(|l| {
+                l.strip_prefix("export ")?
+                    .strip_prefix(key)?
+                    .strip_prefix('=')
+            })
             .map(|v| v.trim_matches('"').to_string())
             .next()
             .ok_or_else(|| anyhow!("node env has no {key}"))

@@ -11,12 +11,12 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::api::ListParams;
 use kube::{Api, Client};
 use serde_json::Value;
@@ -25,7 +25,8 @@ use tokio::sync::{Mutex, MutexGuard, OnceCell};
 
 const RELEASE: &str = "streamgate";
 const SYSTEM_NS: &str = "streamgate-system";
-const OPERATOR_SELECTOR: &str = "app.kubernetes.io/name=streamgate,app.kubernetes.io/component=operator";
+const OPERATOR_SELECTOR: &str =
+    "app.kubernetes.io/name=streamgate,app.kubernetes.io/component=operator";
 
 /// One test at a time: they share the node and the chart, and some stop the operator.
 static SERIAL: Mutex<()> = Mutex::const_new(());
@@ -92,14 +93,25 @@ fn install_chart(node: &Node) -> Result<()> {
 /// `curl` inside the node's network namespace: (HTTP status, body).
 fn http(node: &Node, method: &str, url: &str) -> Result<(u16, Value)> {
     let mut cmd = node.in_netns("curl");
-    cmd.args(["-sS", "--max-time", "10", "-X", method, "-w", "\n%{http_code}", url]);
+    cmd.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+        url,
+    ]);
     let out = run(cmd)?;
     let (body, code) = out
         .trim_end()
         .rsplit_once('\n')
         .map(|(b, c)| (b.to_string(), c.to_string()))
         .unwrap_or((String::new(), out.trim().to_string()));
-    let status: u16 = code.parse().with_context(|| format!("curl printed {out:?}"))?;
+    let status: u16 = code
+        .parse()
+        .with_context(|| format!("curl printed {out:?}"))?;
     let body = if body.trim().is_empty() {
         Value::Null
     } else {
@@ -109,7 +121,11 @@ fn http(node: &Node, method: &str, url: &str) -> Result<(u16, Value)> {
 }
 
 fn open(node: &Node, base: &str, account: &str, stream: &str) -> Result<(u16, Value)> {
-    http(node, "PUT", &format!("{base}/streaming?account={account}&streamId={stream}"))
+    http(
+        node,
+        "PUT",
+        &format!("{base}/streaming?account={account}&streamId={stream}"),
+    )
 }
 
 fn unique(prefix: &str) -> String {
@@ -137,9 +153,17 @@ fn demo_app(node: &Node, ns: &str, replicas: u32) -> Result<()> {
     cmd.args(["apply", "-f", "-"]).stdin(Stdio::piped());
     let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
     use std::io::Write;
-    child.stdin.take().expect("stdin").write_all(text.as_bytes())?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())?;
     let out = child.wait_with_output()?;
-    ensure!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     rollout(node, ns, "demo")
 }
 
@@ -152,7 +176,8 @@ fn rollout(node: &Node, ns: &str, deployment: &str) -> Result<()> {
 }
 
 async fn service_ip(client: &Client, ns: &str, name: &str) -> Result<String> {
-    let svc: k8s_openapi::api::core::v1::Service = Api::namespaced(client.clone(), ns).get(name).await?;
+    let svc: k8s_openapi::api::core::v1::Service =
+        Api::namespaced(client.clone(), ns).get(name).await?;
     svc.spec
         .and_then(|s| s.cluster_ip)
         .ok_or_else(|| anyhow!("service {ns}/{name} has no cluster IP"))
@@ -186,9 +211,17 @@ fn apply_policy(node: &Node, ns: &str, yaml: &str) -> Result<()> {
         .stderr(Stdio::piped());
     let mut child = cmd.spawn()?;
     use std::io::Write;
-    child.stdin.take().expect("stdin").write_all(yaml.as_bytes())?;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(yaml.as_bytes())?;
     let out = child.wait_with_output()?;
-    ensure!(out.status.success(), "kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "kubectl apply: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -207,20 +240,32 @@ async fn wait_for_sidecars(
     ensure!(!pods.is_empty(), "no running demo pods in {ns}");
     for pod in &pods {
         let base = format!("http://{}:8080", pod_ip(pod)?);
-        wait_until(timeout.saturating_sub(started.elapsed()), &format!("{field}={want} on {base}"), || async {
-            let account = unique("probe");
-            let (status, body) = open(node, &base, &account, "probe")?;
-            ensure!(status == 201, "open answered {status}: {body}");
-            http(node, "DELETE", &format!("{base}/streaming?account={account}&streamId=probe"))?;
-            Ok(body[field].as_u64() == Some(want))
-        })
+        wait_until(
+            timeout.saturating_sub(started.elapsed()),
+            &format!("{field}={want} on {base}"),
+            || async {
+                let account = unique("probe");
+                let (status, body) = open(node, &base, &account, "probe")?;
+                ensure!(status == 201, "open answered {status}: {body}");
+                http(
+                    node,
+                    "DELETE",
+                    &format!("{base}/streaming?account={account}&streamId=probe"),
+                )?;
+                Ok(body[field].as_u64() == Some(want))
+            },
+        )
         .await?;
     }
     Ok(started.elapsed())
 }
 
 /// A labelled namespace with the demo app (2 replicas) Ready behind its Service.
-async fn streaming_namespace(node: &Node, client: &Client, prefix: &str) -> Result<(String, String)> {
+async fn streaming_namespace(
+    node: &Node,
+    client: &Client,
+    prefix: &str,
+) -> Result<(String, String)> {
     let ns = create_namespace(
         client,
         prefix,
@@ -247,7 +292,8 @@ fn sidecar_of(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
 // ---------------------------------------------------------------------------------------------
 
 #[tokio::test]
-async fn helm_install_runs_the_operator_as_two_pods_one_leading_with_the_webhook_behind_its_service() -> Result<()> {
+async fn helm_install_runs_the_operator_as_two_pods_one_leading_with_the_webhook_behind_its_service()
+-> Result<()> {
     let (node, client, _guard) = setup().await?;
 
     let crd = Api::<CustomResourceDefinition>::all(client.clone())
@@ -255,17 +301,24 @@ async fn helm_install_runs_the_operator_as_two_pods_one_leading_with_the_webhook
         .await?;
     let established = crd.status.and_then(|s| s.conditions).unwrap_or_default();
     assert!(
-        established.iter().any(|c| c.type_ == "Established" && c.status == "True"),
+        established
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True"),
         "CRD not established: {established:?}"
     );
 
     let operators = running_pods(&client, SYSTEM_NS, OPERATOR_SELECTOR).await?;
     assert_eq!(operators.len(), 2, "operator pods: {}", operators.len());
-    let names: Vec<String> = operators.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    let names: Vec<String> = operators
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
     for pod in &operators {
-        let ready = pod.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| {
-            c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
-        });
+        let ready = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
         assert!(ready, "operator pod {:?} not Ready", pod.metadata.name);
     }
 
@@ -279,7 +332,11 @@ async fn helm_install_runs_the_operator_as_two_pods_one_leading_with_the_webhook
         .filter_map(|l| l.spec.as_ref()?.holder_identity.clone())
         .filter(|h| names.contains(h))
         .collect();
-    assert_eq!(holders.len(), 1, "lease holders among {names:?}: {holders:?}");
+    assert_eq!(
+        holders.len(),
+        1,
+        "lease holders among {names:?}: {holders:?}"
+    );
 
     // The webhook is called through its Service, whose endpoints are the operator pods.
     let hooks = Api::<MutatingWebhookConfiguration>::all(client.clone())
@@ -292,12 +349,14 @@ async fn helm_install_runs_the_operator_as_two_pods_one_leading_with_the_webhook
         .find_map(|w| w.client_config.service.clone())
         .context("no webhook with a service clientConfig")?;
     let slices = Api::<EndpointSlice>::namespaced(client.clone(), SYSTEM_NS)
-        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={}", service.name)))
+        .list(
+            &ListParams::default().labels(&format!("kubernetes.io/service-name={}", service.name)),
+        )
         .await?;
     let ips: Vec<String> = slices
         .items
         .iter()
-        .flat_map(|s| s.endpoints.iter())
+        .flat_map(|s| s.endpoints.iter().flatten())
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
         .flat_map(|e| e.addresses.iter().cloned())
         .collect();
@@ -306,28 +365,51 @@ async fn helm_install_runs_the_operator_as_two_pods_one_leading_with_the_webhook
     sorted_ips.sort();
     let mut sorted_pod_ips = pod_ips.clone();
     sorted_pod_ips.sort();
-    assert_eq!(sorted_ips, sorted_pod_ips, "webhook service endpoints vs operator pods");
+    assert_eq!(
+        sorted_ips, sorted_pod_ips,
+        "webhook service endpoints vs operator pods"
+    );
     let _ = node;
     Ok(())
 }
 
 #[tokio::test]
-async fn a_streaming_deployment_gets_the_native_sidecar_and_both_containers_are_ready() -> Result<()> {
+async fn a_streaming_deployment_gets_the_native_sidecar_and_both_containers_are_ready() -> Result<()>
+{
     let (node, client, _guard) = setup().await?;
     let (ns, _svc) = streaming_namespace(node, &client, "inject").await?;
     let pods = running_pods(&client, &ns, "app=demo").await?;
     assert_eq!(pods.len(), 2);
     for pod in &pods {
         let sidecar = sidecar_of(pod).context("the pod has no injected streamgate-sidecar")?;
-        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"), "a native sidecar");
-        for (what, probe) in [("readiness", &sidecar.readiness_probe), ("liveness", &sidecar.liveness_probe)] {
+        assert_eq!(
+            sidecar.restart_policy.as_deref(),
+            Some("Always"),
+            "a native sidecar"
+        );
+        for (what, probe) in [
+            ("readiness", &sidecar.readiness_probe),
+            ("liveness", &sidecar.liveness_probe),
+        ] {
             let probe = probe.as_ref().with_context(|| format!("no {what} probe"))?;
-            assert!(probe.http_get.is_some(), "{what} probe is not httpGet: {probe:?}");
+            assert!(
+                probe.http_get.is_some(),
+                "{what} probe is not httpGet: {probe:?}"
+            );
         }
         let status = pod.status.as_ref().context("no status")?;
-        let init = status.init_container_statuses.as_ref().context("no init statuses")?;
-        let sc = init.iter().find(|s| s.name == "streamgate-sidecar").context("no sidecar status")?;
-        assert!(sc.ready && sc.started == Some(true), "sidecar not ready: {sc:?}");
+        let init = status
+            .init_container_statuses
+            .as_ref()
+            .context("no init statuses")?;
+        let sc = init
+            .iter()
+            .find(|s| s.name == "streamgate-sidecar")
+            .context("no sidecar status")?;
+        assert!(
+            sc.ready && sc.started == Some(true),
+            "sidecar not ready: {sc:?}"
+        );
         let app = status
             .container_statuses
             .as_ref()
@@ -343,7 +425,8 @@ async fn a_streaming_deployment_gets_the_native_sidecar_and_both_containers_are_
 }
 
 #[tokio::test]
-async fn policies_apply_through_the_service_and_edits_reach_running_sidecars_through_the_configmap_volume() -> Result<()> {
+async fn policies_apply_through_the_service_and_edits_reach_running_sidecars_through_the_configmap_volume()
+-> Result<()> {
     let (node, client, _guard) = setup().await?;
     let (ns, svc) = streaming_namespace(node, &client, "policy").await?;
     let base = format!("http://{svc}");
@@ -370,7 +453,10 @@ async fn policies_apply_through_the_service_and_edits_reach_running_sidecars_thr
     // `kubectl edit`, with an editor that changes the limit.
     let mut edit = node.kubectl();
     edit.args(["edit", "-n", &ns, "streamingpolicy", "default"])
-        .env("EDITOR", "sed -i s/maxStreamsPerAccount:\\ 2/maxStreamsPerAccount:\\ 3/");
+        .env(
+            "EDITOR",
+            "sed -i s/maxStreamsPerAccount:\\ 2/maxStreamsPerAccount:\\ 3/",
+        );
     run(edit)?;
     let edited = Instant::now();
     let took = wait_for_sidecars(node, &client, &ns, "limit", 3, Duration::from_secs(180)).await?;
@@ -386,15 +472,39 @@ async fn policies_apply_through_the_service_and_edits_reach_running_sidecars_thr
     // Deleting the policy falls back to the built-in default (heartbeat interval 30s).
     run({
         let mut c = node.kubectl();
-        c.args(["delete", "-n", &ns, "streamingpolicy", "default", "--wait=true"]);
+        c.args([
+            "delete",
+            "-n",
+            &ns,
+            "streamingpolicy",
+            "default",
+            "--wait=true",
+        ]);
         c
     })?;
-    let took =
-        wait_for_sidecars(node, &client, &ns, "heartbeatIntervalSeconds", 30, Duration::from_secs(180)).await?;
+    let took = wait_for_sidecars(
+        node,
+        &client,
+        &ns,
+        "heartbeatIntervalSeconds",
+        30,
+        Duration::from_secs(180),
+    )
+    .await?;
     eprintln!("policy deletion reached every sidecar in {took:?}");
-    let cm: ConfigMap = Api::namespaced(client.clone(), &ns).get("streamgate-policies").await?;
-    let text = cm.data.unwrap_or_default().values().cloned().collect::<String>();
-    assert!(!text.contains("maxStreamsPerAccount: 3"), "policy still rendered: {text}");
+    let cm: ConfigMap = Api::namespaced(client.clone(), &ns)
+        .get("streamgate-policies")
+        .await?;
+    let text = cm
+        .data
+        .unwrap_or_default()
+        .values()
+        .cloned()
+        .collect::<String>();
+    assert!(
+        !text.contains("maxStreamsPerAccount: 3"),
+        "policy still rendered: {text}"
+    );
     Ok(())
 }
 
@@ -421,7 +531,15 @@ async fn two_replicas_share_the_limit_through_redis() -> Result<()> {
     let (status, _) = open(node, &b, &account, "three")?;
     assert_eq!(status, 429);
     // Ending on B frees the slot for A.
-    assert_eq!(http(node, "DELETE", &format!("{b}/streaming?account={account}&streamId=one"))?.0, 204);
+    assert_eq!(
+        http(
+            node,
+            "DELETE",
+            &format!("{b}/streaming?account={account}&streamId=one")
+        )?
+        .0,
+        204
+    );
     assert_eq!(open(node, &a, &account, "three")?.0, 201);
     Ok(())
 }
@@ -441,7 +559,10 @@ fn report(child: std::process::Child) -> Result<Value> {
     let out = child.wait_with_output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(&text).with_context(|| {
-        format!("streamctl printed {text:?}; stderr: {}", String::from_utf8_lossy(&out.stderr))
+        format!(
+            "streamctl printed {text:?}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     })
 }
 
@@ -467,7 +588,18 @@ async fn a_rolling_update_under_viewer_load_loses_no_session_and_refuses_no_view
     let account = unique("rolling");
     let viewers = simulate(
         node,
-        &["--endpoint", &endpoint, "--account", &account, "--streams", "2", "--duration", "60s", "--heartbeat", "1s"],
+        &[
+            "--endpoint",
+            &endpoint,
+            "--account",
+            &account,
+            "--streams",
+            "2",
+            "--duration",
+            "60s",
+            "--heartbeat",
+            "1s",
+        ],
     )?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let started = Instant::now();
@@ -477,13 +609,19 @@ async fn a_rolling_update_under_viewer_load_loses_no_session_and_refuses_no_view
         c
     })?;
     rollout(node, &ns, "demo")?;
-    eprintln!("rolling update of 2 replicas under load: {:?}", started.elapsed());
+    eprintln!(
+        "rolling update of 2 replicas under load: {:?}",
+        started.elapsed()
+    );
     let after: Vec<String> = running_pods(&client, &ns, "app=demo")
         .await?
         .iter()
         .filter_map(|p| p.metadata.name.clone())
         .collect();
-    assert!(after.iter().all(|p| !before.contains(p)), "pods not replaced: {before:?} -> {after:?}");
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "pods not replaced: {before:?} -> {after:?}"
+    );
 
     let report = report(viewers)?;
     let counts = &report["counts"];
@@ -518,32 +656,39 @@ async fn deleting_a_pod_stops_the_app_before_the_sidecar_and_revokes_no_session(
     let mut app_stopped_first = false;
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        let Some(pod) = api.get_opt(&name).await? else { break };
+        let Some(pod) = api.get_opt(&name).await? else {
+            break;
+        };
         let status = pod.status.unwrap_or_default();
-        let app_done = status
-            .container_statuses
-            .iter()
-            .flatten()
-            .any(|c| c.name == "origin" && c.state.as_ref().is_some_and(|s| s.terminated.is_some()));
-        let sidecar_running = status
-            .init_container_statuses
-            .iter()
-            .flatten()
-            .any(|c| c.name == "streamgate-sidecar" && c.state.as_ref().is_some_and(|s| s.running.is_some()));
+        let app_done = status.container_statuses.iter().flatten().any(|c| {
+            c.name == "origin" && c.state.as_ref().is_some_and(|s| s.terminated.is_some())
+        });
+        let sidecar_running = status.init_container_statuses.iter().flatten().any(|c| {
+            c.name == "streamgate-sidecar" && c.state.as_ref().is_some_and(|s| s.running.is_some())
+        });
         if app_done && sidecar_running {
             app_stopped_first = true;
         }
-        let sidecar_done = status
-            .init_container_statuses
-            .iter()
-            .flatten()
-            .any(|c| c.name == "streamgate-sidecar" && c.state.as_ref().is_some_and(|s| s.terminated.is_some()));
-        assert!(!(sidecar_done && !app_done), "the sidecar stopped before the app");
+        let sidecar_done = status.init_container_statuses.iter().flatten().any(|c| {
+            c.name == "streamgate-sidecar"
+                && c.state.as_ref().is_some_and(|s| s.terminated.is_some())
+        });
+        assert!(
+            !sidecar_done || app_done,
+            "the sidecar stopped before the app"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(app_stopped_first, "never saw the app terminated while the sidecar ran");
+    assert!(
+        app_stopped_first,
+        "never saw the app terminated while the sidecar ran"
+    );
     // The session opened on the deleted pod lives on (Redis), renewed through another pod.
-    let (status, body) = http(node, "GET", &format!("{survivor}/streaming?account={account}&streamId=tv"))?;
+    let (status, body) = http(
+        node,
+        "GET",
+        &format!("{survivor}/streaming?account={account}&streamId=tv"),
+    )?;
     assert_eq!(status, 200, "heartbeat after the pod went: {body}");
     assert_eq!(body["state"], "active");
     assert_eq!(body["sessionId"], session["sessionId"]);
@@ -551,7 +696,8 @@ async fn deleting_a_pod_stops_the_app_before_the_sidecar_and_revokes_no_session(
 }
 
 #[tokio::test]
-async fn sidecars_keep_enforcing_without_the_operator_and_pods_created_meanwhile_start_without_the_sidecar() -> Result<()> {
+async fn sidecars_keep_enforcing_without_the_operator_and_pods_created_meanwhile_start_without_the_sidecar()
+-> Result<()> {
     let (node, client, _guard) = setup().await?;
     let (ns, svc) = streaming_namespace(node, &client, "nooperator").await?;
     apply_policy(
@@ -573,12 +719,29 @@ async fn sidecars_keep_enforcing_without_the_operator_and_pods_created_meanwhile
         .context("no operator deployment")?;
     run({
         let mut c = node.kubectl();
-        c.args(["scale", "-n", SYSTEM_NS, "deployment", &operator, "--replicas=0"]);
+        c.args([
+            "scale",
+            "-n",
+            SYSTEM_NS,
+            "deployment",
+            &operator,
+            "--replicas=0",
+        ]);
         c
     })?;
     run({
         let mut c = node.kubectl();
-        c.args(["delete", "pods", "-n", SYSTEM_NS, "-l", OPERATOR_SELECTOR, "--grace-period=0", "--force", "--wait=true"]);
+        c.args([
+            "delete",
+            "pods",
+            "-n",
+            SYSTEM_NS,
+            "-l",
+            OPERATOR_SELECTOR,
+            "--grace-period=0",
+            "--force",
+            "--wait=true",
+        ]);
         c
     })?;
     wait_until(Duration::from_secs(60), "no operator pods", || async {
@@ -606,17 +769,32 @@ async fn sidecars_keep_enforcing_without_the_operator_and_pods_created_meanwhile
             c
         })?;
         rollout(node, &ns, "demo")?;
-        eprintln!("pod created with the webhook down, Ready in {:?}", started.elapsed());
+        eprintln!(
+            "pod created with the webhook down, Ready in {:?}",
+            started.elapsed()
+        );
         let pods = running_pods(&client, &ns, "app=demo").await?;
         let uninjected: Vec<_> = pods.iter().filter(|p| sidecar_of(p).is_none()).collect();
-        assert_eq!(uninjected.len(), 1, "pods without the sidecar: {}", uninjected.len());
+        assert_eq!(
+            uninjected.len(),
+            1,
+            "pods without the sidecar: {}",
+            uninjected.len()
+        );
         Ok::<(), anyhow::Error>(())
     }
     .await;
 
     run({
         let mut c = node.kubectl();
-        c.args(["scale", "-n", SYSTEM_NS, "deployment", &operator, "--replicas=2"]);
+        c.args([
+            "scale",
+            "-n",
+            SYSTEM_NS,
+            "deployment",
+            &operator,
+            "--replicas=2",
+        ]);
         c
     })?;
     rollout(node, SYSTEM_NS, &operator)?;
@@ -633,10 +811,16 @@ async fn the_node_lives_in_its_own_network_namespace_and_cgroup() -> Result<()> 
         c.args(["-o", "link"]);
         c
     })?;
-    assert!(!links.contains("sgbr0"), "the CNI bridge is in the host namespace: {links}");
+    assert!(
+        !links.contains("sgbr0"),
+        "the CNI bridge is in the host namespace: {links}"
+    );
     let rules = Command::new("iptables-save").output()?;
     let rules = String::from_utf8_lossy(&rules.stdout);
-    assert!(!rules.contains("KUBE-"), "kube-proxy rules in the host namespace");
+    assert!(
+        !rules.contains("KUBE-"),
+        "kube-proxy rules in the host namespace"
+    );
     // Inside: the bridge, the pods' routes, kube-proxy's chains, and no default route.
     let inside = run({
         let mut c = node.in_netns("ip");
@@ -649,13 +833,19 @@ async fn the_node_lives_in_its_own_network_namespace_and_cgroup() -> Result<()> 
         c.args(["route"]);
         c
     })?;
-    assert!(!routes.contains("default"), "a default route in the node's namespace: {routes}");
+    assert!(
+        !routes.contains("default"),
+        "a default route in the node's namespace: {routes}"
+    );
     let rules = run({
         let mut c = node.in_netns("iptables-save");
         c.args(["-t", "nat"]);
         c
     })?;
-    assert!(rules.contains("KUBE-SERVICES"), "no kube-proxy rules inside");
+    assert!(
+        rules.contains("KUBE-SERVICES"),
+        "no kube-proxy rules inside"
+    );
     let cg = format!("/sys/fs/cgroup/pids{}", node.cgroup());
     assert!(std::path::Path::new(&cg).join("pods").is_dir(), "{cg}/pods");
     Ok(())

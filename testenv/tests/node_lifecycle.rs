@@ -37,7 +37,10 @@ struct HostState {
 fn output(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program).args(args).output()?;
     if !out.status.success() {
-        bail!("{program} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -45,7 +48,9 @@ fn output(program: &str, args: &[&str]) -> Result<String> {
 fn host_state() -> Result<HostState> {
     let sysctls = KUBELET_SYSCTLS
         .iter()
-        .map(|k| std::fs::read_to_string(format!("/proc/sys/{k}")).map(|v| format!("{k}={}", v.trim())))
+        .map(|k| {
+            std::fs::read_to_string(format!("/proc/sys/{k}")).map(|v| format!("{k}={}", v.trim()))
+        })
         .collect::<std::io::Result<_>>()?;
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")?
         .lines()
@@ -70,7 +75,13 @@ fn host_state() -> Result<HostState> {
         mounts,
         links: output("ip", &["-o", "link"])?
             .lines()
-            .map(|l| l.split(" link/").next().unwrap_or(l).replace("state UP", "").replace("state DOWN", ""))
+            .map(|l| {
+                l.split(" link/")
+                    .next()
+                    .unwrap_or(l)
+                    .replace("state UP", "")
+                    .replace("state DOWN", "")
+            })
             .collect::<Vec<_>>()
             .join("\n"),
         addrs: output("ip", &["-o", "addr"])?,
@@ -97,17 +108,39 @@ async fn the_node_changes_nothing_on_the_machine_and_leaves_nothing_behind() -> 
 
     // While it runs, with pods on it (the chart is not needed: a plain pod).
     let mut apply = node.kubectl();
-    apply.args(["run", "pause", "--restart=Never", "--image-pull-policy=Never"])
-        .arg(format!("--image=localhost/streamgate/pause:testenv"));
+    apply
+        .args([
+            "run",
+            "pause",
+            "--restart=Never",
+            "--image-pull-policy=Never",
+        ])
+        .arg("--image=localhost/streamgate/pause:testenv");
     let out = apply.output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut wait = node.kubectl();
     let out = wait
-        .args(["wait", "pod/pause", "--for=condition=Ready", "--timeout=120s"])
+        .args([
+            "wait",
+            "pod/pause",
+            "--for=condition=Ready",
+            "--timeout=120s",
+        ])
         .output()?;
-    assert!(out.status.success(), "pod not Ready: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "pod not Ready: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let running_state = host_state()?;
-    assert_eq!(running_state, before, "the machine changed while the node runs");
+    assert_eq!(
+        running_state, before,
+        "the machine changed while the node runs"
+    );
 
     let pids = node.pids();
     let dir = node.dir().to_path_buf();
@@ -127,7 +160,11 @@ async fn the_node_changes_nothing_on_the_machine_and_leaves_nothing_behind() -> 
     assert!(!dir.exists(), "{} still exists", dir.display());
     for h in std::fs::read_dir("/sys/fs/cgroup")? {
         let h = h?.path();
-        assert!(!h.join(cgroup.trim_start_matches('/')).exists(), "cgroup {cgroup} left in {}", h.display());
+        assert!(
+            !h.join(cgroup.trim_start_matches('/')).exists(),
+            "cgroup {cgroup} left in {}",
+            h.display()
+        );
     }
     // No process is left in the node's network namespace (it is gone with its last process).
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -147,10 +184,17 @@ async fn the_node_changes_nothing_on_the_machine_and_leaves_nothing_behind() -> 
         if in_ns.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "processes left in the node's network namespace: {in_ns:?}");
+        assert!(
+            Instant::now() < deadline,
+            "processes left in the node's network namespace: {in_ns:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(host_state()?, before, "the machine changed after the node was torn down");
+    assert_eq!(
+        host_state()?,
+        before,
+        "the machine changed after the node was torn down"
+    );
     assert!(!Path::new(&format!("/sys/fs/cgroup/pids{cgroup}")).exists());
     Ok(())
 }
