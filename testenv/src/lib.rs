@@ -15,6 +15,10 @@
 //!
 //! There is no kube-controller-manager and no kubelet: namespaces never finish deleting and pods
 //! stay Pending, so tests isolate themselves in fresh namespaces rather than cleaning up.
+//!
+//! [`Node`] (and [`shared_node`]) is the other mode: a real single-node cluster (kubelet,
+//! containerd, kube-proxy, controller-manager, scheduler, CoreDNS) run by `testenv/node-run`
+//! inside a network namespace of its own, where pods run for real.
 
 #![warn(missing_docs)]
 
