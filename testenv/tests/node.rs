@@ -584,7 +584,7 @@ async fn a_rolling_update_under_viewer_load_loses_no_session_and_refuses_no_view
         .filter_map(|p| p.metadata.name.clone())
         .collect();
 
-    // Two accounts at their limit of 2, heartbeating every second, through the Service.
+    // One account at its limit of 2, heartbeating every second, through the Service.
     let account = unique("rolling");
     let viewers = simulate(
         node,
