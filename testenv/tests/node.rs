@@ -597,7 +597,7 @@ async fn a_rolling_update_under_viewer_load_loses_no_session_and_refuses_no_view
             "2",
             "--duration",
             "60s",
-            "--heartbeat",
+            "--heartbeat-interval",
             "1s",
         ],
     )?;
@@ -646,29 +646,38 @@ async fn deleting_a_pod_stops_the_app_before_the_sidecar_and_revokes_no_session(
     assert_eq!(status, 201, "{session}");
 
     let api = Api::<Pod>::namespaced(client.clone(), &ns);
+    let status = victim.status.clone().unwrap_or_default();
+    let id_of = |statuses: &Option<Vec<k8s_openapi::api::core::v1::ContainerStatus>>,
+                 name: &str| {
+        statuses
+            .iter()
+            .flatten()
+            .find(|c| c.name == name)
+            .and_then(|c| c.container_id.clone())
+            .and_then(|id| id.strip_prefix("containerd://").map(str::to_string))
+            .with_context(|| format!("no containerd id for {name}"))
+    };
+    let app_id = id_of(&status.container_statuses, "origin")?;
+    let sidecar_id = id_of(&status.init_container_statuses, "streamgate-sidecar")?;
     run({
         let mut c = node.kubectl();
         c.args(["delete", "pod", "-n", &ns, &name, "--wait=false"]);
         c
     })?;
-    // Watch the pod's status while it terminates: the app must be seen terminated while the
-    // sidecar still runs.
-    let mut app_stopped_first = false;
+    // While it terminates, the sidecar is never seen stopped with the app still running.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
+    loop {
         let Some(pod) = api.get_opt(&name).await? else {
             break;
         };
+        assert!(
+            Instant::now() < deadline,
+            "pod {name} still there after 60s"
+        );
         let status = pod.status.unwrap_or_default();
         let app_done = status.container_statuses.iter().flatten().any(|c| {
             c.name == "origin" && c.state.as_ref().is_some_and(|s| s.terminated.is_some())
         });
-        let sidecar_running = status.init_container_statuses.iter().flatten().any(|c| {
-            c.name == "streamgate-sidecar" && c.state.as_ref().is_some_and(|s| s.running.is_some())
-        });
-        if app_done && sidecar_running {
-            app_stopped_first = true;
-        }
         let sidecar_done = status.init_container_statuses.iter().flatten().any(|c| {
             c.name == "streamgate-sidecar"
                 && c.state.as_ref().is_some_and(|s| s.terminated.is_some())
@@ -679,9 +688,19 @@ async fn deleting_a_pod_stops_the_app_before_the_sidecar_and_revokes_no_session(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The runtime's record of the stop order: kubelet asked containerd to stop the sidecar only
+    // once the app had stopped.
+    let log = std::fs::read_to_string(node.dir().join("logs/containerd.log"))?;
+    let line_of = |id: &str, phrase: &str| {
+        log.lines()
+            .position(|l| l.contains("StopContainer for") && l.contains(id) && l.contains(phrase))
+            .with_context(|| format!("containerd's log has no StopContainer {phrase:?} for {id}"))
+    };
+    let app_stopped = line_of(&app_id, "returns successfully")?;
+    let sidecar_stopping = line_of(&sidecar_id, "with timeout")?;
     assert!(
-        app_stopped_first,
-        "never saw the app terminated while the sidecar ran"
+        app_stopped < sidecar_stopping,
+        "the sidecar was asked to stop before the app had stopped"
     );
     // The session opened on the deleted pod lives on (Redis), renewed through another pod.
     let (status, body) = http(
