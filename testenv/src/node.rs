@@ -150,6 +150,8 @@ impl Node {
             .arg(&dir)
             .args(images.archives()?)
             .env("STREAMGATE_NODE_WATCH_STDIN", "1")
+            // A shared node is never dropped: node-run removes its files itself at the end.
+            .env("STREAMGATE_NODE_REMOVE_STATE", "1")
             .env("STREAMGATE_K8S_BIN", &binaries.dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
