@@ -715,7 +715,7 @@ async fn deleting_a_pod_stops_the_app_before_the_sidecar_and_revokes_no_session(
 }
 
 #[tokio::test]
-async fn sidecars_keep_enforcing_without_the_operator_and_pods_created_meanwhile_start_without_the_sidecar()
+async fn sidecars_keep_enforcing_without_the_operator_and_pods_created_meanwhile_start_without_the_sidecar_and_are_counted()
 -> Result<()> {
     let (node, client, _guard) = setup().await?;
     let (ns, svc) = streaming_namespace(node, &client, "nooperator").await?;
@@ -817,7 +817,24 @@ async fn sidecars_keep_enforcing_without_the_operator_and_pods_created_meanwhile
         c
     })?;
     rollout(node, SYSTEM_NS, &operator)?;
-    result
+    result?;
+
+    // Back up, the operator counts the pod that started without the sidecar.
+    let want = format!("streamgate_operator_pods_without_sidecar{{namespace=\"{ns}\"}} 1");
+    wait_until(Duration::from_secs(120), &want, || async {
+        for pod in running_pods(&client, SYSTEM_NS, OPERATOR_SELECTOR).await? {
+            let (status, body) = http(
+                node,
+                "GET",
+                &format!("http://{}:8080/metrics", pod_ip(&pod)?),
+            )?;
+            if status == 200 && body.as_str().is_some_and(|m| m.lines().any(|l| l == want)) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })
+    .await
 }
 
 /// The node's safety promises: nothing of it outside its namespaces and cgroup subtree.
