@@ -2,6 +2,9 @@
 //! reconciles, and killing it hands over to the other. Its own test binary, so no other
 //! controller shares its control plane.
 
+mod common;
+use common::reported_metrics_addr;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -60,38 +63,6 @@ impl Operator {
             sample("streamgate_operator_reconciles_total")?,
         ))
     }
-}
-
-/// Reads the operator's log from its piped stdout until it reports the address it serves health
-/// and metrics on (it binds port 0, so no port is picked beforehand and hoped free), then keeps
-/// draining the pipe in the background so the operator never blocks on it.
-fn reported_metrics_addr(child: &mut Child) -> Result<std::net::SocketAddr> {
-    use std::io::BufRead as _;
-    let stdout = child
-        .stdout
-        .take()
-        .context("the operator's stdout is piped")?;
-    let (found, reported) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut found = Some(found);
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("serving health and metrics")
-                && let Some(at) = line.find("127.0.0.1:")
-            {
-                let rest = &line[at + "127.0.0.1:".len()..];
-                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-                if let (Some(found), Ok(port)) = (found.take(), digits.parse::<u16>()) {
-                    let _ = found.send(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
-                }
-            }
-        }
-    });
-    reported
-        .recv_timeout(Duration::from_secs(60))
-        .context("the operator did not report its metrics address")
 }
 
 async fn create_policy(api: &Api<StreamingPolicy>, name: &str) -> Result<()> {
