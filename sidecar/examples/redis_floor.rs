@@ -27,9 +27,9 @@ use streamgate_sidecar::session::{SessionId, account_tag};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::{Instant, sleep_until};
 
-const COMMON: &str = include_str!("../src/store/lua/common.lua");
-const OPEN: &str = include_str!("../src/store/lua/open.lua");
-const END: &str = include_str!("../src/store/lua/end.lua");
+const COMMON: &str = include_str!("../../store/src/lua/common.lua");
+const OPEN: &str = include_str!("../../store/src/lua/open.lua");
+const END: &str = include_str!("../../store/src/lua/end.lua");
 /// The sidecar publishes cuts here; the scripts need the name even when nothing is cut.
 const CHANNEL: &str = "streamgate:revocations";
 /// Session TTL, as in `bench/redis`'s policy (1 h), so floor sessions age like the sidecar's.

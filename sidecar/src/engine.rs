@@ -902,16 +902,8 @@ async fn report_subscription(
     }
 }
 
-/// A short, stable fingerprint of an identifier (account, session id, token) for logs: enough
-/// to correlate lines, useless to replay.
-pub fn fingerprint(value: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(value.as_bytes());
-    format!(
-        "#{:02x}{:02x}{:02x}{:02x}",
-        digest[0], digest[1], digest[2], digest[3]
-    )
-}
+/// Log fingerprints live with the session types, so the store logs them the same way.
+pub use crate::session::fingerprint;
 
 #[cfg(test)]
 mod tests {

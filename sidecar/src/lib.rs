@@ -1,13 +1,12 @@
-//! StreamGate sidecar: the session engine, session stores, policy file and HTTP session API.
+//! StreamGate sidecar: the session engine, policy file and HTTP session API over the session
+//! stores of `streamgate-store`.
 //!
 //! The binary `streamgate-sidecar` is a thin wrapper over [`server::run`]. Tests and tools embed
 //! the sidecar with [`server::Sidecar`].
 #![forbid(unsafe_code)]
 
-pub mod admission;
 pub mod api;
 pub mod breaker;
-pub mod clock;
 pub mod config;
 pub mod connections;
 pub mod cors;
@@ -17,9 +16,9 @@ pub mod metrics;
 pub mod policy_watch;
 pub mod proxy;
 pub mod server;
-pub mod session;
 pub mod store;
-pub mod validate;
 
 /// The policy types, validation and resolution, from the `streamgate-policy` crate.
 pub use streamgate_policy as policy;
+/// Sessions, admission and identifier checks, from the `streamgate-store` crate.
+pub use streamgate_store::{admission, clock, session, validate};

@@ -6,7 +6,7 @@ mod common;
 use streamgate_sidecar::admission::{Decision, OverLimit, decision_table};
 use streamgate_sidecar::policy::{Mode, OnLimitExceeded};
 
-const COMMON_LUA: &str = include_str!("../src/store/lua/common.lua");
+const COMMON_LUA: &str = include_str!("../../store/src/lua/common.lua");
 
 #[tokio::test]
 async fn the_lua_rule_follows_the_shared_decision_table() {

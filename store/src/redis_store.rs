@@ -548,7 +548,7 @@ async fn discard_abandoned(store: RedisStore, shutdown: CancellationToken) {
             }
             match store.discard(&account, id).await {
                 Ok(true) => {
-                    tracing::info!(account = %crate::engine::fingerprint(&account),
+                    tracing::info!(account = %crate::session::fingerprint(&account),
                         "discarded a session admitted after its caller gave up");
                 }
                 Ok(false) => {}
