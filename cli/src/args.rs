@@ -22,6 +22,18 @@ pub struct Cli {
     )]
     pub endpoint: Url,
 
+    /// Base URL of the sidecar's admin API (its `--admin-listen`, loopback by default; in a pod
+    /// reach it with `kubectl port-forward pod/NAME 9090`). Used by `sessions` and `kick`.
+    #[arg(
+        long,
+        global = true,
+        env = "STREAMCTL_ADMIN_ENDPOINT",
+        default_value = "http://127.0.0.1:9090",
+        value_name = "URL",
+        value_parser = parse_endpoint
+    )]
+    pub admin_endpoint: Url,
+
     /// Output format: human-readable text, or one JSON document on stdout.
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub output: Output,

@@ -48,6 +48,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print(cli.output, &report, report::format_load)
         }
         Command::Sessions(args) => {
+            let client = Client::new(&cli.admin_endpoint, cli.timeout, pool)?;
             let list = client
                 .sessions(&args.account)
                 .await
@@ -56,6 +57,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Kick(args) => {
             let id = &args.session_id;
+            let client = Client::new(&cli.admin_endpoint, cli.timeout, pool)?;
             match client.kick(id).await.map_err(|e| admin_error(&client, e))? {
                 Kick::Kicked => {
                     let result = serde_json::json!({ "sessionId": id, "kicked": true });
@@ -77,10 +79,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Connection failures name the endpoint flag; other failures speak for themselves.
+/// Connection failures name the admin endpoint flag; other failures speak for themselves.
 fn admin_error(client: &Client, error: client::ClientError) -> anyhow::Error {
     if error.transport_kind() == Some(client::TransportKind::Connect) {
-        anyhow::anyhow!(simulate::unreachable(client, &error))
+        anyhow::anyhow!(
+            "cannot reach the StreamGate admin API at {} (--admin-endpoint): {}; is the sidecar running, and is this its --admin-listen address?",
+            client.base(),
+            error.short()
+        )
     } else {
         anyhow::anyhow!(error)
     }

@@ -6,7 +6,7 @@ use std::process::Output;
 
 use serde_json::Value;
 use streamgate_sidecar::policy::PolicySet;
-use streamgate_sidecar::server::Sidecar;
+use streamgate_sidecar::server::{Listeners, Sidecar};
 use tokio::net::TcpListener;
 
 const REJECT_NEW_3: &str = "
@@ -35,12 +35,27 @@ spec:
 
 /// Starts a sidecar on the embedded store with `policy` on a free loopback port; returns its URL.
 async fn start_sidecar(policy: &str) -> String {
+    start_sidecar_with_admin(policy).await.0
+}
+
+/// Starts a sidecar on the embedded store with `policy` on free loopback ports; returns the URLs
+/// of its viewer port and of its admin listener.
+async fn start_sidecar_with_admin(policy: &str) -> (String, String) {
     let set = PolicySet::from_yaml(policy, "test", "default").expect("the test policy is valid");
     let sidecar = Sidecar::in_memory(set);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { sidecar.serve(listener, std::future::pending()).await });
-    format!("http://{address}")
+    let viewer = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let urls = (
+        format!("http://{}", viewer.local_addr().unwrap()),
+        format!("http://{}", admin.local_addr().unwrap()),
+    );
+    let listeners = Listeners {
+        viewer,
+        admin: Some(admin),
+        metrics: None,
+    };
+    tokio::spawn(async move { sidecar.serve_on(listeners, std::future::pending()).await });
+    urls
 }
 
 async fn streamctl(args: &[&str]) -> Output {
@@ -80,7 +95,7 @@ fn viewers_with<'a>(report: &'a Value, outcome: &str) -> Vec<&'a Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulate_five_viewers_of_an_account_limited_to_three() {
-    let url = start_sidecar(REJECT_NEW_3).await;
+    let (url, admin) = start_sidecar_with_admin(REJECT_NEW_3).await;
     let report = streamctl_json(&[
         "simulate",
         "--endpoint",
@@ -120,7 +135,7 @@ async fn simulate_five_viewers_of_an_account_limited_to_three() {
     }
 
     // The viewers ended their sessions, so the account's slots are free again.
-    let sessions = streamctl_json(&["sessions", "123", "--endpoint", &url]).await;
+    let sessions = streamctl_json(&["sessions", "123", "--admin-endpoint", &admin]).await;
     assert_eq!(sessions["limit"], 3);
     assert_eq!(sessions["sessions"].as_array().unwrap().len(), 0);
 }
@@ -255,7 +270,7 @@ async fn load_reports_throughput_statuses_and_percentiles() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_and_kick() {
-    let url = start_sidecar(REJECT_NEW_3).await;
+    let (url, admin) = start_sidecar_with_admin(REJECT_NEW_3).await;
     let opened = reqwest::Client::new()
         .put(format!("{url}/streaming?account=acme&streamId=tv"))
         .send()
@@ -263,16 +278,16 @@ async fn sessions_and_kick() {
         .unwrap();
     assert_eq!(opened.status(), 201);
 
-    let list = streamctl_json(&["sessions", "acme", "--endpoint", &url]).await;
+    let list = streamctl_json(&["sessions", "acme", "--admin-endpoint", &admin]).await;
     let sessions = list["sessions"].as_array().unwrap();
     assert_eq!(sessions.len(), 1);
     assert_eq!(sessions[0]["streamId"], "tv");
     let id = sessions[0]["sessionId"].as_str().unwrap().to_string();
 
-    let kicked = streamctl_json(&["kick", &id, "--endpoint", &url]).await;
+    let kicked = streamctl_json(&["kick", &id, "--admin-endpoint", &admin]).await;
     assert_eq!(kicked["kicked"], true);
 
-    let again = streamctl(&["kick", &id, "--endpoint", &url]).await;
+    let again = streamctl(&["kick", &id, "--admin-endpoint", &admin]).await;
     assert!(!again.status.success());
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(stderr.contains("already cut (kicked)"), "{stderr}");
@@ -280,7 +295,7 @@ async fn sessions_and_kick() {
     // Another id of the same shape that was never issued.
     let first = if id.starts_with('0') { "1" } else { "0" };
     let never_issued = format!("{first}{}", &id[1..]);
-    let unknown = streamctl(&["kick", &never_issued, "--endpoint", &url]).await;
+    let unknown = streamctl(&["kick", &never_issued, "--admin-endpoint", &admin]).await;
     assert!(!unknown.status.success());
     let stderr = String::from_utf8_lossy(&unknown.stderr);
     assert!(stderr.contains("no session"), "{stderr}");
@@ -331,6 +346,16 @@ async fn unreachable_endpoint_is_a_clear_error() {
         assert!(stderr.contains("cannot reach"), "{command}: {stderr}");
         assert!(stderr.contains("--endpoint"), "{command}: {stderr}");
         assert!(stderr.contains(&url), "{command}: {stderr}");
+    }
+    // The admin commands name the admin endpoint's flag.
+    for command in [&["sessions", "acme"][..], &["kick", &"0".repeat(40)][..]] {
+        let mut args = command.to_vec();
+        args.extend(["--admin-endpoint", &url]);
+        let output = streamctl(&args).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{command:?}: {stderr}");
+        assert!(stderr.contains("--admin-endpoint"), "{command:?}: {stderr}");
+        assert!(stderr.contains(&url), "{command:?}: {stderr}");
     }
 }
 

@@ -29,6 +29,9 @@ pub const PORT_NAME: &str = "streamgate";
 pub const METRICS_PORT_NAME: &str = "sg-metrics";
 /// Port of the sidecar's `/metrics` listener in injected pods.
 pub const METRICS_PORT: u16 = 9091;
+/// The sidecar's admin listener in the pod: loopback only, so no other pod (and no viewer)
+/// reaches it; operators use `kubectl port-forward`.
+pub const ADMIN_LISTEN: &str = "127.0.0.1:9090";
 /// Label the injector puts on every pod it injects; the chart's PodMonitor selects on it.
 pub const INJECTED_LABEL: &str = "streamgate.dev/injected";
 
@@ -451,6 +454,7 @@ fn sidecar_container(
 ) -> Container {
     let mut env_vars = vec![
         env("STREAMGATE_LISTEN", format!("0.0.0.0:{}", config.port)),
+        env("STREAMGATE_ADMIN_LISTEN", ADMIN_LISTEN.to_string()),
         // Prometheus scrapes the pod's IP, so metrics listen beyond loopback.
         env(
             "STREAMGATE_METRICS_LISTEN",
@@ -670,6 +674,11 @@ mod tests {
         assert_eq!(
             env_of(c, "STREAMGATE_METRICS_LISTEN").unwrap()["value"],
             "0.0.0.0:9091"
+        );
+        // Admin routes stay on the pod's loopback; no container port exposes them.
+        assert_eq!(
+            env_of(c, "STREAMGATE_ADMIN_LISTEN").unwrap()["value"],
+            "127.0.0.1:9090"
         );
         assert_eq!(doc["metadata"]["labels"]["streamgate.dev/injected"], "true");
         assert_eq!(c["resources"]["requests"]["cpu"], "50m");

@@ -352,10 +352,10 @@ async fn readyz(State(engine): State<Engine>) -> Result<Json<Health>, ApiError> 
     }
 }
 
-/// Prometheus metrics.
+/// Prometheus metrics (served on the admin and metrics listeners).
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "OpenMetrics text format", body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8")))]
-async fn metrics(State(engine): State<Engine>) -> Response {
+pub async fn metrics(State(engine): State<Engine>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
@@ -380,10 +380,25 @@ async fn metrics(State(engine): State<Engine>) -> Response {
 )]
 struct ApiDoc;
 
-/// The session API's routes and their OpenAPI document (including `/openapi.json` itself).
+/// The viewer port's routes and their OpenAPI document (including `/openapi.json` itself): the
+/// player's `/streaming` and the probes. Nothing here reveals or changes another viewer's
+/// sessions.
 pub fn routes() -> (axum::Router<Engine>, utoipa::openapi::OpenApi) {
     let (routes, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(open_stream, heartbeat, end_stream))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .split_for_parts();
+    add_openapi_path(&mut doc);
+    constrain_path_parameters(&mut doc);
+    (routes, doc)
+}
+
+/// The admin listener's routes and their OpenAPI document: list and kick any session, the
+/// metrics and the probes. Served on `--admin-listen` (loopback by default), never on the
+/// viewer port.
+pub fn admin_routes() -> (axum::Router<Engine>, utoipa::openapi::OpenApi) {
+    let (routes, mut doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(list_account_sessions))
         .routes(routes!(get_session, kick_session))
         .routes(routes!(healthz))
@@ -436,9 +451,14 @@ fn constrain_path_parameters(doc: &mut utoipa::openapi::OpenApi) {
     }
 }
 
-/// The OpenAPI 3 document of the session API.
+/// The OpenAPI 3 document of the viewer port.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     routes().1
+}
+
+/// The OpenAPI 3 document of the admin listener.
+pub fn admin_openapi() -> utoipa::openapi::OpenApi {
+    admin_routes().1
 }
 
 fn add_openapi_path(doc: &mut utoipa::openapi::OpenApi) {

@@ -95,10 +95,23 @@ pub struct Config {
     #[arg(long, env = "STREAMGATE_CORS_ALLOWED_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
     pub cors_allowed_origins: Vec<String>,
 
-    /// Also serve `/metrics` on this address (injected pods: `0.0.0.0:9091`, the port named
-    /// `sg-metrics` that the chart's PodMonitor scrapes). `/metrics` stays on `--listen` too.
-    #[arg(long, env = "STREAMGATE_METRICS_LISTEN")]
-    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Address of the admin API: list, get and kick sessions of any account, and metrics.
+    /// Loopback by default (also in injected pods): reach it with `kubectl port-forward`.
+    #[arg(
+        long,
+        env = "STREAMGATE_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub admin_listen: SocketAddr,
+
+    /// Address serving `/metrics` alone (injected pods: `0.0.0.0:9091`, the port named
+    /// `sg-metrics` that the chart's PodMonitor scrapes).
+    #[arg(
+        long,
+        env = "STREAMGATE_METRICS_LISTEN",
+        default_value = "127.0.0.1:9091"
+    )]
+    pub metrics_listen: SocketAddr,
 
     /// On Redis: how often the fleet-wide live-session count (`streamgate_active_sessions`)
     /// is refreshed in the background.

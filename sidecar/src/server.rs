@@ -1,7 +1,13 @@
 //! Wiring: policy + store + engine + HTTP application, background tasks under one owner, and
 //! graceful shutdown.
 //!
-//! The path of a request: every request enters the router built here. Session API routes
+//! Three listeners: the viewer port (`--listen`: `/streaming`, probes, `/openapi.json` and, with
+//! `--upstream`, media), the admin listener (`--admin-listen`, loopback by default: list, get and
+//! kick any session, metrics) and the metrics listener (`--metrics-listen`: `/metrics` alone, for
+//! Prometheus). Admin routes are never on the viewer port: a viewer who can reach the sidecar
+//! must not list or kick other viewers' sessions.
+//!
+//! The path of a request: every request enters a router built here. Session API routes
 //! (`crate::api`) call the engine; with `--upstream`, every other request is a media request
 //! for the enforcing proxy (`crate::proxy`), which asks the engine
 //! ([`Engine::authorize_media`]) before forwarding. The engine is the only caller of the store.
@@ -16,7 +22,7 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -106,6 +112,19 @@ impl Sidecar {
         )
     }
 
+    /// The admin HTTP application (`--admin-listen`): list, get and kick sessions, metrics,
+    /// probes. No CORS: pages never call it.
+    pub fn admin_router(&self) -> Router {
+        admin_router(self.engine.clone())
+    }
+
+    /// The metrics HTTP application (`--metrics-listen`): `/metrics` alone.
+    pub fn metrics_router(&self) -> Router {
+        Router::new()
+            .route("/metrics", get(api::metrics))
+            .with_state(self.engine.clone())
+    }
+
     /// Starts the background work (store expiry and subscriptions, expiry counting, degraded
     /// write-back, the proxy's revocation follower) on `tasks`; it all ends when `shutdown` is
     /// cancelled, and the owner joins it with `tasks.wait()`.
@@ -118,30 +137,119 @@ impl Sidecar {
         }
     }
 
-    /// Starts the background work, serves on `listener` until `shutdown` completes, lets
-    /// in-flight requests finish, then stops and joins the background work.
+    /// Starts the background work, serves the viewer port on `listener` until `shutdown`
+    /// completes, lets in-flight requests finish, then stops and joins the background work.
+    /// Admin routes are not served: see [`Sidecar::serve_on`].
     pub async fn serve(
         &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        self.serve_on(Listeners::viewer_only(listener), shutdown)
+            .await
+    }
+
+    /// [`Sidecar::serve`] on every listener given: the viewer port until `shutdown` completes,
+    /// the admin and metrics listeners until the viewer port has stopped.
+    pub async fn serve_on(
+        &self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
         self.start(&tasks, &stop);
-        let served = connections::serve(listener, self.router(), self.limits, shutdown).await;
+        self.serve_side_listeners(listeners.admin, listeners.metrics, &tasks, &stop);
+        let served =
+            connections::serve(listeners.viewer, self.router(), self.limits, shutdown).await;
         stop.cancel();
         tasks.close();
         tasks.wait().await;
         served
     }
+
+    /// Serves the admin and metrics listeners, when given, on `tasks` until `stop`.
+    fn serve_side_listeners(
+        &self,
+        admin: Option<TcpListener>,
+        metrics: Option<TcpListener>,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+    ) {
+        let side = [
+            (admin, self.admin_router(), "admin"),
+            (metrics, self.metrics_router(), "metrics"),
+        ];
+        for (listener, app, name) in side {
+            let Some(listener) = listener else { continue };
+            let stopped = stop.clone().cancelled_owned();
+            let limits = self.limits;
+            tasks.spawn(async move {
+                if let Err(error) = connections::serve(listener, app, limits, stopped).await {
+                    tracing::error!(%error, listener = name, "a listener failed");
+                }
+            });
+        }
+    }
 }
 
-/// The sidecar's HTTP application: the session API, `/openapi.json`, and either the enforcing
-/// proxy (every other request is a media request) or a JSON 404.
+/// The sockets a sidecar serves on.
+pub struct Listeners {
+    /// The viewer port: `/streaming`, probes, `/openapi.json`, media.
+    pub viewer: TcpListener,
+    /// The admin listener: sessions of any account, metrics, probes.
+    pub admin: Option<TcpListener>,
+    /// The metrics listener: `/metrics` alone.
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// The viewer port alone.
+    pub fn viewer_only(viewer: TcpListener) -> Self {
+        Self {
+            viewer,
+            admin: None,
+            metrics: None,
+        }
+    }
+}
+
+/// The sidecar's viewer HTTP application: `/streaming`, the probes, `/openapi.json`, and either
+/// the enforcing proxy (every other request is a media request) or a JSON 404.
 pub fn router(engine: Engine, proxy: Option<Arc<Proxy>>) -> Router {
     let (routes, doc) = api::routes();
+    let routes = with_openapi_document(routes, &doc)
+        // Claimed here so that, with the proxy on, they are not forwarded as media either.
+        .route("/v1/accounts/{*rest}", any(admin_route_elsewhere))
+        .route("/v1/sessions/{*rest}", any(admin_route_elsewhere));
+    let fallback_route = if proxy.is_some() {
+        "proxy"
+    } else {
+        "unmatched"
+    };
+    let routes = match proxy {
+        Some(proxy) => routes.fallback_service(
+            Router::new()
+                .fallback(crate::proxy::forward)
+                .with_state(proxy),
+        ),
+        None => routes.fallback(unknown_route),
+    };
+    observed(routes, engine, fallback_route)
+}
+
+/// The admin HTTP application: list, get and kick sessions of any account, `/metrics`, the
+/// probes and its own `/openapi.json`; a JSON 404 for anything else.
+pub fn admin_router(engine: Engine) -> Router {
+    let (routes, doc) = api::admin_routes();
+    let routes = with_openapi_document(routes, &doc).fallback(unknown_route);
+    observed(routes, engine, "unmatched")
+}
+
+/// Adds `/openapi.json` serving `doc`, JSON 405s, and the body limit of the API's own routes.
+fn with_openapi_document(routes: Router<Engine>, doc: &utoipa::openapi::OpenApi) -> Router<Engine> {
     let document = Arc::new(doc.to_json().expect("the OpenAPI document serializes"));
-    let routes = routes
+    routes
         .route(
             "/openapi.json",
             get(move || {
@@ -157,20 +265,11 @@ pub fn router(engine: Engine, proxy: Option<Arc<Proxy>>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // Only the session API's own routes: proxied uploads are the upstream's business.
         .route_layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
-        .route_layer(middleware::map_response(json_payload_too_large));
-    let fallback_route = if proxy.is_some() {
-        "proxy"
-    } else {
-        "unmatched"
-    };
-    let routes = match proxy {
-        Some(proxy) => routes.fallback_service(
-            Router::new()
-                .fallback(crate::proxy::forward)
-                .with_state(proxy),
-        ),
-        None => routes.fallback(unknown_route),
-    };
+        .route_layer(middleware::map_response(json_payload_too_large))
+}
+
+/// Request metrics and trace spans around `routes`.
+fn observed(routes: Router<Engine>, engine: Engine, fallback_route: &'static str) -> Router {
     routes
         .layer(middleware::from_fn_with_state(
             (engine.clone(), fallback_route),
@@ -207,6 +306,13 @@ pub fn redacted_path(path: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("/")
+}
+
+async fn admin_route_elsewhere(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!(
+        "no route for {method} {} on the viewer port: admin routes are served on the admin listener (--admin-listen)",
+        uri.path()
+    ))
 }
 
 async fn unknown_route(method: Method, uri: axum::http::Uri) -> ApiError {
@@ -309,14 +415,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("--listen {}: cannot bind", config.listen))?;
     tracing::info!(listen = %listener.local_addr()?, store = %store_name, "serving the session API");
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| format!("--admin-listen {}: cannot bind", config.admin_listen))?;
+    tracing::info!(listen = %admin_listener.local_addr()?, "serving the admin API");
+    let metrics_listener = TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("--metrics-listen {}: cannot bind", config.metrics_listen))?;
+    tracing::info!(listen = %metrics_listener.local_addr()?, "serving /metrics");
 
     // Every background task runs on `tasks` until `stop` is cancelled, and is joined below.
     let tasks = TaskTracker::new();
     let stop = CancellationToken::new();
     sidecar.start(&tasks, &stop);
-    if let Some(address) = config.metrics_listen {
-        serve_metrics(address, sidecar.engine().clone(), &tasks, &stop).await?;
-    }
+    sidecar.serve_side_listeners(Some(admin_listener), Some(metrics_listener), &tasks, &stop);
     // On Redis the fleet-wide live-session count is taken in the background (see redis_count).
     if let StoreSpec::Redis(target) = StoreSpec::parse(&config.store)? {
         tasks.spawn(refresh_active_sessions(
@@ -369,44 +481,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tasks.close();
     tasks.wait().await;
     tracing::info!("stopped");
-    Ok(())
-}
-
-/// Serves `/metrics` alone on `address` (`--metrics-listen`) on `tasks` until `stop`.
-async fn serve_metrics(
-    address: std::net::SocketAddr,
-    engine: Engine,
-    tasks: &TaskTracker,
-    stop: &CancellationToken,
-) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(address)
-        .await
-        .with_context(|| format!("--metrics-listen {address}: cannot bind"))?;
-    tracing::info!(listen = %listener.local_addr()?, "serving /metrics");
-    let app = Router::new().route(
-        "/metrics",
-        get(move || {
-            let engine = engine.clone();
-            async move {
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    engine.render_metrics().await,
-                )
-            }
-        }),
-    );
-    let stopped = stop.clone().cancelled_owned();
-    tasks.spawn(async move {
-        if let Err(error) = axum::serve(listener, app)
-            .with_graceful_shutdown(stopped)
-            .await
-        {
-            tracing::error!(%error, "the metrics listener failed");
-        }
-    });
     Ok(())
 }
 

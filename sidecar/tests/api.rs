@@ -44,7 +44,11 @@ async fn reject_new_refuses_the_fourth_stream_and_lists_the_conflicting_sessions
     assert!(body["message"].as_str().unwrap().contains("limit is 3"));
 
     // Refused means refused: nothing was stored, and other accounts are unaffected.
-    let (_, list) = json(t.request(Method::GET, "/v1/accounts/acct/sessions").await).await;
+    let (_, list) = json(
+        t.admin_request(Method::GET, "/v1/accounts/acct/sessions")
+            .await,
+    )
+    .await;
     assert_eq!(ids(&list["sessions"]), ["s1", "s2", "s3"]);
     assert_eq!(t.open("other", "s1").await.0, 201);
     let m = t.metrics().await;
@@ -91,7 +95,11 @@ async fn evict_oldest_admits_and_cuts_the_oldest_session() {
     for stream in ["s2", "s3", "s4"] {
         assert_eq!(t.heartbeat("acct", stream).await.0, 200, "{stream}");
     }
-    let (_, list) = json(t.request(Method::GET, "/v1/accounts/acct/sessions").await).await;
+    let (_, list) = json(
+        t.admin_request(Method::GET, "/v1/accounts/acct/sessions")
+            .await,
+    )
+    .await;
     assert_eq!(ids(&list["sessions"]), ["s2", "s3", "s4"]);
     let m = t.metrics().await;
     assert_eq!(
@@ -212,7 +220,11 @@ async fn kick_revokes_a_session_and_its_heartbeat_gets_410_kicked() {
     let (_, session) = t.open("acct", "s1").await;
     let id = session["sessionId"].as_str().unwrap();
 
-    let (status, got) = json(t.request(Method::GET, &format!("/v1/sessions/{id}")).await).await;
+    let (status, got) = json(
+        t.admin_request(Method::GET, &format!("/v1/sessions/{id}"))
+            .await,
+    )
+    .await;
     assert_eq!(status, 200);
     assert_eq!(got["state"], "active");
     assert_eq!(
@@ -221,7 +233,7 @@ async fn kick_revokes_a_session_and_its_heartbeat_gets_410_kicked() {
     );
 
     let (status, body) = json(
-        t.request(Method::DELETE, &format!("/v1/sessions/{id}"))
+        t.admin_request(Method::DELETE, &format!("/v1/sessions/{id}"))
             .await,
     )
     .await;
@@ -230,11 +242,15 @@ async fn kick_revokes_a_session_and_its_heartbeat_gets_410_kicked() {
     let (status, gone) = t.heartbeat("acct", "s1").await;
     assert_eq!(status, 410);
     assert_eq!(gone["reason"], "kicked");
-    let (_, got) = json(t.request(Method::GET, &format!("/v1/sessions/{id}")).await).await;
+    let (_, got) = json(
+        t.admin_request(Method::GET, &format!("/v1/sessions/{id}"))
+            .await,
+    )
+    .await;
     assert_eq!(got["state"], "revoked");
     assert_eq!(got["reason"], "kicked");
     let (status, again) = json(
-        t.request(Method::DELETE, &format!("/v1/sessions/{id}"))
+        t.admin_request(Method::DELETE, &format!("/v1/sessions/{id}"))
             .await,
     )
     .await;
@@ -252,7 +268,7 @@ async fn kick_revokes_a_session_and_its_heartbeat_gets_410_kicked() {
 
     let unknown = "0123456789abcdef0123456789abcdef01234567";
     let (status, body) = json(
-        t.request(Method::DELETE, &format!("/v1/sessions/{unknown}"))
+        t.admin_request(Method::DELETE, &format!("/v1/sessions/{unknown}"))
             .await,
     )
     .await;
@@ -350,11 +366,15 @@ async fn bad_paths_methods_and_bodies_get_json_errors() {
     assert_eq!(body["error"], "invalid_request");
     assert!(body["message"].as_str().unwrap().contains("POST"));
 
-    let (status, body) = json(t.request(Method::GET, "/v1/sessions/not-an-id").await).await;
+    let (status, body) = json(t.admin_request(Method::GET, "/v1/sessions/not-an-id").await).await;
     assert_eq!(status, 400);
     assert_eq!(body["parameter"], "sessionId");
 
-    let (status, body) = json(t.request(Method::GET, "/v1/accounts/a%20b/sessions").await).await;
+    let (status, body) = json(
+        t.admin_request(Method::GET, "/v1/accounts/a%20b/sessions")
+            .await,
+    )
+    .await;
     assert_eq!(status, 400);
     assert_eq!(body["parameter"], "account");
 
@@ -399,16 +419,37 @@ async fn health_readiness_metrics_and_openapi_are_served() {
         ("/streaming", "put"),
         ("/streaming", "get"),
         ("/streaming", "delete"),
-        ("/v1/accounts/{account}/sessions", "get"),
-        ("/v1/sessions/{sessionId}", "get"),
-        ("/v1/sessions/{sessionId}", "delete"),
         ("/healthz", "get"),
         ("/readyz", "get"),
-        ("/metrics", "get"),
         ("/openapi.json", "get"),
     ] {
         assert!(paths[path].get(method).is_some(), "{method} {path} missing");
     }
+    // The viewer port's document names no admin operation.
+    let mut viewer_paths: Vec<&str> = paths.keys().map(String::as_str).collect();
+    viewer_paths.sort_unstable();
+    assert_eq!(
+        viewer_paths,
+        ["/healthz", "/openapi.json", "/readyz", "/streaming"]
+    );
+
+    let (status, doc) = json(t.admin_request(Method::GET, "/openapi.json").await).await;
+    assert_eq!(status, 200);
+    let paths = doc["paths"].as_object().unwrap();
+    for (path, method) in [
+        ("/v1/accounts/{account}/sessions", "get"),
+        ("/v1/sessions/{sessionId}", "get"),
+        ("/v1/sessions/{sessionId}", "delete"),
+        ("/metrics", "get"),
+        ("/healthz", "get"),
+        ("/readyz", "get"),
+    ] {
+        assert!(paths[path].get(method).is_some(), "{method} {path} missing");
+    }
+    assert!(
+        paths.get("/streaming").is_none(),
+        "the admin listener serves no viewer route"
+    );
     // Path parameters carry the constraints the handlers enforce; /metrics its real type.
     let account = &doc["paths"]["/v1/accounts/{account}/sessions"]["get"]["parameters"][0];
     assert_eq!(account["schema"]["maxLength"], 128, "{account}");
@@ -424,7 +465,7 @@ async fn health_readiness_metrics_and_openapi_are_served() {
         metrics_type.contains_key("application/openmetrics-text; version=1.0.0; charset=utf-8"),
         "{metrics_type:?}"
     );
-    let served = t.request(Method::GET, "/metrics").await;
+    let served = t.admin_request(Method::GET, "/metrics").await;
     assert!(
         served.headers()["content-type"]
             .to_str()
@@ -433,6 +474,49 @@ async fn health_readiness_metrics_and_openapi_are_served() {
     );
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     assert!(schemas.contains_key("Session") && schemas.contains_key("ErrorBody"));
+}
+
+/// A viewer who can reach the sidecar cannot list, inspect or kick anyone's sessions: the admin
+/// routes answer 404 on the viewer port (as any unknown path) and work on the admin listener.
+#[tokio::test]
+async fn admin_routes_are_absent_from_the_viewer_port_and_present_on_the_admin_listener() {
+    let t = TestSidecar::start(&default_policy("  maxStreamsPerAccount: 3")).await;
+    let (status, opened) = t.open("acct", "tv").await;
+    assert_eq!(status, 201);
+    let id = opened["sessionId"].as_str().unwrap().to_string();
+    let admin_calls = [
+        (Method::GET, "/v1/accounts/acct/sessions".to_string()),
+        (Method::GET, format!("/v1/sessions/{id}")),
+        (Method::DELETE, format!("/v1/sessions/{id}")),
+        (Method::GET, "/metrics".to_string()),
+    ];
+    for (method, path) in &admin_calls {
+        let (status, body) = json(t.request(method.clone(), path).await).await;
+        assert_eq!(status, 404, "{method} {path} on the viewer port: {body}");
+        assert_eq!(body["error"], "not_found", "{body}");
+    }
+    // The kick attempt on the viewer port changed nothing.
+    assert_eq!(t.heartbeat("acct", "tv").await.0, 200);
+
+    let (status, list) = json(
+        t.admin_request(Method::GET, "/v1/accounts/acct/sessions")
+            .await,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(list["sessions"][0]["sessionId"], id.as_str());
+    let kicked = t
+        .admin_request(Method::DELETE, &format!("/v1/sessions/{id}"))
+        .await;
+    assert_eq!(kicked.status(), 204);
+    assert_eq!(t.heartbeat("acct", "tv").await.0, 410);
+    // And the viewer API is not on the admin listener.
+    let (status, _) = json(
+        t.admin_request(Method::PUT, "/streaming?account=acct&streamId=phone")
+            .await,
+    )
+    .await;
+    assert_eq!(status, 404);
 }
 
 #[tokio::test]

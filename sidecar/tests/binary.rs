@@ -110,7 +110,7 @@ async fn policy_changes_apply_without_restart_and_a_bad_file_keeps_the_last_good
     let client = reqwest::Client::new();
     eventually("the bad file is rejected", async || {
         let text = client
-            .get(format!("{base}/metrics"))
+            .get(format!("{}/metrics", sidecar.metrics))
             .send()
             .await
             .unwrap()

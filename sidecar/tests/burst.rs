@@ -133,7 +133,7 @@ async fn burst(fleet: &[SidecarProcess], account: &str) -> Tally {
     // open whose answer came back after its caller gave up may have taken a slot: the sidecar
     // discards it in the background, so this holds within a moment.
     let phantoms = async || {
-        let (status, list) = streaming_list(&client, &fleet[0].base, account).await;
+        let (status, list) = streaming_list(&client, &fleet[0].admin, account).await;
         assert_eq!(status, 200, "{list}");
         list["sessions"]
             .as_array()
@@ -153,10 +153,10 @@ async fn burst(fleet: &[SidecarProcess], account: &str) -> Tally {
     tally
 }
 
-async fn streaming_list(client: &Client, base: &str, account: &str) -> (u16, serde_json::Value) {
+async fn streaming_list(client: &Client, admin: &str, account: &str) -> (u16, serde_json::Value) {
     json(
         client
-            .get(format!("{base}/v1/accounts/{account}/sessions"))
+            .get(format!("{admin}/v1/accounts/{account}/sessions"))
             .send()
             .await
             .unwrap(),

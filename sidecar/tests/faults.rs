@@ -8,7 +8,9 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{OwnRedis, default_policy, eventually, eventually_value, json};
+use common::{
+    OwnRedis, Served, default_policy, eventually, eventually_value, json, serve_in_background,
+};
 use reqwest::Client;
 use streamgate_sidecar::policy::PolicySet;
 use streamgate_sidecar::server::Sidecar;
@@ -17,15 +19,16 @@ use streamgate_sidecar::store::{RedisStore, RedisTarget};
 const STORE_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// An in-process sidecar on `redis_url` with a 100 ms store timeout.
-async fn sidecar(redis_url: &str, spec: &str) -> String {
+async fn sidecar(redis_url: &str, spec: &str) -> Served {
     let policies = PolicySet::from_yaml(&default_policy(spec), "test.yaml", "default").unwrap();
     let store = RedisStore::new(RedisTarget::parse(redis_url).unwrap(), STORE_TIMEOUT);
     let sidecar = Sidecar::with_store(Arc::new(store), policies);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { sidecar.serve(listener, std::future::pending()).await });
-    eventually("the sidecar is ready", async || ready(&base).await == 200).await;
-    base
+    let served = serve_in_background(sidecar).await;
+    eventually("the sidecar is ready", async || {
+        ready(&served.base).await == 200
+    })
+    .await;
+    served
 }
 
 async fn ready(base: &str) -> u16 {
@@ -55,11 +58,11 @@ async fn open(base: &str, account: &str, stream: &str) -> (u16, serde_json::Valu
     (status, body, degraded, retry_after)
 }
 
-/// The account's active sessions in the store.
-async fn active(base: &str, account: &str) -> usize {
+/// The account's active sessions in the store (asked on the admin listener).
+async fn active(admin: &str, account: &str) -> usize {
     let (status, body) = json(
         Client::new()
-            .get(format!("{base}/v1/accounts/{account}/sessions"))
+            .get(format!("{admin}/v1/accounts/{account}/sessions"))
             .send()
             .await
             .unwrap(),
@@ -72,7 +75,7 @@ async fn active(base: &str, account: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_pause_is_slow_not_down_503_with_retry_after_and_no_slot_taken() {
     let redis = OwnRedis::start();
-    let base = sidecar(
+    let Served { base, admin } = sidecar(
         &redis.url(),
         "  maxStreamsPerAccount: 3\n  failurePolicy: Open",
     )
@@ -94,7 +97,7 @@ async fn a_short_pause_is_slow_not_down_503_with_retry_after_and_no_slot_taken()
 
     // The open that timed out reaches Redis now, after its caller gave up: it takes no slot.
     eventually("Redis answers again", async || ready(&base).await == 200).await;
-    assert_eq!(active(&base, "acct").await, 0, "no phantom session");
+    assert_eq!(active(&admin, "acct").await, 0, "no phantom session");
     let (status, body, degraded, _) = open(&base, "acct", "tv").await;
     assert_eq!((status, degraded), (201, false), "{body}");
 }
@@ -102,7 +105,7 @@ async fn a_short_pause_is_slow_not_down_503_with_retry_after_and_no_slot_taken()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opens_answered_503_during_a_pause_take_no_slot_when_redis_resumes() {
     let redis = OwnRedis::start();
-    let base = sidecar(
+    let Served { base, admin } = sidecar(
         &redis.url(),
         "  maxStreamsPerAccount: 3\n  failurePolicy: Closed",
     )
@@ -140,7 +143,7 @@ async fn opens_answered_503_during_a_pause_take_no_slot_when_redis_resumes() {
         })
         .collect();
     assert_eq!(accounts, vec!["other"], "no session of acct was stored");
-    assert_eq!(active(&base, "acct").await, 0);
+    assert_eq!(active(&admin, "acct").await, 0);
     for i in 0..3 {
         let (status, body, _, _) = open(&base, "acct", &format!("after{i}")).await;
         assert_eq!(status, 201, "the account's slots are all free: {body}");
@@ -150,7 +153,7 @@ async fn opens_answered_503_during_a_pause_take_no_slot_when_redis_resumes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_outage_opens_the_breaker_and_admits_at_most_the_limit_without_the_store() {
     let redis = OwnRedis::start();
-    let base = sidecar(
+    let Served { base, admin } = sidecar(
         &redis.url(),
         "  maxStreamsPerAccount: 2\n  failurePolicy: Open\n  heartbeatIntervalSeconds: 2\n  sessionTTLSeconds: 10",
     )
@@ -197,7 +200,7 @@ async fn a_long_outage_opens_the_breaker_and_admits_at_most_the_limit_without_th
     // Within one heartbeat interval the store counts exactly the two degraded sessions: the
     // opens that timed out before the breaker opened took no slot.
     eventually("the degraded sessions are in the store", async || {
-        ready(&base).await == 200 && active(&base, "acct").await == 2
+        ready(&base).await == 200 && active(&admin, "acct").await == 2
     })
     .await;
     let recovered = resumed.elapsed();
@@ -228,10 +231,7 @@ async fn unready_sidecar(redis_url: &str, spec: &str) -> String {
     let policies = PolicySet::from_yaml(&default_policy(spec), "test.yaml", "default").unwrap();
     let store = RedisStore::new(RedisTarget::parse(redis_url).unwrap(), STORE_TIMEOUT);
     let sidecar = Sidecar::with_store(Arc::new(store), policies);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { sidecar.serve(listener, std::future::pending()).await });
-    base
+    serve_in_background(sidecar).await.base
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,7 +280,7 @@ async fn a_redis_that_may_evict_sessions_fails_readiness_saying_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_redis_never_admits_under_open_and_fails_readiness() {
     let redis = OwnRedis::start_with(&["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"]);
-    let base = sidecar(
+    let Served { base, .. } = sidecar(
         &redis.url(),
         "  maxStreamsPerAccount: 3\n  failurePolicy: Open",
     )
@@ -347,8 +347,11 @@ async fn until_degraded(base: &str, account: &str, prefix: &str) -> String {
 async fn in_an_outage_each_sidecar_admits_at_most_the_limit_and_the_store_counts_them_after() {
     let redis = OwnRedis::start();
     let spec = "  maxStreamsPerAccount: 1\n  failurePolicy: Open\n  heartbeatIntervalSeconds: 2\n  sessionTTLSeconds: 10";
-    let a = sidecar(&redis.url(), spec).await;
-    let b = sidecar(&redis.url(), spec).await;
+    let Served {
+        base: a,
+        admin: a_admin,
+    } = sidecar(&redis.url(), spec).await;
+    let b = sidecar(&redis.url(), spec).await.base;
     let (status, body, _, _) = open(&a, "other", "tv").await;
     assert_eq!(status, 201, "{body}");
 
@@ -367,7 +370,7 @@ async fn in_an_outage_each_sidecar_admits_at_most_the_limit_and_the_store_counts
     // The over-admission is bounded by (sidecars - 1) x limit = 1, and both sessions are in the
     // store (their ids keep working); nothing else is.
     eventually("both degraded sessions are in the store", async || {
-        ready(&a).await == 200 && active(&a, "acct").await == 2
+        ready(&a).await == 200 && active(&a_admin, "acct").await == 2
     })
     .await;
     let mut raw = redis.connection();

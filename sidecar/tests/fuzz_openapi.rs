@@ -1,5 +1,5 @@
-//! A property-based fuzzer driven by the sidecar's own OpenAPI document: every documented
-//! operation is called with parameters that follow their schema and with hostile ones (any
+//! A property-based fuzzer driven by the sidecar's own OpenAPI documents (the viewer port's and
+//! the admin listener's): every documented operation is called with parameters that follow their schema and with hostile ones (any
 //! Unicode, empty, over-long, missing, repeated). Whatever it sends, the sidecar answers without
 //! a 5xx, errors are the documented JSON, and a refused request stores nothing.
 
@@ -14,6 +14,8 @@ use serde_json::Value;
 /// One documented operation: method, path template and its parameters.
 #[derive(Clone, Debug)]
 struct Operation {
+    /// Documented by the admin listener (else by the viewer port).
+    admin: bool,
     method: Method,
     path: String,
     parameters: Vec<Parameter>,
@@ -29,30 +31,39 @@ struct Parameter {
 fn operations() -> &'static [Operation] {
     static OPERATIONS: OnceLock<Vec<Operation>> = OnceLock::new();
     OPERATIONS.get_or_init(|| {
-        let doc = serde_json::to_value(streamgate_sidecar::api::openapi()).unwrap();
+        let documents = [
+            (false, streamgate_sidecar::api::openapi()),
+            (true, streamgate_sidecar::api::admin_openapi()),
+        ];
         let mut operations = Vec::new();
-        for (path, item) in doc["paths"].as_object().unwrap() {
-            for (method, operation) in item.as_object().unwrap() {
-                let Ok(method) = method.to_uppercase().parse::<Method>() else {
-                    continue;
-                };
-                let parameters = operation["parameters"]
-                    .as_array()
-                    .map(|ps| {
-                        ps.iter()
-                            .map(|p| Parameter {
-                                name: p["name"].as_str().unwrap().to_string(),
-                                in_path: p["in"] == "path",
-                                max_length: p["schema"]["maxLength"].as_u64().map(|n| n as usize),
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                operations.push(Operation {
-                    method,
-                    path: path.clone(),
-                    parameters,
-                });
+        for (admin, doc) in documents {
+            let doc = serde_json::to_value(doc).unwrap();
+            for (path, item) in doc["paths"].as_object().unwrap() {
+                for (method, operation) in item.as_object().unwrap() {
+                    let Ok(method) = method.to_uppercase().parse::<Method>() else {
+                        continue;
+                    };
+                    let parameters = operation["parameters"]
+                        .as_array()
+                        .map(|ps| {
+                            ps.iter()
+                                .map(|p| Parameter {
+                                    name: p["name"].as_str().unwrap().to_string(),
+                                    in_path: p["in"] == "path",
+                                    max_length: p["schema"]["maxLength"]
+                                        .as_u64()
+                                        .map(|n| n as usize),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    operations.push(Operation {
+                        admin,
+                        method,
+                        path: path.clone(),
+                        parameters,
+                    });
+                }
             }
         }
         assert!(operations.len() >= 9, "{operations:?}");
@@ -132,10 +143,11 @@ proptest! {
         if repeat_first && !query.is_empty() {
             query.push(query[0].clone());
         }
+        let base = if operation.admin { &target().sidecar.admin } else { &target().sidecar.base };
         let url = if query.is_empty() {
-            format!("{}{path}", target().sidecar.base)
+            format!("{base}{path}")
         } else {
-            format!("{}{path}?{}", target().sidecar.base, query.join("&"))
+            format!("{base}{path}?{}", query.join("&"))
         };
         let t = target();
         let (status, body) = t.runtime.block_on(async {

@@ -7,7 +7,9 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{RecordingUpstream, SidecarProcess, TestSidecar, default_policy, json, metric};
+use common::{
+    RecordingUpstream, Served, SidecarProcess, TestSidecar, default_policy, json, metric,
+};
 use reqwest::{Client, Method};
 use streamgate_sidecar::clock::ManualClock;
 use streamgate_sidecar::engine::fingerprint;
@@ -77,7 +79,7 @@ async fn head_on_streaming_is_405_and_renews_nothing() {
         .await;
     assert_eq!(response.status(), 405);
     let (_, now) = json(
-        t.request(
+        t.admin_request(
             Method::GET,
             &format!("/v1/sessions/{}", session["sessionId"].as_str().unwrap()),
         )
@@ -104,9 +106,7 @@ async fn the_session_cap_refuses_new_sessions_with_503_and_counts() {
     .unwrap();
     let store = MemoryStore::with_limits(Arc::new(ManualClock::new(1_800_000_000_000)), 3);
     let sidecar = Sidecar::with_store(Arc::new(store.clone()), policies);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { sidecar.serve(listener, std::future::pending()).await });
+    let Served { base, admin } = common::serve_in_background(sidecar).await;
     let client = Client::new();
     for account in ["a", "b", "c"] {
         let (status, _) = common::streaming_at(&client, &base, Method::PUT, account, "s").await;
@@ -122,7 +122,7 @@ async fn the_session_cap_refuses_new_sessions_with_503_and_counts() {
     assert_eq!(status, 200);
     assert_eq!(store.held(), 3);
     let m = client
-        .get(format!("{base}/metrics"))
+        .get(format!("{admin}/metrics"))
         .send()
         .await
         .unwrap()
@@ -400,7 +400,7 @@ async fn logs_show_fingerprints_never_session_ids_tokens_or_store_passwords() {
         .await
         .unwrap();
     let kicked = client
-        .delete(format!("{base}/v1/sessions/{second}"))
+        .delete(format!("{}/v1/sessions/{second}", sidecar.admin))
         .send()
         .await
         .unwrap();

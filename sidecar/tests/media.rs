@@ -7,7 +7,11 @@ use common::{RecordingUpstream, TestSidecar, default_policy, json, metric};
 use reqwest::Method;
 
 async fn session_now(t: &TestSidecar, id: &str) -> serde_json::Value {
-    let (status, body) = json(t.request(Method::GET, &format!("/v1/sessions/{id}")).await).await;
+    let (status, body) = json(
+        t.admin_request(Method::GET, &format!("/v1/sessions/{id}"))
+            .await,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     body
 }

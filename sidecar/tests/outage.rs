@@ -7,14 +7,14 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{OwnRedis, RecordingUpstream, default_policy, eventually, json, metric_with};
+use common::{OwnRedis, RecordingUpstream, Served, default_policy, eventually, json, metric_with};
 use reqwest::{Client, Method};
 use streamgate_sidecar::policy::PolicySet;
 use streamgate_sidecar::server::Sidecar;
 use streamgate_sidecar::store::{RedisStore, RedisTarget};
 
 /// An in-process sidecar on `redis_url` with the proxy in front of `upstream`.
-async fn sidecar(redis_url: &str, spec: &str, upstream: &str) -> String {
+async fn sidecar(redis_url: &str, spec: &str, upstream: &str) -> Served {
     let policies = PolicySet::from_yaml(&default_policy(spec), "test.yaml", "default").unwrap();
     let store = RedisStore::new(
         RedisTarget::parse(redis_url).unwrap(),
@@ -22,10 +22,7 @@ async fn sidecar(redis_url: &str, spec: &str, upstream: &str) -> String {
     );
     let sidecar =
         Sidecar::with_store(Arc::new(store), policies).with_upstream(upstream.parse().unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { sidecar.serve(listener, std::future::pending()).await });
-    base
+    common::serve_in_background(sidecar).await
 }
 
 async fn ready(base: &str) -> bool {
@@ -63,9 +60,9 @@ async fn segment(base: &str, session: &str) -> (u16, String) {
     )
 }
 
-async fn metrics(base: &str) -> String {
+async fn metrics(admin: &str) -> String {
     Client::new()
-        .get(format!("{base}/metrics"))
+        .get(format!("{admin}/metrics"))
         .send()
         .await
         .unwrap()
@@ -82,7 +79,7 @@ fn id(session: &serde_json::Value) -> String {
 async fn under_open_established_and_degraded_sessions_play_through_an_outage() {
     let mut redis = OwnRedis::start();
     let upstream = RecordingUpstream::start("").await;
-    let base = sidecar(
+    let Served { base, admin } = sidecar(
         &redis.url(),
         "  maxStreamsPerAccount: 2\n  failurePolicy: Open",
         &upstream.url,
@@ -105,7 +102,7 @@ async fn under_open_established_and_degraded_sessions_play_through_an_outage() {
         segment(&base, &id(&phone)).await,
         (200, "media".to_string())
     );
-    let m = metrics(&base).await;
+    let m = metrics(&admin).await;
     let media_errors = |kind: &str| {
         metric_with(
             &m,
@@ -133,7 +130,7 @@ async fn under_open_established_and_degraded_sessions_play_through_an_outage() {
     );
     let (status, stored) = json(
         Client::new()
-            .get(format!("{base}/v1/sessions/{}", id(&phone)))
+            .get(format!("{admin}/v1/sessions/{}", id(&phone)))
             .send()
             .await
             .unwrap(),
@@ -150,7 +147,7 @@ async fn under_open_established_and_degraded_sessions_play_through_an_outage() {
     assert_eq!(renewed["sessionId"], phone["sessionId"]);
     assert_eq!(renewed["activeSessions"], 2);
     assert_eq!(segment(&base, &id(&tv)).await, (200, "media".to_string()));
-    let m = metrics(&base).await;
+    let m = metrics(&admin).await;
     assert!(
         common::metric(&m, "streamgate_degraded_sessions_restored_total").unwrap_or(0.0) >= 1.0,
         "{m}"
@@ -161,7 +158,7 @@ async fn under_open_established_and_degraded_sessions_play_through_an_outage() {
 async fn under_closed_media_and_new_streams_get_503_during_an_outage() {
     let mut redis = OwnRedis::start();
     let upstream = RecordingUpstream::start("").await;
-    let base = sidecar(
+    let Served { base, admin } = sidecar(
         &redis.url(),
         "  maxStreamsPerAccount: 2\n  failurePolicy: Closed",
         &upstream.url,
@@ -194,7 +191,7 @@ async fn under_closed_media_and_new_streams_get_503_during_an_outage() {
         forwarded,
         "nothing reached the upstream during the outage"
     );
-    let m = metrics(&base).await;
+    let m = metrics(&admin).await;
     assert!(
         metric_with(
             &m,

@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{default_policy, json, metric};
+use common::{Served, default_policy, json, metric};
 use futures::StreamExt;
 use reqwest::{Client, Method};
 use serde_json::Value;
@@ -25,14 +25,11 @@ async fn origin() -> (String, OriginStats) {
     (url, stats)
 }
 
-async fn sidecar(store: Arc<dyn SessionStore>, policy: &str, upstream: &str) -> (String, Sidecar) {
+async fn sidecar(store: Arc<dyn SessionStore>, policy: &str, upstream: &str) -> (Served, Sidecar) {
     let policies = PolicySet::from_yaml(policy, "test.yaml", "default").unwrap();
     let sidecar = Sidecar::with_store(store, policies).with_upstream(upstream.parse().unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let serving = sidecar.clone();
-    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
-    (base, sidecar)
+    let served = common::serve_in_background(sidecar.clone()).await;
+    (served, sidecar)
 }
 
 async fn open(base: &str, account: &str, stream: &str) -> (u16, Value) {
@@ -106,7 +103,8 @@ fn id(session: &Value) -> String {
 async fn evicting_the_oldest_viewer_closes_its_stream_and_no_other() {
     let (upstream, _) = origin().await;
     let policy = default_policy("  maxStreamsPerAccount: 3\n  onLimitExceeded: EvictOldest");
-    let (base, _sidecar) = sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
+    let (Served { base, admin }, _sidecar) =
+        sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
 
     let mut viewers = Vec::new();
     let mut sessions = Vec::new();
@@ -159,7 +157,7 @@ async fn evicting_the_oldest_viewer_closes_its_stream_and_no_other() {
         demo_origin::media::fixture_segment(1)
     );
     let m = Client::new()
-        .get(format!("{base}/metrics"))
+        .get(format!("{admin}/metrics"))
         .send()
         .await
         .unwrap()
@@ -188,8 +186,14 @@ async fn a_kick_on_one_sidecar_cuts_a_stream_flowing_through_another() {
             Duration::from_secs(2),
         ))
     };
-    let (a, _) = sidecar(store(&url), &policy, &upstream).await;
-    let (b, b_sidecar) = sidecar(store(&url), &policy, &upstream).await;
+    let (
+        Served {
+            base: a,
+            admin: a_admin,
+        },
+        _,
+    ) = sidecar(store(&url), &policy, &upstream).await;
+    let (Served { base: b, .. }, b_sidecar) = sidecar(store(&url), &policy, &upstream).await;
     let account = format!("proxy-kick-{:08x}", rand::random::<u32>());
     let (status, session) = open(&a, &account, "tv").await;
     assert_eq!(status, 201);
@@ -202,7 +206,7 @@ async fn a_kick_on_one_sidecar_cuts_a_stream_flowing_through_another() {
         .unwrap();
 
     let kicked = Client::new()
-        .delete(format!("{a}/v1/sessions/{}", id(&session)))
+        .delete(format!("{a_admin}/v1/sessions/{}", id(&session)))
         .send()
         .await
         .unwrap();
@@ -217,7 +221,7 @@ async fn a_viewer_that_stops_heartbeating_is_cut_after_the_ttl() {
     let policy = default_policy(
         "  maxStreamsPerAccount: 1\n  sessionTTLSeconds: 2\n  heartbeatIntervalSeconds: 1",
     );
-    let (base, _) = sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
+    let (Served { base, .. }, _) = sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
     let (_, session) = open(&base, "acct", "tv").await;
     let opened = Instant::now();
     let viewer = Viewer::watch(&base, &id(&session)).await;
@@ -239,7 +243,7 @@ async fn heartbeats_keep_a_stream_flowing_past_the_ttl() {
     let policy = default_policy(
         "  maxStreamsPerAccount: 1\n  sessionTTLSeconds: 2\n  heartbeatIntervalSeconds: 1",
     );
-    let (base, _) = sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
+    let (Served { base, .. }, _) = sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
     let (_, session) = open(&base, "acct", "tv").await;
     let mut viewer = Viewer::watch(&base, &id(&session)).await;
     for _ in 0..8 {
@@ -260,7 +264,8 @@ async fn dry_run_cuts_nothing_and_counts_what_it_would_cut() {
     let (upstream, _) = origin().await;
     let policy =
         default_policy("  maxStreamsPerAccount: 1\n  onLimitExceeded: EvictOldest\n  mode: DryRun");
-    let (base, _) = sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
+    let (Served { base, admin }, _) =
+        sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
     let (_, first) = open(&base, "acct", "tv").await;
     let mut first_viewer = Viewer::watch(&base, &id(&first)).await;
     let (status, _) = open(&base, "acct", "phone").await;
@@ -268,7 +273,7 @@ async fn dry_run_cuts_nothing_and_counts_what_it_would_cut() {
 
     // An admin kick revokes the session, but in DryRun its stream keeps flowing.
     let kicked = Client::new()
-        .delete(format!("{base}/v1/sessions/{}", id(&first)))
+        .delete(format!("{admin}/v1/sessions/{}", id(&first)))
         .send()
         .await
         .unwrap();
@@ -277,7 +282,7 @@ async fn dry_run_cuts_nothing_and_counts_what_it_would_cut() {
     // the stream still flowing.
     common::eventually("the proxy handled the kick", async || {
         let m = Client::new()
-            .get(format!("{base}/metrics"))
+            .get(format!("{admin}/metrics"))
             .send()
             .await
             .unwrap()
@@ -306,7 +311,7 @@ async fn dry_run_cuts_nothing_and_counts_what_it_would_cut() {
     assert_eq!(response.status(), 200);
 
     let m = Client::new()
-        .get(format!("{base}/metrics"))
+        .get(format!("{admin}/metrics"))
         .send()
         .await
         .unwrap()
@@ -327,11 +332,57 @@ async fn dry_run_cuts_nothing_and_counts_what_it_would_cut() {
     );
 }
 
+/// With the proxy on, every unknown path is media: the admin paths must not become media
+/// requests either (a session holder could otherwise probe the upstream with them) and must not
+/// act on sessions.
+#[tokio::test]
+async fn admin_paths_on_the_viewer_port_are_404_even_with_the_proxy_on() {
+    let (upstream, stats) = origin().await;
+    let policy = default_policy("  maxStreamsPerAccount: 2");
+    let (Served { base, admin }, _) =
+        sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
+    let (_, session) = open(&base, "acct", "tv").await;
+    let client = Client::new();
+    for request in [
+        client.get(format!("{base}/v1/accounts/acct/sessions")),
+        client.delete(format!("{base}/v1/sessions/{}", id(&session))),
+    ] {
+        let (status, body) = json(
+            request
+                .header("X-StreamGate-Session", id(&session))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 404, "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("--admin-listen"),
+            "{body}"
+        );
+    }
+    assert_eq!(stats.requests(), 0, "an admin path was proxied");
+    let (status, list) = json(
+        client
+            .get(format!("{admin}/v1/accounts/acct/sessions"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        list["sessions"].as_array().unwrap().len(),
+        1,
+        "the kick changed nothing"
+    );
+}
+
 #[tokio::test]
 async fn requests_without_an_active_session_never_reach_the_upstream() {
     let (upstream, stats) = origin().await;
     let policy = default_policy("  maxStreamsPerAccount: 2");
-    let (base, _) = sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
+    let (Served { base, .. }, _) = sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
     let (_, ended) = open(&base, "acct", "tv").await;
     let (status, _) =
         common::streaming_at(&Client::new(), &base, Method::DELETE, "acct", "tv").await;

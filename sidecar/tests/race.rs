@@ -26,7 +26,11 @@ async fn hundreds_of_concurrent_opens_admit_exactly_the_limit() {
     let admitted = statuses.iter().filter(|s| **s == 201).count();
     let refused = statuses.iter().filter(|s| **s == 429).count();
     assert_eq!((admitted, refused), (3, 297), "{statuses:?}");
-    let (_, list) = json(t.request(Method::GET, "/v1/accounts/race/sessions").await).await;
+    let (_, list) = json(
+        t.admin_request(Method::GET, "/v1/accounts/race/sessions")
+            .await,
+    )
+    .await;
     assert_eq!(list["sessions"].as_array().unwrap().len(), 3);
 }
 
@@ -38,7 +42,11 @@ async fn concurrent_opens_under_evict_oldest_leave_exactly_the_limit_active() {
     .await;
     let statuses = open_concurrently(&t, "race", 300).await;
     assert!(statuses.iter().all(|s| *s == 201), "{statuses:?}");
-    let (_, list) = json(t.request(Method::GET, "/v1/accounts/race/sessions").await).await;
+    let (_, list) = json(
+        t.admin_request(Method::GET, "/v1/accounts/race/sessions")
+            .await,
+    )
+    .await;
     assert_eq!(list["sessions"].as_array().unwrap().len(), 3);
     let m = t.metrics().await;
     assert_eq!(

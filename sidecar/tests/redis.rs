@@ -107,7 +107,7 @@ async fn history_of_concurrent_opens(
             None => {
                 let (status, now) = json(
                     client
-                        .get(format!("{}/v1/sessions/{id}", sidecars[0].base))
+                        .get(format!("{}/v1/sessions/{id}", sidecars[0].admin))
                         .send()
                         .await
                         .unwrap(),
@@ -139,7 +139,7 @@ async fn four_sidecars_never_admit_more_than_the_limit() {
     );
     let (_, list) = json(
         Client::new()
-            .get(format!("{}/v1/accounts/{account}/sessions", fleet[3].base))
+            .get(format!("{}/v1/accounts/{account}/sessions", fleet[3].admin))
             .send()
             .await
             .unwrap(),
@@ -217,7 +217,7 @@ async fn a_kick_on_one_sidecar_is_seen_by_another() {
     let (_, session) = streaming_at(&client, &fleet[0].base, Method::PUT, &account, "tv").await;
     let id = session["sessionId"].as_str().unwrap();
     let kicked = client
-        .delete(format!("{}/v1/sessions/{id}", fleet[1].base))
+        .delete(format!("{}/v1/sessions/{id}", fleet[1].admin))
         .send()
         .await
         .unwrap();

@@ -228,7 +228,7 @@ async fn wait_for_series(sidecar: &SidecarProcess, series: &str, value: f64) -> 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let text = http
-            .get(format!("{}/metrics", sidecar.base))
+            .get(format!("{}/metrics", sidecar.admin))
             .send()
             .await
             .unwrap()

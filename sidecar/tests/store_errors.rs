@@ -7,7 +7,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{default_policy, eventually, json, metric, metric_with, redis_env, streaming_at};
+use common::{
+    Served, default_policy, eventually, json, metric, metric_with, redis_env, streaming_at,
+};
 use reqwest::{Client, Method};
 use streamgate_sidecar::policy::PolicySet;
 use streamgate_sidecar::server::Sidecar;
@@ -48,9 +50,7 @@ async fn a_wrong_type_in_the_accounts_slot_refuses_counts_and_admits_nothing(env
         Duration::from_secs(2),
     );
     let sidecar = Sidecar::with_store(Arc::new(store), policies);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { sidecar.serve(listener, std::future::pending()).await });
+    let Served { base, admin } = common::serve_in_background(sidecar).await;
     let client = Client::new();
     eventually("the sidecar is ready", async || {
         client
@@ -91,7 +91,7 @@ async fn a_wrong_type_in_the_accounts_slot_refuses_counts_and_admits_nothing(env
     assert_eq!(status, 503, "a fatal store error fails readiness: {body}");
 
     let m = client
-        .get(format!("{base}/metrics"))
+        .get(format!("{admin}/metrics"))
         .send()
         .await
         .unwrap()
@@ -117,7 +117,7 @@ async fn a_wrong_type_in_the_accounts_slot_refuses_counts_and_admits_nothing(env
     redis_command(env, redis::cmd("DEL").arg(&key)).await;
     let (status, list) = json(
         client
-            .get(format!("{base}/v1/accounts/{account}/sessions"))
+            .get(format!("{admin}/v1/accounts/{account}/sessions"))
             .send()
             .await
             .unwrap(),

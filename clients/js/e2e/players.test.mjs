@@ -17,7 +17,7 @@ metadata: {name: default}
 spec: {maxStreamsPerAccount: 1, onLimitExceeded: EvictOldest, sessionTTLSeconds: 6, heartbeatIntervalSeconds: 3}
 `;
 
-let origin, sidecar, pages, browser, sidecarUrl;
+let origin, sidecar, pages, browser, sidecarUrl, adminUrl;
 const results = {};
 
 before(async () => {
@@ -30,15 +30,19 @@ before(async () => {
     bin["streamgate-sidecar"],
     [
       "--listen", "127.0.0.1:0",
+      "--admin-listen", "127.0.0.1:0",
+      "--metrics-listen", "127.0.0.1:0",
       "--upstream", origin.match[1],
       "--policy-file", join(dir, "policy.yaml"),
       "--cors-allowed-origins", pages.origin,
       "--log-format", "json",
     ],
-    /"listen":"([\d.]+:\d+)"/,
+    // Ready once the admin listener is up (it starts after the viewer port).
+    /"serving the admin API","listen":"([\d.]+:\d+)"/,
     { RUST_LOG: "info" },
   );
-  sidecarUrl = `http://${sidecar.match[1]}`;
+  sidecarUrl = `http://${sidecar.output().match(/"serving the session API","listen":"([\d.]+:\d+)"/)[1]}`;
+  adminUrl = `http://${sidecar.match[1]}`;
   browser = await launchChromium();
 });
 
@@ -150,7 +154,7 @@ test("a kick stops the kicked picture and shows why", async () => {
   const page = await watch("hls", "kick-hls");
   const sessionId = await page.evaluate(() => window.streamgate.sessionId);
   const kickedAt = Date.now();
-  const response = await fetch(`${sidecarUrl}/v1/sessions/${sessionId}`, { method: "DELETE" });
+  const response = await fetch(`${adminUrl}/v1/sessions/${sessionId}`, { method: "DELETE" });
   assert.equal(response.status, 204);
   const outcome = await timeToStop(page, kickedAt, { capMs: 15_000 });
   results.kick = { adapterHlsJsMs: outcome.stoppedAfterMs };
@@ -167,7 +171,7 @@ test("a hidden tab whose heartbeat timers never fire stays alive through its med
   await new Promise((r) => setTimeout(r, 13_000));
   const to = Date.now();
   assert.equal(await page.evaluate(() => window.streamgate.heartbeats), 0, "the page sent heartbeats");
-  const session = await (await fetch(`${sidecarUrl}/v1/sessions/${sessionId}`)).json();
+  const session = await (await fetch(`${adminUrl}/v1/sessions/${sessionId}`)).json();
   assert.equal(session.state, "active", JSON.stringify(session));
   const moved = await advancedDuring(page, from, to);
   assert.ok(moved > 9, `the hidden tab's picture moved ${moved} s in ${(to - from) / 1000} s`);

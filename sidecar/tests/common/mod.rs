@@ -7,7 +7,7 @@ use reqwest::{Client, Method, Response};
 use serde_json::Value;
 use streamgate_sidecar::clock::{Clock, ManualClock};
 use streamgate_sidecar::policy::PolicySet;
-use streamgate_sidecar::server::Sidecar;
+use streamgate_sidecar::server::{Listeners, Sidecar};
 use streamgate_sidecar::store::MemoryStore;
 
 /// A policy file with the given spec lines for the default policy.
@@ -20,6 +20,8 @@ pub fn default_policy(spec: &str) -> String {
 /// A running in-process sidecar.
 pub struct TestSidecar {
     pub base: String,
+    /// The admin listener (sessions of any account, metrics).
+    pub admin: String,
     pub client: Client,
     pub clock: ManualClock,
     pub store: MemoryStore,
@@ -44,10 +46,18 @@ impl TestSidecar {
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
+        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = format!("http://{}", admin_listener.local_addr().unwrap());
+        let listeners = Listeners {
+            viewer: listener,
+            admin: Some(admin_listener),
+            metrics: None,
+        };
         let serving = sidecar.clone();
-        tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
+        tokio::spawn(async move { serving.serve_on(listeners, std::future::pending()).await });
         Self {
             base,
+            admin,
             client: Client::new(),
             clock,
             store,
@@ -58,6 +68,15 @@ impl TestSidecar {
     pub async fn request(&self, method: Method, path_and_query: &str) -> Response {
         self.client
             .request(method, format!("{}{}", self.base, path_and_query))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A request to the admin listener.
+    pub async fn admin_request(&self, method: Method, path_and_query: &str) -> Response {
+        self.client
+            .request(method, format!("{}{}", self.admin, path_and_query))
             .send()
             .await
             .unwrap()
@@ -82,12 +101,38 @@ impl TestSidecar {
     }
 
     pub async fn metrics(&self) -> String {
-        self.request(Method::GET, "/metrics")
+        self.admin_request(Method::GET, "/metrics")
             .await
             .text()
             .await
             .unwrap()
     }
+}
+
+/// A sidecar served in the background on loopback ports the kernel picked.
+#[derive(Clone, Debug)]
+pub struct Served {
+    /// The viewer port.
+    pub base: String,
+    /// The admin listener (sessions of any account, metrics).
+    pub admin: String,
+}
+
+/// Serves `sidecar` in the background, viewer port and admin listener, until the test ends.
+pub async fn serve_in_background(sidecar: Sidecar) -> Served {
+    let viewer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let served = Served {
+        base: format!("http://{}", viewer.local_addr().unwrap()),
+        admin: format!("http://{}", admin.local_addr().unwrap()),
+    };
+    let listeners = Listeners {
+        viewer,
+        admin: Some(admin),
+        metrics: None,
+    };
+    tokio::spawn(async move { sidecar.serve_on(listeners, std::future::pending()).await });
+    served
 }
 
 /// Percent-encodes a query.
@@ -155,7 +200,12 @@ pub const SIDECAR_BIN: &str = env!("CARGO_BIN_EXE_streamgate-sidecar");
 /// A `streamgate-sidecar` process, killed on drop.
 pub struct SidecarProcess {
     pub child: std::process::Child,
+    /// The viewer port.
     pub base: String,
+    /// The admin listener (sessions of any account, metrics).
+    pub admin: String,
+    /// The metrics listener.
+    pub metrics: String,
     /// Every line it wrote to stdout (its log, JSON lines) so far.
     pub logs: Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -168,8 +218,9 @@ impl Drop for SidecarProcess {
 }
 
 impl SidecarProcess {
-    /// Starts the binary with `args` on a port the kernel picks (`--listen 127.0.0.1:0`), and
-    /// learns the port from the sidecar's own start-up log line, so no port is guessed.
+    /// Starts the binary with `args` on ports the kernel picks (`--listen`, `--admin-listen` and
+    /// `--metrics-listen` on `127.0.0.1:0`), and learns them from the sidecar's own start-up log
+    /// lines, so no port is guessed.
     pub async fn start(args: &[&str]) -> Self {
         Self::start_logging(args, "warn,streamgate_sidecar::server=info").await
     }
@@ -194,6 +245,8 @@ impl SidecarProcess {
         };
         let mut child = command
             .env("STREAMGATE_LISTEN", "127.0.0.1:0")
+            .env("STREAMGATE_ADMIN_LISTEN", "127.0.0.1:0")
+            .env("STREAMGATE_METRICS_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", filter)
             .args(args)
             .args(["--log-format", "json"])
@@ -202,32 +255,39 @@ impl SidecarProcess {
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        // (message, address) of each listener's start-up line.
+        let (tx, rx) = std::sync::mpsc::channel::<(String, String)>();
         let logs: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
         let kept = logs.clone();
         std::thread::spawn(move || {
-            let mut tx = Some(tx);
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 kept.lock().unwrap().push(line.clone());
-                if let Some(sender) = &tx
-                    && let Ok(entry) = serde_json::from_str::<Value>(&line)
+                if let Ok(entry) = serde_json::from_str::<Value>(&line)
                     && let Some(listen) = entry["fields"]["listen"].as_str()
                 {
-                    let _ = sender.send(listen.to_string());
-                    tx = None;
+                    let message = entry["fields"]["message"].as_str().unwrap_or_default();
+                    let _ = tx.send((message.to_string(), listen.to_string()));
                 }
             }
         });
-        let listen = tokio::task::spawn_blocking(move || {
-            rx.recv_timeout(std::time::Duration::from_secs(30))
+        let listeners = tokio::task::spawn_blocking(move || {
+            let mut found = std::collections::HashMap::new();
+            while found.len() < 3 {
+                let (message, listen) = rx
+                    .recv_timeout(std::time::Duration::from_secs(30))
+                    .expect("the sidecar logs the addresses it listens on");
+                found.insert(message, format!("http://{listen}"));
+            }
+            found
         })
         .await
-        .unwrap()
-        .expect("the sidecar logs the address it listens on");
+        .unwrap();
         Self {
             child,
-            base: format!("http://{listen}"),
+            base: listeners["serving the session API"].clone(),
+            admin: listeners["serving the admin API"].clone(),
+            metrics: listeners["serving /metrics"].clone(),
             logs,
         }
     }
