@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod id;
+pub mod viewer_auth;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -432,6 +433,8 @@ pub struct PolicySet {
     overrides: BTreeMap<String, Vec<Candidate>>,
     built_in: EffectivePolicy,
     policies: Vec<NamedPolicy>,
+    /// The ViewerAuthentication in force, if the file has one (the first by name).
+    viewer_auth: Option<viewer_auth::ViewerAuth>,
 }
 
 impl Default for PolicySet {
@@ -473,6 +476,43 @@ impl PolicySet {
             overrides,
             built_in: EffectivePolicy::from_spec(BUILT_IN, &PolicySpec::default()),
             policies,
+            viewer_auth: None,
+        }
+    }
+
+    /// The same policies with `auth` as the ViewerAuthentication in force.
+    pub fn with_viewer_auth(mut self, auth: Option<viewer_auth::ViewerAuth>) -> Self {
+        self.viewer_auth = auth;
+        self
+    }
+
+    /// The ViewerAuthentication in force, if any.
+    pub fn viewer_auth(&self) -> Option<&viewer_auth::ViewerAuth> {
+        self.viewer_auth.as_ref()
+    }
+
+    /// The policy for `account` at `now` when a verified token claims a stream limit:
+    /// an account override in force wins; else the claimed limit (already capped by
+    /// `maxClaimedLimit`) on top of the default policy; else the default policy.
+    pub fn resolve_claimed_at(
+        &self,
+        account: &str,
+        claimed_limit: Option<u32>,
+        now: DateTime<Utc>,
+    ) -> EffectivePolicy {
+        let overridden = self
+            .overrides
+            .get(account)
+            .and_then(|candidates| candidates.iter().find(|c| c.active_at(now)));
+        match (overridden, claimed_limit) {
+            (Some(c), _) => c.policy.clone(),
+            (None, Some(limit)) => {
+                let mut policy = self.default_policy_at(now).clone();
+                policy.limit = limit.clamp(MIN_STREAMS, MAX_STREAMS);
+                policy.source = format!("{} (token claim)", policy.source);
+                policy
+            }
+            (None, None) => self.default_policy_at(now).clone(),
         }
     }
 
@@ -523,6 +563,7 @@ impl PolicySet {
     /// namespace apply.
     pub fn from_yaml(text: &str, path: &str, namespace: &str) -> Result<Self, PolicyError> {
         let mut policies = Vec::new();
+        let mut auths: Vec<viewer_auth::ViewerAuth> = Vec::new();
         for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
             let number = index + 1;
             let value =
@@ -533,6 +574,12 @@ impl PolicySet {
                 })?;
             // `---` at the end of a file, or a file of comments only, yields an empty document.
             if value.is_null() {
+                continue;
+            }
+            if value.get("kind").and_then(|k| k.as_str()) == Some(viewer_auth::KIND) {
+                if let Some(auth) = parse_viewer_auth(value, path, number, namespace)? {
+                    auths.push(auth);
+                }
                 continue;
             }
             // serde_path_to_error names the field (`spec.onLimitExceeded`) that serde alone omits;
@@ -595,7 +642,8 @@ impl PolicySet {
                 spec: doc.spec,
             });
         }
-        Ok(Self::from_policies(policies))
+        auths.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Self::from_policies(policies).with_viewer_auth(auths.into_iter().next()))
     }
 
     /// Reads and parses a policy file.
@@ -606,6 +654,87 @@ impl PolicySet {
         })?;
         Self::from_yaml(&text, &path.display().to_string(), namespace)
     }
+}
+
+/// One ViewerAuthentication document of a policy file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ViewerAuthDocument {
+    /// Must be `streamgate.dev/v1alpha1`.
+    pub api_version: String,
+    /// Must be `ViewerAuthentication`.
+    pub kind: String,
+    /// Name and namespace.
+    #[serde(default)]
+    pub metadata: PolicyMetadata,
+    /// The spec.
+    #[serde(default)]
+    pub spec: viewer_auth::ViewerAuthenticationSpec,
+}
+
+/// Parses and validates one ViewerAuthentication document; `None` when it is another
+/// namespace's.
+fn parse_viewer_auth(
+    value: serde_yaml::Value,
+    path: &str,
+    number: usize,
+    namespace: &str,
+) -> Result<Option<viewer_auth::ViewerAuth>, PolicyError> {
+    let mut unknown = Vec::new();
+    let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let ignoring = serde_ignored::Deserializer::new(value, &mut note_unknown);
+    let doc: ViewerAuthDocument =
+        serde_path_to_error::deserialize(ignoring).map_err(|e| PolicyError::Parse {
+            path: path.to_string(),
+            document: number,
+            message: match e.path().to_string().as_str() {
+                "." => e.inner().to_string(),
+                field => format!("{field}: {}", e.inner()),
+            },
+        })?;
+    if let Some(field) = unknown.iter().find(|p| p.starts_with("spec.")) {
+        return Err(PolicyError::Parse {
+            path: path.to_string(),
+            document: number,
+            message: format!("{field}: unknown field"),
+        });
+    }
+    let invalid = |error: FieldError| PolicyError::Invalid {
+        path: path.to_string(),
+        document: number,
+        name: doc.metadata.name.clone(),
+        error,
+    };
+    if doc.api_version != API_VERSION {
+        return Err(invalid(FieldError {
+            field: "apiVersion".into(),
+            message: format!("must be {API_VERSION}, got {:?}", doc.api_version),
+        }));
+    }
+    if doc.metadata.name.is_empty() {
+        return Err(invalid(FieldError {
+            field: "metadata.name".into(),
+            message: "is required".into(),
+        }));
+    }
+    doc.spec.validate().map_err(invalid)?;
+    if doc
+        .metadata
+        .namespace
+        .as_deref()
+        .is_some_and(|ns| ns != namespace)
+    {
+        return Ok(None);
+    }
+    Ok(Some(viewer_auth::ViewerAuth {
+        name: doc.metadata.name,
+        spec: doc.spec,
+    }))
+}
+
+/// Renders a ViewerAuthentication document, for appending to a rendered policy file.
+pub fn render_viewer_auth(document: &ViewerAuthDocument) -> Result<String, serde_yaml::Error> {
+    Ok(format!("---\n{}", serde_yaml::to_string(document)?))
 }
 
 /// Renders policies as a policy file: the format the operator writes into its ConfigMap.
@@ -656,6 +785,61 @@ spec:
         );
         assert_eq!(set.resolve("vip-2").source, "restricted");
         assert_eq!(set.resolve("vip-2").limit, 1);
+    }
+
+    #[test]
+    fn an_override_beats_a_token_claim_which_beats_the_namespace_default() {
+        let set = PolicySet::from_yaml(DEFAULT_AND_VIP, "p.yaml", "default").unwrap();
+        let now = Utc::now();
+        // Override wins over the claim.
+        let vip = set.resolve_claimed_at("vip-1", Some(2), now);
+        assert_eq!((vip.source.as_str(), vip.limit), ("vip", 10));
+        // No override: the claim sets the limit on top of the default policy.
+        let claimed = set.resolve_claimed_at("someone", Some(7), now);
+        assert_eq!(claimed.limit, 7);
+        assert_eq!(claimed.ttl_seconds, 90);
+        assert!(claimed.source.starts_with("default"), "{}", claimed.source);
+        // No claim: the namespace default.
+        assert_eq!(set.resolve_claimed_at("someone", None, now).limit, 3);
+        assert_eq!(
+            set.resolve_claimed_at("someone", None, now),
+            *set.resolve("someone")
+        );
+    }
+
+    #[test]
+    fn a_viewer_authentication_document_is_read_with_the_policies() {
+        let text = format!(
+            "{DEFAULT_AND_VIP}---\napiVersion: streamgate.dev/v1alpha1\nkind: ViewerAuthentication\nmetadata: {{name: viewers}}\nspec:\n  jwtRules:\n  - issuer: https://id.example\n    jwks: '{{\"keys\":[]}}'\n  claims: {{limit: climit}}\n"
+        );
+        let set = PolicySet::from_yaml(&text, "p.yaml", "default").unwrap();
+        let auth = set.viewer_auth().expect("read");
+        assert_eq!(auth.name, "viewers");
+        assert_eq!(auth.spec.mode, viewer_auth::AuthMode::Required);
+        assert_eq!(auth.spec.claims.account, "sub");
+        assert_eq!(set.resolve("vip-1").limit, 10);
+        // A broken one names the field; an unknown field is refused.
+        let bad = text.replace(
+            "https://id.example",
+            "https://id.example\n    algorithms: [none]",
+        );
+        let e = PolicySet::from_yaml(&bad, "p.yaml", "default")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("algorithms") && e.contains("document 4"), "{e}");
+        let bad = text.replace(
+            "claims: {limit: climit}",
+            "claims: {limit: climit}\n  issuers: []",
+        );
+        let e = PolicySet::from_yaml(&bad, "p.yaml", "default")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("spec.issuers: unknown field"), "{e}");
+        let bad = text.replace("jwks: '{\"keys\":[]}'", "jwksUri: http://id.example/keys");
+        let e = PolicySet::from_yaml(&bad, "p.yaml", "default")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("spec.jwtRules[0].jwksUri"), "{e}");
     }
 
     #[test]
