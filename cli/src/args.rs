@@ -69,6 +69,61 @@ pub enum Command {
     Kick(KickArgs),
     /// Compare two `load --output json` reports (used by bench/run): throughput and latency ratios.
     Compare(CompareArgs),
+    /// Test identity tokens: make a key pair and its JWKS, or mint a signed token.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `streamctl token` subcommands.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum TokenCommand {
+    /// Write a new private key (`KID.key.pem`) and the JWKS of its public key (`jwks.json`).
+    Keygen(KeygenArgs),
+    /// Print a signed JWT for a viewer.
+    Mint(MintArgs),
+}
+
+/// Flags of `streamctl token keygen`.
+#[derive(Clone, Debug, Args)]
+pub struct KeygenArgs {
+    /// Signature algorithm: RS256, ES256 or EdDSA.
+    #[arg(long, default_value = "EdDSA")]
+    pub alg: crate::token::KeyAlg,
+    /// Key id, written into the JWKS and into the tokens it signs.
+    #[arg(long, default_value = "test-key-1", value_parser = parse_id)]
+    pub kid: String,
+    /// Directory to write `KID.key.pem` and `jwks.json` into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: PathBuf,
+}
+
+/// Flags of `streamctl token mint`.
+#[derive(Clone, Debug, Args)]
+pub struct MintArgs {
+    /// The private key file `streamctl token keygen` wrote.
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Its algorithm: RS256, ES256 or EdDSA.
+    #[arg(long, default_value = "EdDSA")]
+    pub alg: crate::token::KeyAlg,
+    /// Its key id.
+    #[arg(long, default_value = "test-key-1", value_parser = parse_id)]
+    pub kid: String,
+    /// The `iss` claim: a jwtRules[].issuer of the ViewerAuthentication.
+    #[arg(long)]
+    pub issuer: String,
+    /// The `aud` claim.
+    #[arg(long)]
+    pub audience: Option<String>,
+    /// The viewer's account (the `sub` claim).
+    #[arg(long, value_parser = parse_id)]
+    pub sub: String,
+    /// How long the token is valid.
+    #[arg(long, default_value = "1h", value_parser = parse_positive_duration)]
+    pub ttl: Duration,
+    /// Another claim, NAME=VALUE (a JSON value, e.g. climit=2, or a string); repeatable.
+    #[arg(long = "claim", value_name = "NAME=VALUE")]
+    pub claims: Vec<String>,
 }
 
 /// Flags of `streamctl simulate`.

@@ -50,9 +50,9 @@ pub struct ErrorBody {
     /// The account's active session count (`limit_exceeded`).
     #[serde(default)]
     pub active: Option<u32>,
-    /// The account's active sessions (`limit_exceeded`).
+    /// The account's active streams (`limit_exceeded`): stream ids and times, no session ids.
     #[serde(default)]
-    pub sessions: Option<Vec<Session>>,
+    pub sessions: Option<Vec<serde_json::Value>>,
     /// Why the session was cut (`session_gone`).
     #[serde(default)]
     pub reason: Option<String>,

@@ -11,6 +11,7 @@ pub mod progress;
 pub mod report;
 pub mod simulate;
 pub mod svg;
+pub mod token;
 
 use std::path::Path;
 
@@ -70,6 +71,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 Kick::NotFound => bail!("no session {id} (404)"),
             }
         }
+        Command::Token(command) => run_token(command),
         Command::Compare(args) => {
             let baseline = read_report(&args.baseline, "--baseline")?;
             let candidate = read_report(&args.candidate, "--candidate")?;
@@ -77,6 +79,54 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print(cli.output, &comparison, report::format_comparison)
         }
     }
+}
+
+/// `streamctl token`: no sidecar involved.
+fn run_token(command: &args::TokenCommand) -> anyhow::Result<()> {
+    match command {
+        args::TokenCommand::Keygen(args) => {
+            let key = token::TestKey::generate(args.alg, &args.kid)?;
+            std::fs::create_dir_all(&args.out_dir)
+                .with_context(|| format!("--out-dir {}: cannot create", args.out_dir.display()))?;
+            let key_path = args.out_dir.join(format!("{}.key.pem", args.kid));
+            let jwks_path = args.out_dir.join("jwks.json");
+            write_private(&key_path, &key.private_pem())
+                .with_context(|| format!("--out-dir: cannot write {}", key_path.display()))?;
+            std::fs::write(&jwks_path, token::jwks(&[&key]))
+                .with_context(|| format!("--out-dir: cannot write {}", jwks_path.display()))?;
+            println!("{}", key_path.display());
+            println!("{}", jwks_path.display());
+            Ok(())
+        }
+        args::TokenCommand::Mint(args) => {
+            let pem = std::fs::read_to_string(&args.key)
+                .with_context(|| format!("--key {}: cannot read", args.key.display()))?;
+            let key = token::TestKey::from_pem(args.alg, &args.kid, &pem)
+                .with_context(|| format!("--key {}", args.key.display()))?;
+            let claims = token::claims(
+                &args.issuer,
+                &args.sub,
+                args.audience.as_deref(),
+                args.ttl.as_secs() as i64,
+                &args.claims,
+            )?;
+            println!("{}", key.sign(&claims)?);
+            Ok(())
+        }
+    }
+}
+
+/// Writes a private key readable by its owner only.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())
 }
 
 /// Connection failures name the admin endpoint flag; other failures speak for themselves.

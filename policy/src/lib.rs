@@ -670,6 +670,12 @@ pub struct ViewerAuthDocument {
     /// The spec.
     #[serde(default)]
     pub spec: viewer_auth::ViewerAuthenticationSpec,
+    /// Written by the operator only: the JWKS of each of `spec.jwtRules`, in order, as it
+    /// resolved them (Secret read, `jwksUri` fetched; [`viewer_auth::EMPTY_JWKS`] when it could
+    /// not). Present: the sidecar uses these and fetches nothing. Absent (a hand-written file):
+    /// the sidecar fetches `jwksUri` itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_jwks: Option<Vec<String>>,
 }
 
 /// Parses and validates one ViewerAuthentication document; `None` when it is another
@@ -718,6 +724,26 @@ fn parse_viewer_auth(
         }));
     }
     doc.spec.validate().map_err(invalid)?;
+    if let Some(resolved) = &doc.resolved_jwks {
+        if resolved.len() != doc.spec.jwt_rules.len() {
+            return Err(invalid(FieldError {
+                field: "resolvedJwks".into(),
+                message: format!(
+                    "must have one entry per rule ({}), got {}",
+                    doc.spec.jwt_rules.len(),
+                    resolved.len()
+                ),
+            }));
+        }
+        for (i, jwks) in resolved.iter().enumerate() {
+            viewer_auth::key_ids(jwks).map_err(|message| {
+                invalid(FieldError {
+                    field: format!("resolvedJwks[{i}]"),
+                    message,
+                })
+            })?;
+        }
+    }
     if doc
         .metadata
         .namespace
@@ -729,6 +755,7 @@ fn parse_viewer_auth(
     Ok(Some(viewer_auth::ViewerAuth {
         name: doc.metadata.name,
         spec: doc.spec,
+        resolved_jwks: doc.resolved_jwks,
     }))
 }
 

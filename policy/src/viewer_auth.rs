@@ -387,6 +387,8 @@ pub struct ViewerAuth {
     pub name: String,
     /// The validated spec.
     pub spec: ViewerAuthenticationSpec,
+    /// The JWKS of each rule as the operator resolved them; `None` in a hand-written file.
+    pub resolved_jwks: Option<Vec<String>>,
 }
 
 #[cfg(test)]

@@ -16,7 +16,8 @@ use utoipa_axum::routes;
 
 use crate::admission::OverLimit;
 use crate::engine::{Engine, Heartbeat, Kicked, Opened};
-use crate::error::{ApiError, ErrorBody, ErrorCode};
+use crate::error::{ActiveStream, ApiError, ErrorBody, ErrorCode};
+use crate::identity::{Identity, Refusal};
 use crate::session::{Session, SessionId};
 use crate::validate::{IdProblem, check_id, is_session_id};
 
@@ -72,6 +73,107 @@ impl<S: Send + Sync> FromRequestParts<S> for StreamingParams {
     }
 }
 
+/// A `/streaming` request's viewer and stream: the account verified from the bearer token when
+/// a ViewerAuthentication is in force (the `account` parameter may then be omitted, and must
+/// match when given), else the `account` parameter. Refusals happen here, before any handler
+/// touches the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ViewerStream {
+    /// The account the request acts for.
+    pub account: String,
+    /// The player's stream id.
+    pub stream_id: String,
+    /// The verified identity, when the account comes from a token.
+    pub identity: Option<Identity>,
+}
+
+impl ViewerStream {
+    /// The stream limit the verified token claims, if any.
+    pub fn claimed_limit(&self) -> Option<u32> {
+        self.identity.as_ref().and_then(|i| i.claimed_limit)
+    }
+}
+
+/// Value of `WWW-Authenticate` on a 401 (RFC 6750).
+pub const WWW_AUTHENTICATE_INVALID_TOKEN: &str = r#"Bearer error="invalid_token""#;
+
+/// The HTTP answer to an identity refusal.
+pub fn refusal_response(refusal: Refusal) -> Response {
+    let message = refusal.to_string();
+    match refusal {
+        Refusal::Unauthenticated(_) => {
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthenticated,
+                message,
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(WWW_AUTHENTICATE_INVALID_TOKEN),
+            );
+            response
+        }
+        Refusal::AccountMismatch { .. } => {
+            let mut e = ApiError::new(StatusCode::FORBIDDEN, ErrorCode::AccountMismatch, message);
+            e.body.parameter = Some("account".into());
+            e.into_response()
+        }
+        Refusal::Unavailable(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::AuthUnavailable,
+            message,
+        )
+        .into_response(),
+        Refusal::MissingAccount => id_problem("account", IdProblem::Empty).into_response(),
+    }
+}
+
+impl FromRequestParts<Engine> for ViewerStream {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, engine: &Engine) -> Result<Self, Response> {
+        let query = parts.uri.query().unwrap_or("");
+        let (mut account, mut stream_id) = (None, None);
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let slot = match key.as_ref() {
+                "account" => &mut account,
+                "streamId" => &mut stream_id,
+                _ => continue,
+            };
+            if slot.is_some() {
+                return Err(
+                    ApiError::invalid_parameter(&key, "must be given only once").into_response()
+                );
+            }
+            *slot = Some(value.into_owned());
+        }
+        let stream_id =
+            stream_id.ok_or_else(|| id_problem("streamId", IdProblem::Empty).into_response())?;
+        if let Some(account) = &account {
+            check_id(account).map_err(|p| id_problem("account", p).into_response())?;
+        }
+        check_id(&stream_id).map_err(|p| id_problem("streamId", p).into_response())?;
+        let authorization = match parts.headers.get(header::AUTHORIZATION) {
+            None => None,
+            Some(value) => Some(value.to_str().map_err(|_| {
+                refusal_response(Refusal::Unauthenticated(
+                    "token check failed: the Authorization header is not visible ASCII".into(),
+                ))
+            })?),
+        };
+        let viewer = engine
+            .identity()
+            .decide(authorization, account.as_deref())
+            .map_err(refusal_response)?;
+        Ok(Self {
+            account: viewer.account,
+            stream_id,
+            identity: viewer.identity,
+        })
+    }
+}
+
 /// The account's active sessions.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -115,9 +217,12 @@ fn session_response(status: StatusCode, session: Session) -> Response {
 )]
 async fn open_stream(
     State(engine): State<Engine>,
-    params: StreamingParams,
+    params: ViewerStream,
 ) -> Result<Response, ApiError> {
-    match engine.open(&params.account, &params.stream_id).await? {
+    match engine
+        .open_claimed(&params.account, &params.stream_id, params.claimed_limit())
+        .await?
+    {
         Opened::Created {
             session,
             dry_run,
@@ -155,7 +260,7 @@ async fn open_stream(
             );
             e.body.limit = Some(limit);
             e.body.active = Some(sessions.len() as u32);
-            e.body.sessions = Some(sessions);
+            e.body.sessions = Some(sessions.iter().map(ActiveStream::from).collect());
             Err(e)
         }
     }
@@ -178,7 +283,7 @@ async fn open_stream(
 async fn heartbeat(
     State(engine): State<Engine>,
     method: Method,
-    params: StreamingParams,
+    params: ViewerStream,
 ) -> Result<Response, ApiError> {
     // axum answers HEAD with the GET handler; a HEAD must not renew a session.
     if method == Method::HEAD {
@@ -186,7 +291,10 @@ async fn heartbeat(
             "method HEAD is not allowed on /streaming: GET renews a session, PUT opens, DELETE ends",
         ));
     }
-    match engine.heartbeat(&params.account, &params.stream_id).await? {
+    match engine
+        .heartbeat_claimed(&params.account, &params.stream_id, params.claimed_limit())
+        .await?
+    {
         Heartbeat::Renewed(session) => Ok(session_response(StatusCode::OK, session)),
         Heartbeat::Gone(session) => Err(ApiError::gone(session)),
         Heartbeat::NotFound => Err(ApiError::not_found(format!(
@@ -211,7 +319,7 @@ async fn heartbeat(
 )]
 async fn end_stream(
     State(engine): State<Engine>,
-    params: StreamingParams,
+    params: ViewerStream,
 ) -> Result<StatusCode, ApiError> {
     if engine.end(&params.account, &params.stream_id).await? {
         Ok(StatusCode::NO_CONTENT)

@@ -238,6 +238,8 @@ pub struct Engine {
     last_fatal_ms: Arc<AtomicI64>,
     /// Whether the store is down, from recent call outcomes.
     breaker: Arc<Mutex<Breaker>>,
+    /// Viewer identity under the ViewerAuthentication in force.
+    identity: Arc<crate::identity::Authenticator>,
 }
 
 impl Engine {
@@ -245,7 +247,12 @@ impl Engine {
     /// [`Engine::background`] (and the store's) under its shutdown token.
     pub fn new(store: Arc<dyn SessionStore>, policies: Policies, metrics: Arc<Metrics>) -> Self {
         let tags = Arc::new(ArcSwap::from_pointee(TagIndex::new(policies.load_full())));
+        let identity = Arc::new(crate::identity::Authenticator::new(
+            policies.clone(),
+            reqwest::Client::new(),
+        ));
         Self {
+            identity,
             store,
             policies,
             metrics,
@@ -257,6 +264,21 @@ impl Engine {
                 chrono::Utc::now().timestamp_millis(),
             ))),
         }
+    }
+
+    /// Fetches the `jwksUri` key sets of a hand-written policy file with `client` (e.g. one
+    /// that trusts a private CA) instead of a default client.
+    pub fn with_jwks_client(mut self, client: reqwest::Client) -> Self {
+        self.identity = Arc::new(crate::identity::Authenticator::new(
+            self.policies.clone(),
+            client,
+        ));
+        self
+    }
+
+    /// Viewer identity under the ViewerAuthentication in force.
+    pub fn identity(&self) -> &Arc<crate::identity::Authenticator> {
+        &self.identity
     }
 
     /// Replaces the breaker's thresholds (the breaker starts closed again).
@@ -323,12 +345,25 @@ impl Engine {
                 shutdown.clone(),
             )),
         ];
+        tasks.push(Box::pin(
+            self.identity
+                .clone()
+                .run(crate::identity::JWKS_POLL, shutdown.clone()),
+        ));
         tasks.extend(self.store.background(shutdown));
         tasks
     }
 
     fn policy_for(&self, account: &str) -> EffectivePolicy {
         self.policies.load().resolve(account).clone()
+    }
+
+    /// The policy of `account` when a verified token claims `claimed_limit`: an override wins,
+    /// else the claim, else the default.
+    fn policy_claimed(&self, account: &str, claimed_limit: Option<u32>) -> EffectivePolicy {
+        self.policies
+            .load()
+            .resolve_claimed_at(account, claimed_limit, chrono::Utc::now())
     }
 
     fn view(&self, record: &SessionRecord, policy: &EffectivePolicy, active: u32) -> Session {
@@ -402,7 +437,18 @@ impl Engine {
 
     /// Opens (or renews) the session of `(account, stream_id)`.
     pub async fn open(&self, account: &str, stream_id: &str) -> Result<Opened, EngineError> {
-        let policy = self.policy_for(account);
+        self.open_claimed(account, stream_id, None).await
+    }
+
+    /// Opens (or renews) the session of `(account, stream_id)` for a viewer whose verified token
+    /// claims `claimed_limit` streams.
+    pub async fn open_claimed(
+        &self,
+        account: &str,
+        stream_id: &str,
+        claimed_limit: Option<u32>,
+    ) -> Result<Opened, EngineError> {
+        let policy = self.policy_claimed(account, claimed_limit);
         let request = OpenRequest {
             account,
             stream_id,
@@ -521,7 +567,18 @@ impl Engine {
         account: &str,
         stream_id: &str,
     ) -> Result<Heartbeat, EngineError> {
-        let policy = self.policy_for(account);
+        self.heartbeat_claimed(account, stream_id, None).await
+    }
+
+    /// Renews the active session of `(account, stream_id)` for a viewer whose verified token
+    /// claims `claimed_limit` streams (the limit the answer reports).
+    pub async fn heartbeat_claimed(
+        &self,
+        account: &str,
+        stream_id: &str,
+        claimed_limit: Option<u32>,
+    ) -> Result<Heartbeat, EngineError> {
+        let policy = self.policy_claimed(account, claimed_limit);
         let mut outcome = match self
             .store
             .heartbeat(account, stream_id, policy.ttl_ms())

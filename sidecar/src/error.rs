@@ -31,6 +31,35 @@ pub enum ErrorCode {
     InternalError,
     /// The embedded store holds as many live sessions as it may (`--max-sessions`).
     CapacityExceeded,
+    /// No bearer token where one is required, or the token failed a check (the message names it).
+    Unauthenticated,
+    /// The `account` parameter is not the token's account.
+    AccountMismatch,
+    /// No verification key has been loaded: identity cannot be checked, so nothing is admitted.
+    AuthUnavailable,
+}
+
+/// One of the account's active streams, as a refusal at the limit lists them: enough to choose
+/// which to end, and no session's id or credential.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ActiveStream {
+    /// The stream's id, as its player gave it.
+    pub stream_id: String,
+    /// When it was admitted (RFC 3339).
+    pub created_at: String,
+    /// When it expires without a heartbeat (RFC 3339).
+    pub expires_at: String,
+}
+
+impl From<&Session> for ActiveStream {
+    fn from(session: &Session) -> Self {
+        Self {
+            stream_id: session.stream_id.clone(),
+            created_at: session.created_at.clone(),
+            expires_at: session.expires_at.clone(),
+        }
+    }
 }
 
 /// Error body: `error` and `message` always, the other fields where they apply.
@@ -50,9 +79,9 @@ pub struct ErrorBody {
     /// The account's active sessions count (`limit_exceeded`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active: Option<u32>,
-    /// The account's active sessions, oldest first (`limit_exceeded`).
+    /// The account's active streams, oldest first (`limit_exceeded`); never their session ids.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sessions: Option<Vec<Session>>,
+    pub sessions: Option<Vec<ActiveStream>>,
     /// Why the session was cut (`session_gone`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<EndReason>,

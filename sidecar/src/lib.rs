@@ -12,6 +12,7 @@ pub mod connections;
 pub mod cors;
 pub mod engine;
 pub mod error;
+pub mod identity;
 pub mod metrics;
 pub mod policy_watch;
 pub mod proxy;
