@@ -11,6 +11,7 @@ pub mod inject;
 pub mod metrics;
 pub mod reconcile;
 pub mod render;
+pub mod viewer_auth;
 pub mod webhook;
 
 use std::collections::BTreeSet;
@@ -32,7 +33,7 @@ use kube::{Api, Client, Resource};
 use kube_lease_manager::LeaseManagerBuilder;
 
 use crate::config::Config;
-use crate::crd::StreamingPolicy;
+use crate::crd::{StreamingPolicy, ViewerAuthentication};
 use crate::metrics::Metrics;
 use crate::reconcile::{Context, MANAGED_BY, MANAGED_BY_LABEL, error_policy, reconcile};
 use crate::render::CONFIGMAP_NAME;
@@ -59,7 +60,42 @@ pub async fn run_controller(
     metrics: Arc<Metrics>,
     excluded_namespaces: BTreeSet<String>,
 ) {
+    run_controller_with(client, metrics, excluded_namespaces, reqwest::Client::new()).await
+}
+
+/// [`run_controller`], fetching ViewerAuthentication `jwksUri` key sets with `jwks_client`
+/// (e.g. one that also trusts a private CA, `--jwks-ca-file`).
+pub async fn run_controller_with(
+    client: Client,
+    metrics: Arc<Metrics>,
+    excluded_namespaces: BTreeSet<String>,
+    jwks_client: reqwest::Client,
+) {
     let (policy_cache, policy_writer) = reflector::store::<StreamingPolicy>();
+    let (auth_cache, mut auth_writer) = reflector::store::<ViewerAuthentication>();
+    // Without the ViewerAuthentication CRD (an older install) there can be none: an empty,
+    // listed cache, so policies keep being rendered. Installing the CRD later needs a restart.
+    let auth_events = match Api::<ViewerAuthentication>::all(client.clone())
+        .list_metadata(&ListParams::default().limit(1))
+        .await
+    {
+        Err(kube::Error::Api(status)) if status.code == 404 => {
+            tracing::warn!(
+                "the ViewerAuthentication CRD is not installed: viewer identity is off until it is and the operator restarts"
+            );
+            auth_writer.apply_watcher_event(&watcher::Event::Init);
+            auth_writer.apply_watcher_event(&watcher::Event::InitDone);
+            futures::stream::pending().boxed()
+        }
+        _ => watcher(
+            Api::<ViewerAuthentication>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(auth_writer)
+        .touched_objects()
+        .boxed(),
+    };
     let (config_map_cache, config_map_writer) = reflector::store::<ConfigMap>();
     let policy_events = watcher(
         Api::<StreamingPolicy>::all(client.clone()),
@@ -91,6 +127,8 @@ pub async fn run_controller(
         metrics: metrics.clone(),
         policies: policy_cache,
         config_maps: config_map_cache,
+        viewer_auths: auth_cache,
+        jwks: Arc::new(viewer_auth::JwksCache::new(jwks_client)),
     });
     // `watches_stream` (kube's unstable stream control) is what lets the caches above be the
     // reconciler's and the trigger's at once, instead of a second watch per kind.
@@ -99,7 +137,8 @@ pub async fn run_controller(
         watcher::Config::default(),
     )
     .watches_stream(policy_events, |policy| namespace_of(&policy))
-    .watches_stream(config_map_events, |config_map| namespace_of(&config_map));
+    .watches_stream(config_map_events, |config_map| namespace_of(&config_map))
+    .watches_stream(auth_events, |va| namespace_of(&va));
     let namespaces = controller.store();
     let census = async move {
         census::run(client, namespaces, excluded_namespaces, metrics).await;

@@ -23,7 +23,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::instrument;
 
-use crate::crd::{PolicyCondition, StreamingPolicy, StreamingPolicyStatus};
+use crate::crd::{PolicyCondition, StreamingPolicy, StreamingPolicyStatus, ViewerAuthentication};
 use crate::metrics::Metrics;
 use crate::render::{
     CONFIGMAP_NAME, POLICY_FILE_KEY, PolicyInput, Verdict, previous_specs, render,
@@ -83,6 +83,10 @@ pub struct Context {
     pub policies: Store<StreamingPolicy>,
     /// The operator's `streamgate-policies` ConfigMaps, as last seen.
     pub config_maps: Store<ConfigMap>,
+    /// Every ViewerAuthentication of the cluster, as last seen.
+    pub viewer_auths: Store<ViewerAuthentication>,
+    /// `jwksUri` key sets, as last fetched.
+    pub jwks: Arc<crate::viewer_auth::JwksCache>,
 }
 
 /// Reconciles one namespace: renders its policies, writes what changed, and asks to be called
@@ -100,6 +104,10 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
         (
             "ConfigMap",
             ctx.config_maps.wait_until_ready().now_or_never(),
+        ),
+        (
+            "ViewerAuthentication",
+            ctx.viewer_auths.wait_until_ready().now_or_never(),
         ),
     ] {
         match readiness {
@@ -149,7 +157,11 @@ pub async fn sync_namespace(
     let cached = ctx
         .config_maps
         .get(&ObjectRef::new(CONFIGMAP_NAME).within(namespace));
-    if listed.is_empty() && cached.is_none() {
+    let mut auths: Vec<Arc<ViewerAuthentication>> = ctx.viewer_auths.state_filter(|v| {
+        v.namespace().as_deref() == Some(namespace) && v.meta().deletion_timestamp.is_none()
+    });
+    auths.sort_by_key(|v| v.name_any());
+    if listed.is_empty() && cached.is_none() && auths.is_empty() {
         // Most namespaces: nothing to render, nothing to clean up.
         return Ok(None);
     }
@@ -177,13 +189,18 @@ pub async fn sync_namespace(
         })
         .collect();
     let rendering = render(namespace, &inputs, &previous, now);
+    let (auth_file, auth_renderings, auth_due) =
+        render_auths(namespace, &auths, cached.as_deref(), ctx, now).await;
+    let policy_file = format!("{}{auth_file}", rendering.policy_file);
 
     let live: Vec<&StreamingPolicy> = listed
         .iter()
         .map(|p| p.as_ref())
         .filter(|p| p.meta().deletion_timestamp.is_none())
         .collect();
-    let desired = desired_config_map(namespace, &live, &rendering.policy_file);
+    let mut owners: Vec<OwnerReference> = live.iter().map(|p| owner_reference(p)).collect();
+    owners.extend(auths.iter().map(|v| auth_owner_reference(v)));
+    let desired = desired_config_map_owned(namespace, owners, &policy_file);
     // The cache may lag behind our own last write (a policy's status event can arrive before
     // the ConfigMap's): ask the API server before writing the same content again.
     if !config_map_matches(cached.as_deref(), &desired)
@@ -213,13 +230,134 @@ pub async fn sync_namespace(
     }) {
         remove_finalizer(&policies, policy).await?;
     }
-    Ok(rendering.next_boundary)
+    let auth_api: Api<ViewerAuthentication> = Api::namespaced(ctx.client.clone(), namespace);
+    for (va, auth_rendering) in auths.iter().zip(&auth_renderings) {
+        update_auth_status(&auth_api, va, auth_rendering).await?;
+    }
+    Ok([rendering.next_boundary, auth_due]
+        .into_iter()
+        .flatten()
+        .min())
+}
+
+/// Renders the namespace's ViewerAuthentication in force (the first by name) with its keys
+/// resolved; the others are reported as superseded. Returns the text to append to the policy
+/// file, each resource's rendering (in `auths` order), and when keys must be looked at again.
+async fn render_auths(
+    namespace: &str,
+    auths: &[Arc<ViewerAuthentication>],
+    cached: Option<&ConfigMap>,
+    ctx: &Context,
+    now: DateTime<Utc>,
+) -> (
+    String,
+    Vec<crate::viewer_auth::AuthRendering>,
+    Option<DateTime<Utc>>,
+) {
+    use crate::viewer_auth::{render_viewer_auth, resolve_rule, superseded};
+    let Some(first) = auths.first() else {
+        return (String::new(), Vec::new(), None);
+    };
+    let previous = cached
+        .and_then(|cm| cm.data.as_ref()?.get(POLICY_FILE_KEY).cloned())
+        .map(|file| crate::viewer_auth::previous_resolved(&file))
+        .unwrap_or_default();
+    let name = first.name_any();
+    let spec = &first.spec.auth;
+    let mut keys = Vec::new();
+    let mut due: Option<DateTime<Utc>> = None;
+    for (i, rule) in spec.jwt_rules.iter().enumerate() {
+        // A set rendered before (same name, same URL) stands in until a fetch succeeds.
+        let seed = previous.get(&name).and_then(|(old, resolved)| {
+            let same = old.jwt_rules.get(i)?.jwks_uri == rule.jwks_uri;
+            resolved
+                .get(i)
+                .filter(|j| same && j.as_str() != streamgate_policy::viewer_auth::EMPTY_JWKS)
+        });
+        let (got, next) = resolve_rule(
+            &ctx.client,
+            namespace,
+            rule,
+            &ctx.jwks,
+            seed.map(String::as_str),
+            now,
+        )
+        .await;
+        keys.push(got);
+        due = [due, next].into_iter().flatten().min();
+    }
+    let rendering = render_viewer_auth(&name, spec, &keys);
+    let text = rendering
+        .document
+        .as_ref()
+        .map(|doc| {
+            streamgate_policy::render_viewer_auth(doc).expect("a ViewerAuthentication serializes")
+        })
+        .unwrap_or_default();
+    let mut renderings = vec![rendering];
+    renderings.extend(auths[1..].iter().map(|_| superseded(&name)));
+    (text, renderings, due)
+}
+
+async fn update_auth_status(
+    api: &Api<ViewerAuthentication>,
+    va: &ViewerAuthentication,
+    rendering: &crate::viewer_auth::AuthRendering,
+) -> Result<(), Error> {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let desired = crate::viewer_auth::desired_status(va, rendering, &now);
+    if va.status.as_ref() == Some(&desired) {
+        return Ok(());
+    }
+    let patch = json!({
+        "apiVersion": ViewerAuthentication::api_version(&()),
+        "kind": ViewerAuthentication::kind(&()),
+        "status": desired,
+    });
+    match api
+        .patch_status(
+            &va.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Deleted meanwhile: nothing to report on.
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(error) => Err(error.into()),
+    }
+}
+
+fn auth_owner_reference(va: &ViewerAuthentication) -> OwnerReference {
+    OwnerReference {
+        api_version: ViewerAuthentication::api_version(&()).into_owned(),
+        kind: ViewerAuthentication::kind(&()).into_owned(),
+        name: va.name_any(),
+        uid: va.uid().unwrap_or_default(),
+        controller: None,
+        block_owner_deletion: None,
+    }
 }
 
 /// The ConfigMap as the operator applies it.
 pub fn desired_config_map(
     namespace: &str,
     live: &[&StreamingPolicy],
+    policy_file: &str,
+) -> ConfigMap {
+    desired_config_map_owned(
+        namespace,
+        live.iter().map(|p| owner_reference(p)).collect(),
+        policy_file,
+    )
+}
+
+/// The ConfigMap as the operator applies it, owned by `owners` (its policies and viewer
+/// authentication, none of them "the" controller, so it goes when the last of them does).
+pub fn desired_config_map_owned(
+    namespace: &str,
+    owners: Vec<OwnerReference>,
     policy_file: &str,
 ) -> ConfigMap {
     ConfigMap {
@@ -230,9 +368,7 @@ pub fn desired_config_map(
                 MANAGED_BY_LABEL.to_string(),
                 MANAGED_BY.to_string(),
             )])),
-            // Owned by every policy (none is "the" controller), so the ConfigMap goes when the
-            // last policy does.
-            owner_references: Some(live.iter().map(|p| owner_reference(p)).collect()),
+            owner_references: Some(owners),
             ..ObjectMeta::default()
         },
         data: Some(BTreeMap::from([(
@@ -514,7 +650,12 @@ mod tests {
         if let Some(cm) = config_map {
             config_map_writer.apply_watcher_event(&watcher::Event::Apply(cm));
         }
+        let (auth_cache, mut auth_writer) = reflector::store();
+        auth_writer.apply_watcher_event(&watcher::Event::Init);
+        auth_writer.apply_watcher_event(&watcher::Event::InitDone);
         Arc::new(Context {
+            viewer_auths: auth_cache,
+            jwks: Arc::new(crate::viewer_auth::JwksCache::new(reqwest::Client::new())),
             recorder: Recorder::new(
                 client.clone(),
                 kube::runtime::events::Reporter {

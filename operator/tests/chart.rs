@@ -79,6 +79,14 @@ fn chart_crd_copy_matches_crds() {
         original == copy,
         "charts/streamgate/crds/streamingpolicy.yaml differs from crds/; refresh it with\n  cp crds/streamingpolicy.yaml charts/streamgate/crds/"
     );
+    let original = std::fs::read_to_string(root.join("crds/viewerauthentication.yaml")).unwrap();
+    let copy =
+        std::fs::read_to_string(root.join("charts/streamgate/crds/viewerauthentication.yaml"))
+            .expect("charts/streamgate/crds/viewerauthentication.yaml exists");
+    assert!(
+        original == copy,
+        "charts/streamgate/crds/viewerauthentication.yaml differs from crds/; refresh it with\n  cp crds/viewerauthentication.yaml charts/streamgate/crds/"
+    );
 }
 
 #[tokio::test]

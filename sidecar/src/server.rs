@@ -75,6 +75,13 @@ impl Sidecar {
         self
     }
 
+    /// Fetches the `jwksUri` key sets of a hand-written ViewerAuthentication with `client`
+    /// (e.g. one trusting a private CA). Call before [`Sidecar::with_upstream`].
+    pub fn with_jwks_client(mut self, client: reqwest::Client) -> Self {
+        self.engine = self.engine.with_jwks_client(client);
+        self
+    }
+
     /// Turns on the enforcing proxy in front of `upstream`.
     pub fn with_upstream(mut self, upstream: reqwest::Url) -> Self {
         self.proxy = Some(Proxy::new(self.engine.clone(), upstream));
