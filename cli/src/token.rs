@@ -185,14 +185,13 @@ impl TestKey {
     pub fn sign(&self, claims: &Value) -> Result<String> {
         let key = match self.alg {
             KeyAlg::Rs256 => EncodingKey::from_rsa_der(
-                &rsa::RsaPrivateKey::from_pkcs8_der(&self.pkcs8)
+                rsa::RsaPrivateKey::from_pkcs8_der(&self.pkcs8)
                     .and_then(|k| {
                         use rsa::pkcs1::EncodeRsaPrivateKey;
                         k.to_pkcs1_der().map_err(Into::into)
                     })
                     .context("re-encoding the RSA key")?
-                    .as_bytes()
-                    .to_vec(),
+                    .as_bytes(),
             ),
             KeyAlg::Es256 => EncodingKey::from_ec_der(&self.pkcs8),
             KeyAlg::EdDsa => EncodingKey::from_ed_der(&self.pkcs8),

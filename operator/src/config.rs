@@ -29,6 +29,11 @@ pub struct Config {
     )]
     pub metrics_listen: SocketAddr,
 
+    /// PEM file of extra CA certificates trusted when fetching ViewerAuthentication `jwksUri`
+    /// key sets (a private identity provider); the public roots are always trusted.
+    #[arg(long, env = "STREAMGATE_JWKS_CA_FILE", value_name = "FILE")]
+    pub jwks_ca_file: Option<std::path::PathBuf>,
+
     /// Namespace of the leader-election Lease: the operator's own namespace.
     #[arg(long, env = "POD_NAMESPACE", default_value = "streamgate-system")]
     pub namespace: String,
@@ -242,4 +247,20 @@ impl Config {
         );
         hosts
     }
+}
+
+/// A client for `jwksUri` fetches that also trusts the certificates in `ca_file`, if given.
+pub fn jwks_client(ca_file: Option<&std::path::Path>) -> anyhow::Result<reqwest::Client> {
+    use anyhow::Context as _;
+    let mut builder = reqwest::Client::builder();
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("--jwks-ca-file {}: cannot read", path.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("--jwks-ca-file {}: not PEM certificates", path.display()))?
+        {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().context("building the JWKS client")
 }

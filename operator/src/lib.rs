@@ -206,6 +206,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "cannot configure a Kubernetes client (in-cluster service account or KUBECONFIG)",
     )?;
     check_crd_installed(&client).await?;
+    let jwks_client = config::jwks_client(config.jwks_ca_file.as_deref())?;
 
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
@@ -256,7 +257,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(%identity, "leading: starting the controller");
     metrics.leader.set(1);
     let result = tokio::select! {
-        () = run_controller(client, metrics.clone(), config.excluded_namespaces()) => Ok(()),
+        () = run_controller_with(client, metrics.clone(), config.excluded_namespaces(), jwks_client) => Ok(()),
         () = async {
             loop {
                 if leading.changed().await.is_err() || !*leading.borrow() {

@@ -76,6 +76,7 @@ pub fn previous_specs(policy_file: &str) -> BTreeMap<String, PolicySpec> {
             break;
         };
         if let Ok(doc) = serde_yaml::from_value::<PolicyDocument>(value)
+            && doc.kind == KIND
             && doc.spec.validate().is_ok()
         {
             specs.insert(doc.metadata.name, doc.spec);

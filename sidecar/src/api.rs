@@ -94,6 +94,20 @@ impl ViewerStream {
     }
 }
 
+/// The query of the `/streaming` endpoints as documented: `account` is required without a bearer
+/// token; with one it may be omitted (the token names the account) and must match when given.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(rename_all = "camelCase")]
+pub struct ViewerStreamParams {
+    /// The account: 1–128 visible ASCII characters. Required without a bearer token.
+    #[param(min_length = 1, max_length = 128, pattern = "^[\\x21-\\x7e]+$")]
+    pub account: Option<String>,
+    /// The player's stream id: 1–128 visible ASCII characters.
+    #[param(min_length = 1, max_length = 128, pattern = "^[\\x21-\\x7e]+$")]
+    pub stream_id: String,
+}
+
 /// Value of `WWW-Authenticate` on a 401 (RFC 6750).
 pub const WWW_AUTHENTICATE_INVALID_TOKEN: &str = r#"Bearer error="invalid_token""#;
 
@@ -206,13 +220,15 @@ fn session_response(status: StatusCode, session: Session) -> Response {
     put,
     path = "/streaming",
     tag = "sessions",
-    params(StreamingParams),
+    params(ViewerStreamParams),
     responses(
         (status = 201, description = "New session admitted", body = Session),
         (status = 200, description = "The stream already had an active session; renewed", body = Session),
         (status = 400, description = "Invalid account or streamId", body = ErrorBody),
+        (status = 401, description = "ViewerAuthentication in force: no bearer token, or it failed a check (named)", body = ErrorBody),
+        (status = 403, description = "The account parameter is not the token's account", body = ErrorBody),
         (status = 429, description = "The account is at its limit (RejectNew)", body = ErrorBody),
-        (status = 503, description = "Session store unreachable (failurePolicy Closed)", body = ErrorBody),
+        (status = 503, description = "Session store unreachable (failurePolicy Closed), or no verification key loaded (auth_unavailable)", body = ErrorBody),
     )
 )]
 async fn open_stream(
@@ -271,13 +287,15 @@ async fn open_stream(
     get,
     path = "/streaming",
     tag = "sessions",
-    params(StreamingParams),
+    params(ViewerStreamParams),
     responses(
         (status = 200, description = "Renewed", body = Session),
         (status = 400, description = "Invalid account or streamId", body = ErrorBody),
+        (status = 401, description = "ViewerAuthentication in force: no bearer token, or it failed a check (named)", body = ErrorBody),
+        (status = 403, description = "The account parameter is not the token's account", body = ErrorBody),
         (status = 404, description = "No such session", body = ErrorBody),
         (status = 410, description = "The session was cut (evicted, kicked, expired)", body = ErrorBody),
-        (status = 503, description = "Session store unreachable", body = ErrorBody),
+        (status = 503, description = "Session store unreachable, or no verification key loaded (auth_unavailable)", body = ErrorBody),
     )
 )]
 async fn heartbeat(
@@ -309,10 +327,12 @@ async fn heartbeat(
     delete,
     path = "/streaming",
     tag = "sessions",
-    params(StreamingParams),
+    params(ViewerStreamParams),
     responses(
         (status = 204, description = "Ended"),
         (status = 400, description = "Invalid account or streamId", body = ErrorBody),
+        (status = 401, description = "ViewerAuthentication in force: no bearer token, or it failed a check (named)", body = ErrorBody),
+        (status = 403, description = "The account parameter is not the token's account", body = ErrorBody),
         (status = 404, description = "No active session", body = ErrorBody),
         (status = 503, description = "Session store unreachable", body = ErrorBody),
     )

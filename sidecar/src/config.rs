@@ -89,6 +89,12 @@ pub struct Config {
     #[arg(long, env = "STREAMGATE_MAX_SESSIONS", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_sessions: Option<u64>,
 
+    /// PEM file of extra CA certificates trusted when the sidecar fetches a hand-written
+    /// ViewerAuthentication's `jwksUri` itself (standalone use); the public roots are always
+    /// trusted.
+    #[arg(long, env = "STREAMGATE_JWKS_CA_FILE", value_name = "FILE")]
+    pub jwks_ca_file: Option<PathBuf>,
+
     /// Origins (`scheme://host[:port]`, comma-separated, or `*`) whose pages may call the session
     /// API and the proxy from a browser (CORS), in addition to the namespace policy's
     /// `allowedOrigins`.

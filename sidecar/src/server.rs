@@ -413,6 +413,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         };
     let mut sidecar =
         Sidecar::with_store(store, policies).with_cors_origins(config.cors_allowed_origins.clone());
+    if let Some(path) = &config.jwks_ca_file {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("--jwks-ca-file {}: cannot read", path.display()))?;
+        let mut builder = reqwest::Client::builder();
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("--jwks-ca-file {}: not PEM certificates", path.display()))?
+        {
+            builder = builder.add_root_certificate(cert);
+        }
+        sidecar = sidecar.with_jwks_client(builder.build().context("building the JWKS client")?);
+    }
     if let Some(upstream) = &config.upstream {
         tracing::info!(%upstream, "enforcing proxy on: media requests need an active session");
         sidecar = sidecar.with_upstream(upstream.clone());
