@@ -870,6 +870,15 @@ spec:
     }
 
     #[test]
+    fn the_viewer_authentication_example_is_valid() {
+        let text = include_str!("../../examples/viewerauthentication.yaml");
+        let set = PolicySet::from_yaml(text, "example", "media").unwrap();
+        let auth = set.viewer_auth().expect("read");
+        assert_eq!(auth.spec.jwt_rules.len(), 1);
+        assert_eq!(auth.spec.claims.tiers["family"], 4);
+    }
+
+    #[test]
     fn spec_defaults_match_the_contract() {
         let set = PolicySet::from_yaml(
             "apiVersion: streamgate.dev/v1alpha1\nkind: StreamingPolicy\nmetadata: {name: d}\n",
