@@ -25,8 +25,10 @@ pub struct Config {
     #[arg(long, env = "STREAMGATE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Session store: `memory` (embedded, this process only), `redis://HOST:PORT[/DB]` or
-    /// `redis-cluster://HOST:PORT[,HOST:PORT...]` (shared by every sidecar using it).
+    /// Session store: `memory` (embedded, this process only), `redis://HOST:PORT[/DB]`,
+    /// `redis-cluster://HOST:PORT[,HOST:PORT...]` or
+    /// `redis-sentinel://[USER:PASSWORD@]MASTER@HOST:PORT[,HOST:PORT...][/DB]` (shared by every
+    /// sidecar using it).
     #[arg(long, env = "STREAMGATE_STORE", default_value = "memory")]
     pub store: String,
 
@@ -34,6 +36,13 @@ pub struct Config {
     /// policy's failurePolicy applies.
     #[arg(long, env = "STREAMGATE_STORE_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub store_timeout: Duration,
+
+    /// Redis replicas that must acknowledge every store-changing decision (Redis WAIT, at most
+    /// `--store-timeout`) before it is answered, so a failover cannot lose it. When fewer
+    /// acknowledge in time the answer is 503 with Retry-After (the change stays on the master;
+    /// a new session is discarded). 0: answer without waiting.
+    #[arg(long, env = "STREAMGATE_STORE_WAIT_REPLICAS", default_value_t = 0)]
+    pub store_wait_replicas: u32,
 
     /// YAML file of StreamingPolicy documents (or the operator's rendered payload); reloaded on
     /// change. Without it the built-in default applies: 3 streams, TTL 90 s, RejectNew.
@@ -227,11 +236,16 @@ impl StoreSpec {
             v if v.starts_with("rediss://") => Err(error(
                 "TLS to Redis is not supported yet; use redis:// on a trusted network".into(),
             )),
-            v if v.starts_with("redis://") || v.starts_with("redis-cluster://") => {
+            v if v.starts_with("redis://")
+                || v.starts_with("redis-cluster://")
+                || v.starts_with("redis-sentinel://") =>
+            {
                 RedisTarget::parse(v).map(Self::Redis).map_err(error)
             }
             _ => Err(error(
-                "expected `memory`, `redis://HOST:PORT[/DB]` or `redis-cluster://HOST:PORT[,HOST:PORT...]`".into(),
+                "expected `memory`, `redis://HOST:PORT[/DB]`, `redis-cluster://HOST:PORT[,HOST:PORT...]` \
+                 or `redis-sentinel://[USER:PASSWORD@]MASTER@HOST:PORT[,HOST:PORT...][/DB]`"
+                    .into(),
             )),
         }
     }

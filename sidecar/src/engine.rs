@@ -405,6 +405,7 @@ impl Engine {
             // The store is there: it answered, wrongly or full.
             StoreError::Fatal(_) => ("fatal", Outcome::Answered),
             StoreError::AtCapacity(_) => ("capacity", Outcome::Answered),
+            StoreError::NotReplicated(_) => ("replication", Outcome::Answered),
         };
         self.metrics.count_store_error(operation.as_str(), kind);
         let down = self
@@ -419,6 +420,11 @@ impl Engine {
                 } else {
                     EngineError::Slow
                 }
+            }
+            StoreError::NotReplicated(detail) => {
+                tracing::warn!(operation = operation.as_str(), %detail,
+                    "store change not acknowledged by enough replicas; answering 503");
+                EngineError::Slow
             }
             StoreError::Fatal(detail) => {
                 self.last_fatal_ms

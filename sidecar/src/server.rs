@@ -406,7 +406,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             StoreSpec::Redis(target) => {
                 let name = target.to_string();
                 (
-                    Arc::new(RedisStore::new(target, config.store_timeout)),
+                    Arc::new(
+                        RedisStore::new(target, config.store_timeout)
+                            .wait_for_replicas(config.store_wait_replicas),
+                    ),
                     name,
                 )
             }

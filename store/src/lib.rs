@@ -49,6 +49,11 @@ pub enum StoreError {
     /// The store answered wrongly; retrying will not help.
     #[error("session store error: {0}")]
     Fatal(String),
+    /// The store made the change but fewer replicas than `--store-wait-replicas` acknowledged it
+    /// in time: a failover now could lose it. Answered 503 with Retry-After; the store is up,
+    /// so failurePolicy does not apply.
+    #[error("session store change not replicated: {0}")]
+    NotReplicated(String),
     /// The embedded store is at its live-session cap.
     #[error("session store full: {0} live sessions")]
     AtCapacity(u64),

@@ -13,8 +13,10 @@ use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use redis::aio::MultiplexedConnection;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{RedisError, Script, ScriptInvocation, Value};
 use tokio::sync::{OnceCell, broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -39,12 +41,188 @@ pub enum RedisTarget {
     Standalone(String),
     /// A Redis Cluster, from its seed nodes (each `redis://[:PASSWORD@]HOST:PORT`).
     Cluster(Vec<String>),
+    /// A master and its replicas watched by Redis Sentinel: the master is asked of the
+    /// sentinels, and asked again when it stops answering (failover).
+    Sentinel(SentinelTarget),
+}
+
+/// A `redis-sentinel://[USER:PASSWORD@]MASTER@HOST:PORT[,HOST:PORT...][/DB]` store.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SentinelTarget {
+    /// The master's name in the sentinels' configuration.
+    pub master: String,
+    /// The sentinels (`HOST`, `PORT`).
+    pub sentinels: Vec<(String, u16)>,
+    /// User name for the Redis servers (not the sentinels).
+    pub username: Option<String>,
+    /// Password for the Redis servers (not the sentinels).
+    pub password: Option<String>,
+    /// Database number on the master.
+    pub db: i64,
+}
+
+impl std::fmt::Debug for SentinelTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentinelTarget")
+            .field("master", &self.master)
+            .field("sentinels", &self.sentinels)
+            .field("username", &self.username.as_ref().map(|_| "***"))
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("db", &self.db)
+            .finish()
+    }
+}
+
+impl SentinelTarget {
+    /// Parses what follows `redis-sentinel://`.
+    fn parse(rest: &str) -> Result<Self, String> {
+        let usage =
+            "expected redis-sentinel://[USER:PASSWORD@]MASTER@HOST:PORT[,HOST:PORT...][/DB]";
+        let (before, hosts_and_db) = rest
+            .rsplit_once('@')
+            .ok_or_else(|| format!("{usage}: the master name is missing"))?;
+        // The master name never holds '@'; a password may.
+        let (credentials, master) = match before.rsplit_once('@') {
+            Some((credentials, master)) => (Some(credentials), master),
+            None => (None, before),
+        };
+        if master.is_empty() {
+            return Err(format!("{usage}: the master name is empty"));
+        }
+        let (username, password) = match credentials {
+            None => (None, None),
+            Some(credentials) => {
+                let (user, password) = credentials.split_once(':').unwrap_or(("", credentials));
+                let decode = |v: &str| {
+                    percent_decode(v).ok_or_else(|| format!("{usage}: bad percent-encoding"))
+                };
+                (
+                    (!user.is_empty()).then(|| decode(user)).transpose()?,
+                    (!password.is_empty())
+                        .then(|| decode(password))
+                        .transpose()?,
+                )
+            }
+        };
+        let (hosts, db) = match hosts_and_db.split_once('/') {
+            Some((hosts, "")) => (hosts, 0),
+            Some((hosts, db)) => (
+                hosts,
+                db.parse::<i64>()
+                    .ok()
+                    .filter(|db| *db >= 0)
+                    .ok_or_else(|| format!("{usage}: database {db:?} is not a number"))?,
+            ),
+            None => (hosts_and_db, 0),
+        };
+        let sentinels = hosts
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(|h| {
+                let (host, port) = h
+                    .rsplit_once(':')
+                    .ok_or_else(|| format!("{usage}: sentinel {h:?} has no port"))?;
+                let port = port
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| format!("{usage}: sentinel {h:?} has a bad port"))?;
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                if host.is_empty() {
+                    return Err(format!("{usage}: sentinel {h:?} has no host"));
+                }
+                Ok((host.to_string(), port))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        if sentinels.is_empty() {
+            return Err(format!("{usage}: at least one sentinel is needed"));
+        }
+        Ok(Self {
+            master: master.to_string(),
+            sentinels,
+            username,
+            password,
+            db,
+        })
+    }
+
+    /// A client that asks the sentinels for the current master.
+    fn client(&self) -> redis::RedisResult<SentinelClient> {
+        let addrs = self
+            .sentinels
+            .iter()
+            .map(|(host, port)| redis::ConnectionAddr::Tcp(host.clone(), *port));
+        let mut builder =
+            SentinelClientBuilder::new(addrs, &self.master, SentinelServerType::Master)?
+                .set_client_to_redis_db(self.db);
+        if let Some(username) = &self.username {
+            builder = builder.set_client_to_redis_username(username);
+        }
+        if let Some(password) = &self.password {
+            builder = builder.set_client_to_redis_password(password);
+        }
+        builder.build()
+    }
+}
+
+impl SentinelTarget {
+    /// `redis://[USER:PASSWORD@]HOST:PORT/DB` of the current master, as the sentinels name it
+    /// (checked to be a master).
+    pub async fn master_url(&self) -> Result<String, String> {
+        let mut client = self.client().map_err(|e| e.to_string())?;
+        let master = tokio::time::timeout(Duration::from_secs(2), client.async_get_client())
+            .await
+            .map_err(|_| format!("Redis Sentinel master {:?}: timed out", self.master))?
+            .map_err(|e| format!("Redis Sentinel master {:?}: {e}", self.master))?;
+        let address = master.get_connection_info().addr().to_string();
+        let encode = |v: &str| -> String {
+            v.bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect()
+        };
+        let credentials = match (&self.username, &self.password) {
+            (None, None) => String::new(),
+            (user, password) => format!(
+                "{}:{}@",
+                encode(user.as_deref().unwrap_or("")),
+                encode(password.as_deref().unwrap_or(""))
+            ),
+        };
+        Ok(format!("redis://{credentials}{address}/{}", self.db))
+    }
+}
+
+/// `%XX` escapes decoded (credentials in URLs), or `None` if malformed.
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = value.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 impl RedisTarget {
     /// Parses a `--store` value: `redis://…` or `redis-cluster://HOST:PORT[,HOST:PORT…]`
     /// (credentials, if any, before the first host apply to every node).
     pub fn parse(value: &str) -> Result<Self, String> {
+        if let Some(rest) = value.strip_prefix("redis-sentinel://") {
+            return SentinelTarget::parse(rest).map(Self::Sentinel);
+        }
         if let Some(rest) = value.strip_prefix("redis-cluster://") {
             let (credentials, hosts) = match rest.rsplit_once('@') {
                 Some((credentials, hosts)) => (format!("{credentials}@"), hosts),
@@ -69,13 +247,19 @@ impl RedisTarget {
             redis::Client::open(value).map_err(|e| e.to_string())?;
             return Ok(Self::Standalone(value.to_string()));
         }
-        Err("expected redis://HOST:PORT[/DB] or redis-cluster://HOST:PORT[,HOST:PORT...]".into())
+        Err(
+            "expected redis://HOST:PORT[/DB], redis-cluster://HOST:PORT[,HOST:PORT...] or \
+             redis-sentinel://MASTER@HOST:PORT[,HOST:PORT...][/DB]"
+                .into(),
+        )
     }
 
+    /// The servers to subscribe on (none for Sentinel: the master is asked of the sentinels).
     fn urls(&self) -> Vec<String> {
         match self {
             Self::Standalone(url) => vec![url.clone()],
             Self::Cluster(nodes) => nodes.clone(),
+            Self::Sentinel(_) => Vec::new(),
         }
     }
 }
@@ -86,6 +270,11 @@ pub fn redact_url(url: &str) -> String {
         return url.to_string();
     };
     match rest.rsplit_once('@') {
+        // The master's name is no secret; credentials, if any, come before it.
+        Some((before, hosts)) if scheme == "redis-sentinel" => match before.rsplit_once('@') {
+            Some((_, master)) => format!("{scheme}://***@{master}@{hosts}"),
+            None => url.to_string(),
+        },
         Some((_, hosts)) => format!("{scheme}://***@{hosts}"),
         None => url.to_string(),
     }
@@ -99,6 +288,20 @@ impl std::fmt::Display for RedisTarget {
             Self::Cluster(nodes) => {
                 let nodes: Vec<String> = nodes.iter().map(|n| redact_url(n)).collect();
                 write!(f, "cluster {}", nodes.join(","))
+            }
+            Self::Sentinel(target) => {
+                let sentinels: Vec<String> = target
+                    .sentinels
+                    .iter()
+                    .map(|(host, port)| format!("{host}:{port}"))
+                    .collect();
+                write!(
+                    f,
+                    "sentinel master {} via {} db {}",
+                    target.master,
+                    sentinels.join(","),
+                    target.db
+                )
             }
         }
     }
@@ -136,6 +339,150 @@ pub fn classify(error: &RedisError) -> StoreError {
 enum Connection {
     Standalone(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(MasterConnection),
+}
+
+/// The connection to the master the sentinels named.
+#[derive(Clone)]
+struct MasterConnection {
+    connection: MultiplexedConnection,
+    /// `HOST:PORT` of the master.
+    address: String,
+    /// Which connection this is: a failure forgets only the connection it happened on.
+    generation: u64,
+}
+
+/// The link to a Sentinel-watched master: asked of the sentinels on first use, and again when
+/// the connection fails or the sentinels name another master (checked every
+/// [`SENTINEL_WATCH_INTERVAL`] while the background work runs).
+struct SentinelLink {
+    target: SentinelTarget,
+    client: tokio::sync::Mutex<SentinelClient>,
+    current: std::sync::Mutex<Option<MasterConnection>>,
+    generations: std::sync::atomic::AtomicU64,
+    /// The master's address as last connected to: the revocation subscription follows it.
+    master: watch::Sender<String>,
+}
+
+/// How often the sentinels are asked whether the master changed.
+const SENTINEL_WATCH_INTERVAL: Duration = Duration::from_millis(500);
+
+impl SentinelLink {
+    fn current(&self) -> Option<MasterConnection> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Forgets connection `generation` (it failed, or the master moved): the next call asks
+    /// the sentinels again.
+    fn forget(&self, generation: u64) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|c| c.generation == generation) {
+            *current = None;
+        }
+    }
+
+    /// The connection to the master, asking the sentinels for it if there is none.
+    async fn connect(&self, timeout: Duration) -> Result<MasterConnection, StoreError> {
+        if let Some(current) = self.current() {
+            return Ok(current);
+        }
+        // One discovery at a time: the lock is held while asking.
+        let mut client = self.client.lock().await;
+        if let Some(current) = self.current() {
+            return Ok(current);
+        }
+        let connect_timeout = timeout.max(Duration::from_secs(1));
+        let discover = async {
+            let master = client.async_get_client().await?;
+            let address = master.get_connection_info().addr().to_string();
+            let config = redis::AsyncConnectionConfig::new()
+                .set_response_timeout(Some(timeout))
+                .set_connection_timeout(Some(connect_timeout));
+            let connection = master
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            Ok::<_, RedisError>((connection, address))
+        };
+        let (connection, address) = match tokio::time::timeout(connect_timeout, discover).await {
+            Ok(Ok(found)) => found,
+            // Whatever the sentinels said (no master known, master not answering ROLE as a
+            // master yet), the store cannot be asked now: transient.
+            Ok(Err(e)) => {
+                return Err(StoreError::Unavailable(format!(
+                    "Redis Sentinel master {:?}: {e}",
+                    self.target.master
+                )));
+            }
+            Err(_) => {
+                return Err(StoreError::TimedOut(format!(
+                    "Redis Sentinel master {:?}: discovery timed out",
+                    self.target.master
+                )));
+            }
+        };
+        let generation = self
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let connected = MasterConnection {
+            connection,
+            address: address.clone(),
+            generation,
+        };
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(connected.clone());
+        tracing::info!(master = %self.target.master, %address, "connected to the Redis master named by Sentinel");
+        self.master.send_replace(address);
+        Ok(connected)
+    }
+
+    /// The master's `HOST:PORT` according to the first sentinel that answers.
+    async fn ask_master_address(&self, timeout: Duration) -> Option<String> {
+        for (host, port) in &self.target.sentinels {
+            let ask = async {
+                let client = redis::Client::open(redis::ConnectionAddr::Tcp(host.clone(), *port))?;
+                let mut connection = client.get_multiplexed_async_connection().await?;
+                redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(&self.target.master)
+                    .query_async::<Option<(String, u16)>>(&mut connection)
+                    .await
+            };
+            if let Ok(Ok(Some((host, port)))) = tokio::time::timeout(timeout, ask).await {
+                return Some(format!("{host}:{port}"));
+            }
+        }
+        None
+    }
+}
+
+/// Asks the sentinels every [`SENTINEL_WATCH_INTERVAL`] which server is the master, and drops
+/// the connection to a former one: a master that was stopped (not closed) keeps its clients'
+/// connections open, so failures alone would not notice the failover.
+async fn watch_sentinel_master(inner: Arc<Inner>, shutdown: CancellationToken) {
+    let Some(link) = &inner.sentinel else {
+        return;
+    };
+    let mut tick = tokio::time::interval(SENTINEL_WATCH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(current) = link.current() else {
+            continue;
+        };
+        let timeout = inner.timeout.max(Duration::from_millis(500));
+        if let Some(address) = link.ask_master_address(timeout).await
+            && address != current.address
+        {
+            tracing::warn!(master = %link.target.master, from = %current.address, to = %address,
+                "Sentinel names a new master; reconnecting");
+            link.forget(current.generation);
+        }
+    }
 }
 
 struct Scripts {
@@ -184,6 +531,10 @@ struct Inner {
     target: RedisTarget,
     timeout: Duration,
     connection: OnceCell<Connection>,
+    /// For a Sentinel target: the master, which may change (not kept in `connection`).
+    sentinel: Option<SentinelLink>,
+    /// Replicas that must acknowledge each store-changing decision (WAIT) before it is answered.
+    wait_replicas: u32,
     scripts: Scripts,
     /// Identifies this process's notices, so it does not count its own cuts twice.
     origin: String,
@@ -283,13 +634,41 @@ impl RedisStore {
         Self::build(target, timeout, Some(clock))
     }
 
+    /// Makes every store-changing decision wait until `replicas` replicas acknowledged it
+    /// (Redis WAIT, bounded by the store timeout) before it is answered; a decision that fewer
+    /// replicas acknowledged in time stays in the store but is answered
+    /// [`StoreError::NotReplicated`] (503 with Retry-After), and an open's new session is
+    /// discarded. Without it an asynchronous failover may lose the decisions of the last moments
+    /// before it (see BENCHMARKS.md). Call before first use.
+    pub fn wait_for_replicas(mut self, replicas: u32) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("wait_for_replicas is called before the store is shared")
+            .wait_replicas = replicas;
+        self
+    }
+
     fn build(target: RedisTarget, timeout: Duration, clock: Option<Arc<dyn Clock>>) -> Self {
         let (revocations, _) = broadcast::channel(REVOCATION_BUFFER);
+        let sentinel = match &target {
+            RedisTarget::Sentinel(sentinel) => Some(SentinelLink {
+                target: sentinel.clone(),
+                // Parsing validated the target; building only copies it.
+                client: tokio::sync::Mutex::new(
+                    sentinel.client().expect("a parsed Sentinel target builds"),
+                ),
+                current: std::sync::Mutex::new(None),
+                generations: std::sync::atomic::AtomicU64::new(0),
+                master: watch::Sender::new(String::new()),
+            }),
+            _ => None,
+        };
         Self {
             inner: Arc::new(Inner {
                 target,
                 timeout,
                 connection: OnceCell::new(),
+                sentinel,
+                wait_replicas: 0,
                 scripts: Scripts::load(),
                 origin: format!("{:032x}", rand::random::<u128>()),
                 revocations,
@@ -310,11 +689,14 @@ impl RedisStore {
             match connection.clone() {
                 Connection::Standalone(mut c) => cmd.query_async::<(i64, i64)>(&mut c).await,
                 Connection::Cluster(mut c) => cmd.query_async::<(i64, i64)>(&mut c).await,
+                Connection::Sentinel(mut m) => {
+                    cmd.query_async::<(i64, i64)>(&mut m.connection).await
+                }
             }
         };
         let (secs, micros) = match tokio::time::timeout(self.inner.timeout, time).await {
             Ok(Ok(time)) => time,
-            Ok(Err(e)) => return Err(classify(&e)),
+            Ok(Err(e)) => return Err(self.failed(connection, &e)),
             Err(_) => return Err(StoreError::TimedOut("Redis did not answer TIME".into())),
         };
         let received = chrono::Utc::now().timestamp_millis();
@@ -354,6 +736,9 @@ impl RedisStore {
 
     async fn connect(&self) -> Result<Connection, StoreError> {
         let timeout = self.inner.timeout;
+        if let Some(link) = &self.inner.sentinel {
+            return link.connect(timeout).await.map(Connection::Sentinel);
+        }
         self.inner
             .connection
             .get_or_try_init(|| async {
@@ -378,6 +763,7 @@ impl RedisStore {
                                 .build()?;
                             Ok(Connection::Cluster(client.get_async_connection().await?))
                         }
+                        RedisTarget::Sentinel(_) => unreachable!("connected by SentinelLink"),
                     }
                 };
                 match tokio::time::timeout(timeout.max(Duration::from_secs(1)), connect).await {
@@ -394,15 +780,77 @@ impl RedisStore {
 
     async fn run(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
         let connection = self.connection().await?;
+        self.run_on(&connection, invocation).await
+    }
+
+    /// Runs a script that changes the store, then waits for `--store-wait-replicas` replicas
+    /// to acknowledge it, on the same connection (WAIT counts that connection's writes).
+    async fn run_changing(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
+        let connection = self.connection().await?;
+        let value = self.run_on(&connection, invocation).await?;
+        self.replicated(&connection).await?;
+        Ok(value)
+    }
+
+    /// Waits until `wait_replicas` replicas acknowledged this connection's writes, at most the
+    /// store timeout. Nothing to do without `--store-wait-replicas`.
+    async fn replicated(&self, connection: &Connection) -> Result<(), StoreError> {
+        let wanted = self.inner.wait_replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        let timeout = self.inner.timeout;
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(wanted).arg(timeout.as_millis() as u64);
         let call = async {
-            match connection {
+            match connection.clone() {
+                Connection::Standalone(mut c) => cmd.query_async::<i64>(&mut c).await,
+                // Routed to every master, the fewest acknowledgements counting: conservative.
+                Connection::Cluster(mut c) => cmd.query_async::<i64>(&mut c).await,
+                Connection::Sentinel(mut m) => cmd.query_async::<i64>(&mut m.connection).await,
+            }
+        };
+        // WAIT answers by itself after `timeout`; the margin is for the round trip.
+        match tokio::time::timeout(timeout * 2, call).await {
+            Ok(Ok(acknowledged)) if acknowledged >= i64::from(wanted) => Ok(()),
+            Ok(Ok(acknowledged)) => Err(StoreError::NotReplicated(format!(
+                "{acknowledged} of {wanted} Redis replicas acknowledged within {timeout:?}"
+            ))),
+            Ok(Err(e)) => Err(self.failed(connection, &e)),
+            Err(_) => Err(StoreError::TimedOut(format!(
+                "Redis did not answer WAIT within {:?}",
+                timeout * 2
+            ))),
+        }
+    }
+
+    /// Classifies `error` from `connection`; a Sentinel master connection that failed is
+    /// forgotten, so the next call asks the sentinels again.
+    fn failed(&self, connection: &Connection, error: &RedisError) -> StoreError {
+        let classified = classify(error);
+        if let (Connection::Sentinel(master), Some(link), StoreError::Unavailable(_)) =
+            (connection, &self.inner.sentinel, &classified)
+        {
+            link.forget(master.generation);
+        }
+        classified
+    }
+
+    async fn run_on(
+        &self,
+        connection: &Connection,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<Value, StoreError> {
+        let call = async {
+            match connection.clone() {
                 Connection::Standalone(mut c) => invoke(invocation, &mut c).await,
                 Connection::Cluster(mut c) => invoke(invocation, &mut c).await,
+                Connection::Sentinel(mut m) => invoke(invocation, &mut m.connection).await,
             }
         };
         match tokio::time::timeout(self.inner.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(classify(&e)),
+            Ok(Err(e)) => Err(self.failed(connection, &e)),
             Err(_) => Err(StoreError::TimedOut(format!(
                 "Redis did not answer within {:?}",
                 self.inner.timeout
@@ -422,14 +870,23 @@ impl RedisStore {
 
     /// Runs a script that takes a session id (`get`, `kick`): KEYS the session's hash, ARGV
     /// the tag prefix, the id, origin and channel.
-    async fn run_for_session(&self, script: &Script, id: SessionId) -> Result<Value, StoreError> {
+    async fn run_for_session(
+        &self,
+        script: &Script,
+        id: SessionId,
+        changes: bool,
+    ) -> Result<Value, StoreError> {
         let mut invocation = script.prepare_invoke();
         invocation
             .key(session_key(id))
             .arg(tag_prefix(id.tag))
             .arg(id.to_string());
         self.origin_and_channel(&mut invocation);
-        self.run(&invocation).await
+        if changes {
+            self.run_changing(&invocation).await
+        } else {
+            self.run(&invocation).await
+        }
     }
 
     /// The last ARGV of every script: origin and channel, then the test clock if any.
@@ -463,11 +920,30 @@ async fn listen_for_revocations(inner: Arc<Inner>, shutdown: CancellationToken) 
     let mut delays = backoff.build();
     let urls = inner.target.urls();
     let mut next_url = 0;
+    // Under Sentinel the subscription is on the master the data connection uses, and is made
+    // again when that connection moves to another master.
+    let mut master_moved = inner.sentinel.as_ref().map(|link| link.master.subscribe());
     while !shutdown.is_cancelled() {
-        let url = &urls[next_url % urls.len()];
-        next_url += 1;
+        let url = match &inner.sentinel {
+            Some(link) => match link.connect(inner.timeout).await {
+                Ok(master) => format!("redis://{}", master.address),
+                Err(_) => String::new(),
+            },
+            None => {
+                next_url += 1;
+                urls[(next_url - 1) % urls.len()].clone()
+            }
+        };
+        let url = &url;
+        if let Some(moved) = &mut master_moved {
+            moved.mark_unchanged();
+        }
         let subscribe = async {
-            let client = redis::Client::open(url.as_str())?;
+            let client = match &inner.sentinel {
+                // The master's own connection settings (credentials, database).
+                Some(link) => link.client.lock().await.async_get_client().await?,
+                None => redis::Client::open(url.as_str())?,
+            };
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(REVOCATION_CHANNEL).await?;
             Ok::<_, RedisError>(pubsub)
@@ -496,8 +972,20 @@ async fn listen_for_revocations(inner: Arc<Inner>, shutdown: CancellationToken) 
         tracing::info!(target = %redact_url(url), "subscribed to revocations");
         let mut messages = pubsub.into_on_message();
         loop {
+            let master_moved = async {
+                match &mut master_moved {
+                    Some(moved) => {
+                        let _ = moved.changed().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             let message = tokio::select! {
                 () = shutdown.cancelled() => break,
+                () = master_moved => {
+                    tracing::info!("the Redis master changed; resubscribing to revocations there");
+                    break;
+                }
                 message = messages.next() => message,
             };
             let Some(message) = message else {
@@ -576,7 +1064,7 @@ impl RedisStore {
         keys.add_keys(&mut invocation);
         invocation.arg(id.to_string());
         self.origin_and_channel(&mut invocation);
-        let value = self.run(&invocation).await?;
+        let value = self.run_changing(&invocation).await?;
         let (kind, _, expired) = reply("discard", &value)?;
         self.publish_local(expired);
         match kind.as_str() {
@@ -771,9 +1259,11 @@ impl SessionStore for RedisStore {
         }
         invocation.arg(self.deadline(started));
         self.origin_and_channel(&mut invocation);
-        let value = match self.run(&invocation).await {
+        let value = match self.run_changing(&invocation).await {
             Ok(value) => value,
-            Err(error @ StoreError::TimedOut(_)) => {
+            // Not replicated in time: the admission stays on the master but nobody is given
+            // it; discarded like an open whose caller gave up.
+            Err(error @ (StoreError::TimedOut(_) | StoreError::NotReplicated(_))) => {
                 // The script may still have run before its deadline, its answer arriving too
                 // late: a slot nobody holds. Discarded in the background unless renewed by then.
                 let mut abandoned = self
@@ -841,7 +1331,7 @@ impl SessionStore for RedisStore {
         keys.add_keys(&mut invocation);
         invocation.arg(stream_id).arg(ttl_ms);
         self.origin_and_channel(&mut invocation);
-        let value = self.run(&invocation).await?;
+        let value = self.run_changing(&invocation).await?;
         let bad = || malformed("heartbeat", &value);
         let (kind, fields, expired) = reply("heartbeat", &value)?;
         self.publish_local(expired);
@@ -866,7 +1356,7 @@ impl SessionStore for RedisStore {
         keys.add_keys(&mut invocation);
         invocation.arg(stream_id);
         self.origin_and_channel(&mut invocation);
-        let value = self.run(&invocation).await?;
+        let value = self.run_changing(&invocation).await?;
         let bad = || malformed("end", &value);
         let (kind, fields, expired) = reply("end", &value)?;
         self.publish_local(expired);
@@ -892,7 +1382,9 @@ impl SessionStore for RedisStore {
     }
 
     async fn get(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError> {
-        let value = self.run_for_session(&self.inner.scripts.get, id).await?;
+        let value = self
+            .run_for_session(&self.inner.scripts.get, id, false)
+            .await?;
         let parts = items(&value).ok_or_else(|| malformed("get", &value))?;
         let [found, expired] = parts else {
             return Err(malformed("get", &value));
@@ -902,7 +1394,9 @@ impl SessionStore for RedisStore {
     }
 
     async fn kick(&self, id: SessionId) -> Result<KickOutcome, StoreError> {
-        let value = self.run_for_session(&self.inner.scripts.kick, id).await?;
+        let value = self
+            .run_for_session(&self.inner.scripts.kick, id, true)
+            .await?;
         let bad = || malformed("kick", &value);
         let (kind, fields, expired) = reply("kick", &value)?;
         self.publish_local(expired);
@@ -932,13 +1426,18 @@ impl SessionStore for RedisStore {
             .arg(ttl_ms)
             .arg(renew_after_ms);
         self.origin_and_channel(&mut invocation);
-        let value = self.run(&invocation).await?;
+        let connection = self.connection().await?;
+        let value = self.run_on(&connection, &invocation).await?;
         let bad = || malformed("touch", &value);
         let [found, renewed, expired] = items(&value).ok_or_else(bad)? else {
             return Err(bad());
         };
         self.publish_local(sessions(expired).ok_or_else(bad)?);
         let renewed = int(renewed).ok_or_else(bad)? == 1;
+        // Only a renewal changed the store.
+        if renewed {
+            self.replicated(&connection).await?;
+        }
         Ok(session(found)
             .ok_or_else(bad)?
             .map(|session| Touched { session, renewed }))
@@ -955,7 +1454,7 @@ impl SessionStore for RedisStore {
             .arg(record.created_at_ms)
             .arg(record.ttl_ms);
         self.origin_and_channel(&mut invocation);
-        let value = self.run(&invocation).await?;
+        let value = self.run_changing(&invocation).await?;
         let (kind, _, expired) = reply("adopt", &value)?;
         self.publish_local(expired);
         match kind.as_str() {
@@ -969,8 +1468,9 @@ impl SessionStore for RedisStore {
         let connection = self.connection().await?;
         let ping = async {
             let cmd = redis::cmd("PING");
-            match connection {
+            match connection.clone() {
                 Connection::Standalone(mut c) => cmd.query_async::<String>(&mut c).await,
+                Connection::Sentinel(mut m) => cmd.query_async::<String>(&mut m.connection).await,
                 Connection::Cluster(mut c) => {
                     // PING every master: a cluster with a master down cannot serve its slots.
                     c.route_command(
@@ -991,7 +1491,7 @@ impl SessionStore for RedisStore {
                 self.measure_offset(&connection).await
             }
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(classify(&e)),
+            Ok(Err(e)) => Err(self.failed(&connection, &e)),
             Err(_) => Err(StoreError::TimedOut(format!(
                 "Redis did not answer PING within {:?}",
                 self.inner.timeout
@@ -1012,6 +1512,7 @@ impl SessionStore for RedisStore {
             cmd.arg("GET").arg("maxmemory-policy");
             match connection {
                 Connection::Standalone(mut c) => cmd.query_async::<Value>(&mut c).await,
+                Connection::Sentinel(mut m) => cmd.query_async::<Value>(&mut m.connection).await,
                 // Every master: one evicting master loses the sessions of its slots.
                 Connection::Cluster(mut c) => {
                     c.route_command(
@@ -1059,9 +1560,10 @@ impl SessionStore for RedisStore {
 
     fn background(&self, shutdown: CancellationToken) -> Option<BoxFuture<'static, ()>> {
         let listen = listen_for_revocations(self.inner.clone(), shutdown.clone());
+        let watch_master = watch_sentinel_master(self.inner.clone(), shutdown.clone());
         let discard = discard_abandoned(self.clone(), shutdown);
         Some(Box::pin(async move {
-            futures::join!(listen, discard);
+            futures::join!(listen, watch_master, discard);
         }))
     }
 
@@ -1089,6 +1591,61 @@ mod tests {
         );
         assert!(RedisTarget::parse("redis-cluster://").is_err());
         assert!(RedisTarget::parse("memcached://x").is_err());
+    }
+
+    #[test]
+    fn sentinel_targets_parse_with_credentials_master_and_database() {
+        let Ok(RedisTarget::Sentinel(target)) = RedisTarget::parse(
+            "redis-sentinel://app:p%40ss@w0rd@mymaster@10.0.0.1:26379,[::1]:26380/3",
+        ) else {
+            panic!("a Sentinel URL parses");
+        };
+        assert_eq!(target.master, "mymaster");
+        assert_eq!(
+            target.sentinels,
+            vec![("10.0.0.1".to_string(), 26379), ("::1".to_string(), 26380)]
+        );
+        assert_eq!(target.username.as_deref(), Some("app"));
+        assert_eq!(target.password.as_deref(), Some("p@ss@w0rd"));
+        assert_eq!(target.db, 3);
+        assert_eq!(
+            redact_url("redis-sentinel://app:pw@mymaster@10.0.0.1:26379"),
+            "redis-sentinel://***@mymaster@10.0.0.1:26379"
+        );
+        assert_eq!(
+            redact_url("redis-sentinel://mymaster@10.0.0.1:26379"),
+            "redis-sentinel://mymaster@10.0.0.1:26379"
+        );
+        // Neither the Debug nor the Display form shows the credentials.
+        let shown = format!("{target:?} {}", RedisTarget::Sentinel(target.clone()));
+        assert!(!shown.contains("p@ss") && !shown.contains("app"), "{shown}");
+
+        let Ok(RedisTarget::Sentinel(plain)) =
+            RedisTarget::parse("redis-sentinel://mymaster@127.0.0.1:26379")
+        else {
+            panic!("a Sentinel URL without credentials parses");
+        };
+        assert_eq!((plain.username, plain.password, plain.db), (None, None, 0));
+    }
+
+    #[test]
+    fn bad_sentinel_targets_say_what_is_wrong() {
+        for (url, says) in [
+            ("redis-sentinel://127.0.0.1:26379", "master name is missing"),
+            ("redis-sentinel://@127.0.0.1:26379", "master name is empty"),
+            ("redis-sentinel://m@", "at least one sentinel"),
+            ("redis-sentinel://m@127.0.0.1", "has no port"),
+            ("redis-sentinel://m@127.0.0.1:0", "bad port"),
+            ("redis-sentinel://m@127.0.0.1:x", "bad port"),
+            ("redis-sentinel://m@127.0.0.1:26379/x", "not a number"),
+            (
+                "redis-sentinel://u:%zz@m@127.0.0.1:26379",
+                "percent-encoding",
+            ),
+        ] {
+            let error = RedisTarget::parse(url).expect_err(url);
+            assert!(error.contains(says), "{url}: {error}");
+        }
     }
 
     #[test]

@@ -126,6 +126,13 @@ async fn node_urls(target: &RedisTarget) -> Result<Vec<String>, CountError> {
     let seeds = match target {
         RedisTarget::Standalone(url) => return Ok(vec![url.clone()]),
         RedisTarget::Cluster(seeds) => seeds,
+        RedisTarget::Sentinel(sentinel) => {
+            return sentinel
+                .master_url()
+                .await
+                .map(|url| vec![url])
+                .map_err(CountError);
+        }
     };
     let mut last_error = CountError("no seed node".into());
     for seed in seeds {
