@@ -35,6 +35,11 @@ async fn redis_command(env: &str, command: &redis::Cmd) {
             let mut c = client.get_async_connection().await.unwrap();
             command.query_async::<()>(&mut c).await.unwrap();
         }
+        RedisTarget::Sentinel(sentinel) => {
+            let client = redis::Client::open(sentinel.master_url().await.unwrap()).unwrap();
+            let mut c = client.get_multiplexed_async_connection().await.unwrap();
+            command.query_async::<()>(&mut c).await.unwrap();
+        }
     }
 }
 
