@@ -558,7 +558,14 @@ impl Engine {
             return Err(EngineError::Unavailable);
         }
         self.metrics.failed_open.inc();
-        let record = request.new_session(now);
+        let mut record = request.new_session(now);
+        // An attempt that timed out may have been admitted by the store after all: the same id.
+        if let Some(id) = self
+            .store
+            .take_abandoned(request.account, request.stream_id)
+        {
+            record.id = id;
+        }
         degraded.remember(record.clone());
         Ok(Opened::Created {
             session: self.view(&record, policy, held + 1),
@@ -640,6 +647,15 @@ impl Engine {
 
     /// Ends the active session of `(account, stream_id)`. `false` if there was none.
     pub async fn end(&self, account: &str, stream_id: &str) -> Result<bool, EngineError> {
+        // A degraded session of the stream is forgotten first: written back later, it would
+        // come back after the store ended it (the store may hold it under the same id). A
+        // write-back already sent reaches the store before this end (one connection, in order).
+        {
+            let mut degraded = self.lock_degraded();
+            if let Some(record) = degraded.by_stream(account, stream_id) {
+                degraded.forget(record.id);
+            }
+        }
         let ended = self
             .store
             .end(account, stream_id)
@@ -828,6 +844,10 @@ impl Engine {
     pub async fn restore_degraded(&self) -> usize {
         let pending: Vec<SessionRecord> = self.lock_degraded().by_id.values().cloned().collect();
         for record in pending {
+            // Ended meanwhile: not to be written back.
+            if !self.lock_degraded().by_id.contains_key(&record.id) {
+                continue;
+            }
             if self.adopt(&record).await.is_err() {
                 break;
             }

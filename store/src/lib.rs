@@ -231,4 +231,14 @@ pub trait SessionStore: Send + Sync + 'static {
     /// For shared stores: whether the subscription to other sidecars' revocations is
     /// established now (`true` from the start for stores that have none).
     fn subscribed(&self) -> watch::Receiver<bool>;
+
+    /// The session id of this process's latest open of `(account, stream_id)` whose answer
+    /// never came in time, if any, which the store will then no longer discard: its script may
+    /// have run, so the store may hold that session. An admission without the store reuses the
+    /// id, so the session the viewer is given and the one the store may hold are one and the
+    /// same (written back as "present", renewed by the viewer's heartbeats). `None` for stores
+    /// that cannot time out.
+    fn take_abandoned(&self, _account: &str, _stream_id: &str) -> Option<SessionId> {
+        None
+    }
 }

@@ -545,10 +545,11 @@ struct Inner {
     clock: Option<Arc<dyn Clock>>,
     /// The Redis clock against this process's, for deadlines on the store's clock.
     offset: std::sync::Mutex<Option<ClockOffset>>,
-    /// Opens whose caller gave up waiting (account, new session id, when to stop trying): the
-    /// script may have run and admitted a session nobody was given; the background work
-    /// discards it. Bounded by [`ABANDONED_CAPACITY`].
-    abandoned: std::sync::Mutex<Vec<(String, SessionId, Instant)>>,
+    /// Opens whose caller gave up waiting (account, stream, new session id, when to stop
+    /// trying): the script may have run and admitted a session nobody was given; the
+    /// background work discards it, unless an admission without the store claims its id
+    /// ([`SessionStore::take_abandoned`]). Bounded by [`ABANDONED_CAPACITY`].
+    abandoned: std::sync::Mutex<Vec<(String, String, SessionId, Instant)>>,
 }
 
 /// Abandoned opens remembered for discarding; past this, the oldest are forgotten (their
@@ -1022,35 +1023,39 @@ async fn discard_abandoned(store: RedisStore, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let pending: Vec<_> = std::mem::take(
-            &mut *store
+        let lock = || {
+            store
                 .inner
                 .abandoned
                 .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        let mut retry = Vec::new();
-        for (account, id, give_up) in pending {
-            if Instant::now() >= give_up {
-                continue;
+                .unwrap_or_else(|p| p.into_inner())
+        };
+        // Each stays listed until discarded, so an admission without the store can still claim
+        // it (take_abandoned) right up to its discard.
+        let pending: Vec<(String, SessionId)> = {
+            let mut abandoned = lock();
+            let now = Instant::now();
+            abandoned.retain(|(_, _, _, give_up)| now < *give_up);
+            abandoned
+                .iter()
+                .map(|(account, _, id, _)| (account.clone(), *id))
+                .collect()
+        };
+        for (account, id) in pending {
+            if !lock().iter().any(|(_, _, listed, _)| *listed == id) {
+                continue; // claimed meanwhile
             }
             match store.discard(&account, id).await {
-                Ok(true) => {
-                    tracing::info!(account = %crate::session::fingerprint(&account),
-                        "discarded a session admitted after its caller gave up");
+                Ok(discarded) => {
+                    lock().retain(|(_, _, listed, _)| *listed != id);
+                    if discarded {
+                        tracing::info!(account = %crate::session::fingerprint(&account),
+                            "discarded a session admitted after its caller gave up");
+                    }
                 }
-                Ok(false) => {}
-                Err(_) => retry.push((account, id, give_up)),
+                // Tried again on the next tick; the rest would most likely fail alike.
+                Err(_) => break,
             }
-        }
-        if !retry.is_empty() {
-            let mut abandoned = store
-                .inner
-                .abandoned
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            retry.append(&mut abandoned);
-            *abandoned = retry;
         }
     }
 }
@@ -1263,7 +1268,12 @@ impl SessionStore for RedisStore {
             Ok(value) => value,
             // Not replicated in time: the admission stays on the master but nobody is given
             // it; discarded like an open whose caller gave up.
-            Err(error @ (StoreError::TimedOut(_) | StoreError::NotReplicated(_))) => {
+            // Unavailable too: a connection lost after the call was sent may have carried it.
+            Err(
+                error @ (StoreError::TimedOut(_)
+                | StoreError::NotReplicated(_)
+                | StoreError::Unavailable(_)),
+            ) => {
                 // The script may still have run before its deadline, its answer arriving too
                 // late: a slot nobody holds. Discarded in the background unless renewed by then.
                 let mut abandoned = self
@@ -1275,7 +1285,12 @@ impl SessionStore for RedisStore {
                     abandoned.remove(0);
                 }
                 let give_up = Instant::now() + Duration::from_millis(request.ttl_ms.max(0) as u64);
-                abandoned.push((request.account.to_string(), id, give_up));
+                abandoned.push((
+                    request.account.to_string(),
+                    request.stream_id.to_string(),
+                    id,
+                    give_up,
+                ));
                 return Err(error);
             }
             Err(error) => return Err(error),
@@ -1570,6 +1585,18 @@ impl SessionStore for RedisStore {
     fn subscribed(&self) -> watch::Receiver<bool> {
         self.inner.subscribed.subscribe()
     }
+
+    fn take_abandoned(&self, account: &str, stream_id: &str) -> Option<SessionId> {
+        let mut abandoned = self
+            .inner
+            .abandoned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let index = abandoned
+            .iter()
+            .rposition(|(a, s, _, _)| a == account && s == stream_id)?;
+        Some(abandoned.remove(index).2)
+    }
 }
 
 #[cfg(test)]
@@ -1626,6 +1653,42 @@ mod tests {
             panic!("a Sentinel URL without credentials parses");
         };
         assert_eq!((plain.username, plain.password, plain.db), (None, None, 0));
+    }
+
+    #[test]
+    fn an_abandoned_open_is_claimed_once_by_its_account_and_stream_and_then_not_discarded() {
+        let store = RedisStore::new(
+            RedisTarget::parse("redis://127.0.0.1:1").unwrap(),
+            Duration::from_millis(100),
+        );
+        let (first, second) = (SessionId::for_account("a"), SessionId::for_account("a"));
+        let later = Instant::now() + Duration::from_secs(60);
+        store.inner.abandoned.lock().unwrap().extend([
+            ("a".to_string(), "tv".to_string(), first, later),
+            (
+                "a".to_string(),
+                "phone".to_string(),
+                SessionId::for_account("a"),
+                later,
+            ),
+            ("a".to_string(), "tv".to_string(), second, later),
+        ]);
+        assert_eq!(store.take_abandoned("b", "tv"), None);
+        // The latest attempt of the stream first; each id is handed out once.
+        assert_eq!(store.take_abandoned("a", "tv"), Some(second));
+        assert_eq!(store.take_abandoned("a", "tv"), Some(first));
+        assert_eq!(store.take_abandoned("a", "tv"), None);
+        // Claimed ids are no longer listed for the discard.
+        let listed: Vec<SessionId> = store
+            .inner
+            .abandoned
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, _, id, _)| *id)
+            .collect();
+        assert!(!listed.contains(&first) && !listed.contains(&second));
+        assert_eq!(listed.len(), 1);
     }
 
     #[test]
