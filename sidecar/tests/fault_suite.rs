@@ -288,9 +288,10 @@ async fn viewer(
     }
 }
 
-/// Kicks a random acknowledged, not yet ended session every 150 ms.
+/// Kicks a random acknowledged, not yet ended session every 150 ms, through the sidecars'
+/// admin listeners `admins`.
 async fn kicker(
-    bases: Vec<String>,
+    admins: Vec<String>,
     recorded: Shared,
     stop: CancellationToken,
     alive: Arc<Mutex<Vec<bool>>>,
@@ -313,14 +314,14 @@ async fn kicker(
             }
             open[rand::rng().random_range(0..open.len())].id.clone()
         };
-        let live: Vec<usize> = (0..bases.len())
+        let live: Vec<usize> = (0..admins.len())
             .filter(|i| alive.lock().unwrap()[*i])
             .collect();
-        let base = &bases[live[rand::rng().random_range(0..live.len())]];
+        let admin = &admins[live[rand::rng().random_range(0..live.len())]];
         let sent = now_ms();
         tried(&recorded, &target, sent);
         let Ok(response) = client
-            .delete(format!("{base}/v1/sessions/{target}"))
+            .delete(format!("{admin}/v1/sessions/{target}"))
             .send()
             .await
         else {
@@ -342,17 +343,17 @@ fn tried(recorded: &Shared, id: &str, sent: i64) {
 }
 
 /// The store's final word on every admission and the ids it holds per account, read through
-/// `base`; `None` while the sidecar answers 503.
+/// a sidecar's admin listener `admin`; `None` while the sidecar answers 503.
 async fn observe(
     client: &Client,
-    base: &str,
+    admin: &str,
     admissions: &[Admission],
     accounts: &[String],
 ) -> Option<History> {
     let mut finals = HashMap::new();
     for admission in admissions {
         let response = client
-            .get(format!("{base}/v1/sessions/{}", admission.id))
+            .get(format!("{admin}/v1/sessions/{}", admission.id))
             .send()
             .await
             .ok()?;
@@ -372,7 +373,7 @@ async fn observe(
     for account in accounts {
         let (status, body) = json(
             client
-                .get(format!("{base}/v1/accounts/{account}/sessions"))
+                .get(format!("{admin}/v1/accounts/{account}/sessions"))
                 .send()
                 .await
                 .ok()?,
@@ -416,6 +417,8 @@ struct Rig {
     redis: OwnRedis,
     sidecars: Vec<Option<SidecarProcess>>,
     bases: Vec<String>,
+    /// The sidecars' admin listeners.
+    admins: Vec<String>,
     pids: Vec<u32>,
     alive: Arc<Mutex<Vec<bool>>>,
 }
@@ -546,7 +549,7 @@ impl Rig {
             }
         }
         tasks.push(tokio::spawn(kicker(
-            self.bases.clone(),
+            self.admins.clone(),
             recorded.clone(),
             stop.clone(),
             self.alive.clone(),
@@ -573,10 +576,11 @@ impl Rig {
         };
         // Degraded admissions are written back and abandoned opens discarded in the
         // background: the checker is asked again until it passes or ten seconds went by.
-        let base = self.live_bases()[0].clone();
+        let alive = self.alive.lock().unwrap().clone();
+        let admin = self.admins[alive.iter().position(|a| *a).unwrap()].clone();
         let settling = Instant::now();
         let (violations, history) = loop {
-            let Some(history) = observe(client, &base, &admissions, &accounts).await else {
+            let Some(history) = observe(client, &admin, &admissions, &accounts).await else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
@@ -630,6 +634,10 @@ async fn rig() -> (Rig, tempfile::TempDir) {
         .iter()
         .map(|s| s.as_ref().unwrap().base.clone())
         .collect();
+    let admins: Vec<String> = sidecars
+        .iter()
+        .map(|s| s.as_ref().unwrap().admin.clone())
+        .collect();
     let pids: Vec<u32> = sidecars
         .iter()
         .map(|s| s.as_ref().unwrap().child.id())
@@ -639,6 +647,7 @@ async fn rig() -> (Rig, tempfile::TempDir) {
         redis,
         sidecars,
         bases,
+        admins,
         pids,
         alive: Arc::new(Mutex::new(vec![true; SIDECARS])),
     };
@@ -681,7 +690,7 @@ async fn run_faults(faults: &[Fault]) {
         for v in &o.violations {
             if let Violation::Phantom { id, .. } = v {
                 let body = client
-                    .get(format!("{}/v1/sessions/{id}", rig.bases[1]))
+                    .get(format!("{}/v1/sessions/{id}", rig.admins[1]))
                     .send()
                     .await
                     .unwrap()

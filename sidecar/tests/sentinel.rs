@@ -315,13 +315,13 @@ async fn open(client: &Client, base: &str, account: &str) -> (u16, Option<String
     (status, id, retry_after)
 }
 
-/// The session ids the store holds for `account`, read through `base` (asked again while the
-/// answer is 503: slow is not down).
-async fn held(client: &Client, base: &str, account: &str) -> HashSet<String> {
+/// The session ids the store holds for `account`, read through a sidecar's admin listener
+/// `admin` (asked again while the answer is 503: slow is not down).
+async fn held(client: &Client, admin: &str, account: &str) -> HashSet<String> {
     let body = common::eventually_value(async || {
         let (status, body) = json(
             client
-                .get(format!("{base}/v1/accounts/{account}/sessions"))
+                .get(format!("{admin}/v1/accounts/{account}/sessions"))
                 .send()
                 .await
                 .unwrap(),
@@ -343,11 +343,11 @@ async fn held(client: &Client, base: &str, account: &str) -> HashSet<String> {
 }
 
 /// Of the acknowledged `(account, id)` admissions, those the store no longer holds.
-async fn lost(client: &Client, base: &str, acknowledged: &[(String, String)]) -> usize {
+async fn lost(client: &Client, admin: &str, acknowledged: &[(String, String)]) -> usize {
     use futures::StreamExt;
     futures::stream::iter(acknowledged)
         .map(|(account, id)| async move {
-            usize::from(!held(client, base, account).await.contains(id))
+            usize::from(!held(client, admin, account).await.contains(id))
         })
         .buffer_unordered(8)
         .fold(0, async |lost, one| lost + one)
@@ -505,7 +505,7 @@ async fn with_wait_replicas_a_failover_under_load_loses_no_admission_and_sidecar
         .iter()
         .map(|(a, id, _)| (a.clone(), id.clone()))
         .collect();
-    let lost = lost(&client, &fleet[1].base, &pairs).await;
+    let lost = lost(&client, &fleet[1].admin, &pairs).await;
     eprintln!(
         "Sentinel failover with --store-wait-replicas 1: {} acknowledged, {lost} lost, \
          {} failed calls, sentinels failed over in {failed_over:?}, admissions recovered {recovered:?} after kill -9",
@@ -584,7 +584,7 @@ async fn without_wait_a_failover_loses_what_replicas_lacked_with_wait_such_opens
         .collect();
     eventually("the refused opens' sessions are discarded", async || {
         for account in &waiting_accounts {
-            if !held(&client, &plain.base, account).await.is_empty() {
+            if !held(&client, &plain.admin, account).await.is_empty() {
                 return false;
             }
         }
@@ -611,8 +611,8 @@ async fn without_wait_a_failover_loses_what_replicas_lacked_with_wait_such_opens
         .await;
     }
     let recovered = killed.elapsed();
-    let lost_before = lost(&client, &plain.base, &before).await;
-    let lost_unreplicated = lost(&client, &plain.base, &unreplicated).await;
+    let lost_before = lost(&client, &plain.admin, &before).await;
+    let lost_unreplicated = lost(&client, &plain.admin, &unreplicated).await;
     eprintln!(
         "async failover: {lost_unreplicated} of {DURING} admissions acknowledged without WAIT while the \
          replicas lagged were lost, {lost_before} of the replicated ones; with WAIT all {DURING} \

@@ -1069,7 +1069,10 @@ impl RedisStore {
         keys.add_keys(&mut invocation);
         invocation.arg(id.to_string());
         self.origin_and_channel(&mut invocation);
-        let value = self.run_changing(&invocation).await?;
+        // Not waited for by replicas: a discard lost in a failover brings back only a session
+        // nobody holds (which expires after one TTL), and waiting would stall the discards
+        // while replicas lag.
+        let value = self.run(&invocation).await?;
         let (kind, _, expired) = reply("discard", &value)?;
         self.publish_local(expired);
         match kind.as_str() {
