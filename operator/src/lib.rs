@@ -8,6 +8,7 @@ pub mod certs;
 pub mod config;
 pub mod crd;
 pub mod inject;
+pub mod liveapi;
 pub mod metrics;
 pub mod reconcile;
 pub mod render;
