@@ -221,6 +221,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    if let Some(listen) = config.live_api_listen {
+        let cert = webhook_cert.clone().context(
+            "--live-api-listen serves with the webhook's certificate: it needs --webhook true",
+        )?;
+        liveapi::start(client.clone(), &config, listen, cert).await?;
+    }
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| format!("--metrics-listen {}: cannot bind", config.metrics_listen))?;

@@ -463,6 +463,50 @@ async fn delete_one(
     }
 }
 
+/// Starts the live API as `config` says on `listen`: front-proxy settings (retried in the
+/// background until readable), the namespace-to-store resolution from the sidecar store flags,
+/// serving, and (self-issued certificate mode) the APIService's caBundle.
+pub async fn start(
+    client: Client,
+    config: &crate::config::Config,
+    listen: SocketAddr,
+    cert: Arc<ServingCert>,
+) -> anyhow::Result<SocketAddr> {
+    let store = config
+        .sidecar()
+        .map_err(|problem| anyhow::anyhow!("invalid sidecar settings: {problem}"))?
+        .store;
+    let resolver = sessions::StoreResolver::new(
+        client.clone(),
+        store,
+        Box::new(sessions::StoreSessions::connect),
+    );
+    let api = LiveApi::new(client.clone(), Arc::new(resolver));
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("--live-api-listen {listen}: cannot bind"))?;
+    let addr = listener.local_addr()?;
+    let loading = api.clone();
+    tokio::spawn(async move {
+        // Until the settings load, resource requests answer 401 saying so.
+        while let Err(error) = loading.start_auth_reload().await {
+            tracing::warn!("live API authentication settings: {error:#}");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+    api.serve(listener, cert)?;
+    if config.webhook_cert_dir.is_none() {
+        tokio::spawn(run_ca_bundle_sync(
+            client,
+            config.namespace.clone(),
+            config.webhook_secret.clone(),
+            config.live_api_service.clone(),
+        ));
+    }
+    tracing::info!(%addr, "serving the live-session API");
+    Ok(addr)
+}
+
 /// Keeps the APIService's caBundle equal to the CA of the operator's self-issued certificate
 /// (the Secret the webhook's certificate upkeep writes), checking every minute.
 pub async fn run_ca_bundle_sync(

@@ -171,3 +171,95 @@ impl SessionsResolver for StoreResolver {
         Ok(sessions)
     }
 }
+
+/// [`Sessions`] over a session store of the `streamgate-store` crate.
+pub struct StoreSessions(pub Arc<dyn streamgate_store::SessionStore>);
+
+/// How long one store operation may take before the API answers 503.
+const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl StoreSessions {
+    /// Opens the store a sidecar would for `url` (`redis://…`, `redis-cluster://…`).
+    pub fn connect(url: &str) -> Result<Arc<dyn Sessions>, String> {
+        let target = streamgate_store::RedisTarget::parse(url)?;
+        let store = streamgate_store::RedisStore::new(target, STORE_TIMEOUT);
+        Ok(Arc::new(Self(Arc::new(store))))
+    }
+}
+
+fn live(record: streamgate_store::session::SessionRecord) -> LiveSession {
+    use streamgate_store::session::SessionState;
+    LiveSession {
+        id: record.id.to_string(),
+        account: record.account,
+        stream_id: record.stream_id,
+        state: match record.state {
+            SessionState::Active => "active",
+            SessionState::Revoked => "revoked",
+            SessionState::Expired => "expired",
+        }
+        .into(),
+        reason: record.reason.map(|r| r.as_str().to_string()),
+        created_at_ms: record.created_at_ms,
+        expires_at_ms: record.expires_at_ms,
+        policy: None,
+    }
+}
+
+fn store_error(error: streamgate_store::StoreError) -> SourceError {
+    SourceError(error.to_string())
+}
+
+#[async_trait]
+impl Sessions for StoreSessions {
+    async fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<LiveSession>, Option<String>), SourceError> {
+        let after = match after {
+            Some(id) => Some(
+                id.parse()
+                    .map_err(|()| SourceError(format!("{id:?} is not a session id")))?,
+            ),
+            None => None,
+        };
+        let page = self.0.list_all(after, limit).await.map_err(store_error)?;
+        Ok((
+            page.sessions.into_iter().map(live).collect(),
+            page.next_after.map(|id| id.to_string()),
+        ))
+    }
+
+    async fn of_account(&self, account: &str) -> Result<Vec<LiveSession>, SourceError> {
+        let mut sessions: Vec<LiveSession> = self
+            .0
+            .list(account)
+            .await
+            .map_err(store_error)?
+            .into_iter()
+            .map(live)
+            .collect();
+        sessions.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(sessions)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<LiveSession>, SourceError> {
+        let Ok(id) = id.parse() else {
+            return Ok(None);
+        };
+        Ok(self.0.get(id).await.map_err(store_error)?.map(live))
+    }
+
+    async fn kick(&self, id: &str) -> Result<Kick, SourceError> {
+        use streamgate_store::KickOutcome;
+        let Ok(id) = id.parse() else {
+            return Ok(Kick::NotFound);
+        };
+        Ok(match self.0.kick(id).await.map_err(store_error)? {
+            KickOutcome::Kicked(record) => Kick::Kicked(live(record)),
+            KickOutcome::AlreadyGone(record) => Kick::AlreadyGone(live(record)),
+            KickOutcome::NotFound => Kick::NotFound,
+        })
+    }
+}
