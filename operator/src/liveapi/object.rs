@@ -289,14 +289,22 @@ pub fn openapi_v3_document() -> Value {
     let string = |description: &str| json!({"type": "string", "description": description});
     let time = |description: &str| json!({"type": "string", "format": "date-time", "description": description});
     let path = format!("/apis/{GROUP_VERSION}/namespaces/{{namespace}}/{RESOURCE}");
+    // kubectl explain finds the kind of a resource from its operations' GVK.
+    let operation = |description: &str| {
+        json!({
+            "description": description,
+            "responses": {"200": {"description": "OK"}},
+            "x-kubernetes-group-version-kind": {"group": GROUP, "version": VERSION, "kind": KIND},
+        })
+    };
     json!({
         "openapi": "3.0.0",
         "info": {"title": "StreamGate live sessions", "version": VERSION},
         "paths": {
-            path.clone(): {"get": {"description": "list the namespace's live sessions", "responses": {"200": {"description": "OK"}}}},
+            path.clone(): {"get": operation("list the namespace's live sessions")},
             format!("{path}/{{name}}"): {
-                "get": {"description": "read a live session", "responses": {"200": {"description": "OK"}}},
-                "delete": {"description": "kick the session (reason kicked)", "responses": {"200": {"description": "OK"}}},
+                "get": operation("read a live session"),
+                "delete": operation("kick the session (reason kicked): its stream is cut"),
             },
         },
         "components": {"schemas": {
@@ -437,6 +445,8 @@ mod tests {
         let doc = openapi_v3_document();
         let gvk = &doc["components"]["schemas"][SCHEMA]["x-kubernetes-group-version-kind"][0];
         assert_eq!(gvk["kind"], KIND);
+        let list = &doc["paths"]["/apis/live.streamgate.dev/v1alpha1/namespaces/{namespace}/streamingsessions"];
+        assert_eq!(list["get"]["x-kubernetes-group-version-kind"]["kind"], KIND);
         let index = openapi_v3_index();
         let url = index["paths"]["apis/live.streamgate.dev/v1alpha1"]["serverRelativeURL"]
             .as_str()
