@@ -263,10 +263,15 @@ fn start_operator(
         .clone()
         .unwrap_or_default()
         .into_iter()
-        .filter(|a| !a.starts_with("--metrics-listen=") && !a.starts_with("--webhook-listen="))
+        .filter(|a| {
+            !a.starts_with("--metrics-listen=")
+                && !a.starts_with("--webhook-listen=")
+                && !a.starts_with("--live-api-listen=")
+        })
         .collect();
     args.push("--metrics-listen=127.0.0.1:0".into());
     args.push("--webhook-listen=127.0.0.1:0".into());
+    args.push("--live-api-listen=127.0.0.1:0".into());
     let mut child = Command::new(env!("CARGO_BIN_EXE_streamgate-operator"))
         .args(&args)
         .env("KUBECONFIG", kubeconfig)

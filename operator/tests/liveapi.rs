@@ -531,3 +531,173 @@ async fn kubectl_lists_selects_explains_kicks_and_authorizes_live_sessions() -> 
     ensure!(embedded.contains("embedded memory store"), "{embedded}");
     Ok(())
 }
+
+/// The operator binary, killed when dropped.
+struct Operator(std::process::Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads the operator's stdout until it reports the live API's address; keeps draining after.
+fn reported_live_api_port(child: &mut std::process::Child) -> Result<u16> {
+    use std::io::BufRead as _;
+    let stdout = child.stdout.take().context("piped stdout")?;
+    let (found, reported) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut found = Some(found);
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("serving the live-session API")
+                && let Some(at) = line.find("127.0.0.1:")
+            {
+                let digits: String = line[at + "127.0.0.1:".len()..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                if let (Some(found), Ok(port)) = (found.take(), digits.parse::<u16>()) {
+                    let _ = found.send(port);
+                }
+            }
+        }
+    });
+    reported
+        .recv_timeout(Duration::from_secs(60))
+        .context("the operator did not report its live API address")
+}
+
+/// The chart on a real API server with the aggregation layer: `helm install`, then the operator
+/// binary with the chart's Deployment arguments and only the chart's RBAC (impersonating its
+/// ServiceAccount). The chart's APIService becomes Available (the operator sets its caBundle)
+/// and kubectl reads a namespace's sessions through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_apiservice_becomes_available_with_the_charts_rbac() -> Result<()> {
+    // A control plane of its own: the APIService is cluster-wide, and the other test has one.
+    let cp = ControlPlane::start_aggregated().await?;
+    let client = cp.client().await?;
+    let ns = create_namespace(&client, "chart-live", &[]).await?;
+    let app_ns = create_namespace(&client, "chart-app", &[]).await?;
+    let url = redis_url()?;
+    store_secret(&client, &app_ns, &url).await?;
+    let release = "sg";
+    let mut install = cp.helm();
+    install
+        .args(["install", release])
+        .arg(streamgate_testenv::workspace_root().join("charts/streamgate"))
+        .args([
+            "--namespace",
+            &ns,
+            "--set",
+            "sidecar.store.existingSecret=streamgate-store",
+        ]);
+    let out = tokio::task::spawn_blocking(move || install.output()).await??;
+    ensure!(
+        out.status.success(),
+        "helm install: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fullname = format!("{release}-streamgate");
+    let deployment = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), &ns)
+        .get(&fullname)
+        .await?;
+    let container = &deployment
+        .spec
+        .template
+        .spec
+        .context("a pod spec")?
+        .containers[0];
+    let mut args: Vec<String> = container
+        .args
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| !a.contains("-listen="))
+        .collect();
+    args.extend(
+        ["--metrics-listen", "--webhook-listen", "--live-api-listen"]
+            .map(|flag| format!("{flag}=127.0.0.1:0")),
+    );
+    ensure!(
+        args.iter()
+            .any(|a| a == "--live-api-service=v1alpha1.live.streamgate.dev"),
+        "the chart passes the APIService name: {args:?}"
+    );
+    // Only the chart's RBAC: act as its ServiceAccount.
+    let text = std::fs::read_to_string(cp.kubeconfig_path())?;
+    let mut kubeconfig: serde_yaml::Value = serde_yaml::from_str(&text)?;
+    for entry in kubeconfig["users"].as_sequence_mut().context("users")? {
+        entry["user"].as_mapping_mut().context("a user")?.insert(
+            "as".into(),
+            format!("system:serviceaccount:{ns}:{fullname}").into(),
+        );
+    }
+    let impersonating = tempfile::NamedTempFile::new()?;
+    std::fs::write(impersonating.path(), serde_yaml::to_string(&kubeconfig)?)?;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_streamgate-operator"))
+        .args(&args)
+        .env("KUBECONFIG", impersonating.path())
+        .env("POD_NAMESPACE", &ns)
+        .env("POD_NAME", "live-api-chart-test")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .context("starting streamgate-operator")?;
+    let port = reported_live_api_port(&mut child);
+    let _operator = Operator(child);
+    let exposed = cp.expose(port?).await?;
+    point_service_at(
+        &client,
+        &ns,
+        &format!("{fullname}-webhook"),
+        "live-api",
+        exposed,
+    )
+    .await?;
+
+    let api_services: Api<APIService> = Api::all(client.clone());
+    wait_until(
+        Duration::from_secs(120),
+        "the chart's APIService to be Available",
+        || async {
+            let service = api_services.get(liveapi::API_SERVICE).await?;
+            let available = service
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| c.type_ == "Available");
+            match available {
+                Some(c) if c.status == "True" => Ok(true),
+                other => bail!("not yet: {other:?}"),
+            }
+        },
+    )
+    .await?;
+    // Through it, with the chart's RBAC for the operator: a namespace's (empty) sessions.
+    wait_until(
+        Duration::from_secs(30),
+        "kubectl get streamingsessions",
+        || async {
+            let out = kubectl(
+                &cp,
+                &["get", "streamingsessions", "-n", &app_ns, "-o", "json"],
+            )
+            .await?;
+            ensure!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(true)
+        },
+    )
+    .await?;
+    Ok(())
+}
