@@ -263,8 +263,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(%identity, "leading: starting the controller");
     metrics.leader.set(1);
+    // The ACTIVE column of StreamingPolicies, counted from the sidecars' stores.
+    let resolver = liveapi::resolver(client.clone(), &config)?;
+    let counting = liveapi::active::run(client.clone(), resolver, liveapi::active::INTERVAL);
     let result = tokio::select! {
         () = run_controller_with(client, metrics.clone(), config.excluded_namespaces(), jwks_client) => Ok(()),
+        () = counting => Ok(()),
         () = async {
             loop {
                 if leading.changed().await.is_err() || !*leading.borrow() {

@@ -602,12 +602,49 @@ async fn helm_install_creates_crd_rbac_and_webhook_and_uninstall_removes_them() 
             Some("app-settings"),
             false,
         ),
+        // The live-session API reads the front-proxy CA from it (public certificates, the
+        // extension-apiserver-authentication-reader binding); writes stay refused.
         (
             "get",
             "",
             "configmaps",
             Some("kube-system"),
             Some("extension-apiserver-authentication"),
+            true,
+        ),
+        (
+            "patch",
+            "",
+            "configmaps",
+            Some("kube-system"),
+            Some("extension-apiserver-authentication"),
+            false,
+        ),
+        // Kicks sessions only as the API server's proxy for a user the SubjectAccessReview
+        // allowed: the ServiceAccount itself holds no right on them.
+        (
+            "delete",
+            "live.streamgate.dev",
+            "streamingsessions",
+            Some("default"),
+            None,
+            false,
+        ),
+        // Its own APIService's caBundle only.
+        (
+            "patch",
+            "apiregistration.k8s.io",
+            "apiservices",
+            None,
+            Some("v1alpha1.live.streamgate.dev"),
+            true,
+        ),
+        (
+            "patch",
+            "apiregistration.k8s.io",
+            "apiservices",
+            None,
+            Some("v1beta1.metrics.k8s.io"),
             false,
         ),
         ("list", "", "configmaps", None, None, false),

@@ -277,6 +277,53 @@ async fn start_live_api(cp: &ControlPlane, client: &Client, operator_ns: &str) -
     .await
 }
 
+/// Resolves namespaces' stores as the operator started with `--sidecar-store-secret` does.
+fn counting_resolver(client: &Client) -> Arc<dyn liveapi::sessions::SessionsResolver> {
+    Arc::new(liveapi::sessions::StoreResolver::new(
+        client.clone(),
+        streamgate_operator::inject::StoreSource::Secret {
+            name: "streamgate-store".into(),
+            key: "url".into(),
+        },
+        Box::new(liveapi::sessions::StoreSessions::connect),
+    ))
+}
+
+/// Runs one round of the operator's session count, then reads the ACTIVE column of
+/// `kubectl get streamingpolicies` and compares it with `expected` (policy, count).
+async fn expect_active(
+    cp: &ControlPlane,
+    client: &Client,
+    resolver: &dyn liveapi::sessions::SessionsResolver,
+    namespace: &str,
+    expected: &[(&str, u64)],
+) -> Result<()> {
+    liveapi::active::refresh_once(client, resolver).await?;
+    let table = kubectl_ok(cp, &["get", "streamingpolicies", "-n", namespace]).await?;
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let column = header
+        .iter()
+        .position(|c| *c == "ACTIVE")
+        .with_context(|| format!("no ACTIVE column:\n{table}"))?;
+    for (policy, count) in expected {
+        let row: Vec<&str> = lines
+            .clone()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|cells| cells.first() == Some(policy))
+            .with_context(|| format!("no row {policy}:\n{table}"))?;
+        ensure!(
+            row.get(column) == Some(&count.to_string().as_str()),
+            "ACTIVE of {policy} should be {count}:\n{table}"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kubectl_lists_selects_explains_kicks_and_authorizes_live_sessions() -> Result<()> {
     let cp = shared_aggregated().await?;
@@ -352,6 +399,17 @@ async fn kubectl_lists_selects_explains_kicks_and_authorizes_live_sessions() -> 
         "listed {:?}, live {live:?}",
         names(&all)?
     );
+
+    // ACTIVE on `kubectl get sp`: live sessions per policy, counted from the store.
+    let resolver = counting_resolver(&client);
+    expect_active(
+        cp,
+        &client,
+        resolver.as_ref(),
+        &ns,
+        &[("standard", 2), ("vip", 1)],
+    )
+    .await?;
 
     // Paging: one session per request, kubectl follows the continue tokens.
     let paged = kubectl_ok(
@@ -513,6 +571,14 @@ async fn kubectl_lists_selects_explains_kicks_and_authorizes_live_sessions() -> 
     println!("kicked stream cut {cut_after:?} after kubectl delete returned");
     let after = kubectl_ok(cp, &["get", "sgs", "-n", &ns, "-o", "json"]).await?;
     ensure!(names(&after)? == [phone.clone(), vip.clone()].into_iter().collect());
+    expect_active(
+        cp,
+        &client,
+        resolver.as_ref(),
+        &ns,
+        &[("standard", 1), ("vip", 1)],
+    )
+    .await?;
     // Deleting it again: NotFound, as for any object that is gone.
     let again = kubectl_fails(cp, &["delete", "sgs", &tv, "-n", &ns]).await?;
     ensure!(

@@ -6,6 +6,7 @@
 //! are to any authenticated user. Sessions come from the session store the namespace's sidecars
 //! use ([`sessions`]); answers are `metav1.Status` JSON on error.
 
+pub mod active;
 pub mod auth;
 pub mod object;
 pub mod sessions;
@@ -463,6 +464,22 @@ async fn delete_one(
     }
 }
 
+/// Where namespaces' sessions are, from the operator's sidecar store flags.
+pub fn resolver(
+    client: Client,
+    config: &crate::config::Config,
+) -> anyhow::Result<Arc<dyn SessionsResolver>> {
+    let store = config
+        .sidecar()
+        .map_err(|problem| anyhow::anyhow!("invalid sidecar settings: {problem}"))?
+        .store;
+    Ok(Arc::new(sessions::StoreResolver::new(
+        client,
+        store,
+        Box::new(sessions::StoreSessions::connect),
+    )))
+}
+
 /// Starts the live API as `config` says on `listen`: front-proxy settings (retried in the
 /// background until readable), the namespace-to-store resolution from the sidecar store flags,
 /// serving, and (self-issued certificate mode) the APIService's caBundle.
@@ -472,16 +489,7 @@ pub async fn start(
     listen: SocketAddr,
     cert: Arc<ServingCert>,
 ) -> anyhow::Result<SocketAddr> {
-    let store = config
-        .sidecar()
-        .map_err(|problem| anyhow::anyhow!("invalid sidecar settings: {problem}"))?
-        .store;
-    let resolver = sessions::StoreResolver::new(
-        client.clone(),
-        store,
-        Box::new(sessions::StoreSessions::connect),
-    );
-    let api = LiveApi::new(client.clone(), Arc::new(resolver));
+    let api = LiveApi::new(client.clone(), resolver(client.clone(), config)?);
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("--live-api-listen {listen}: cannot bind"))?;
