@@ -354,8 +354,10 @@ async fn the_service_account_cannot_touch_other_config_maps(
             "patching {namespace}/{name} as the operator: {patched:?}"
         );
         let read = theirs.get(name).await;
+        // The live-session API reads the front-proxy settings (public CA certificates).
+        let may_read = name == "extension-apiserver-authentication";
         ensure!(
-            matches!(&read, Err(kube::Error::Api(s)) if s.code == 403),
+            may_read || matches!(&read, Err(kube::Error::Api(s)) if s.code == 403),
             "reading {namespace}/{name} as the operator: {read:?}"
         );
         let deleted = theirs.delete(name, &Default::default()).await;

@@ -180,7 +180,11 @@ async fn store_secret(client: &Client, namespace: &str, url: &str) -> Result<()>
 /// Runs the operator's live API in this process (as `--live-api-listen` does in the binary)
 /// and registers it with the API server through the control plane's network namespace; waits
 /// until the APIService is Available, its caBundle set by the operator.
-async fn start_live_api(cp: &ControlPlane, client: &Client, operator_ns: &str) -> Result<()> {
+async fn start_live_api(
+    cp: &ControlPlane,
+    client: &Client,
+    operator_ns: &str,
+) -> Result<std::net::SocketAddr> {
     let config = Config::try_parse_from([
         "streamgate-operator",
         "--namespace",
@@ -274,7 +278,66 @@ async fn start_live_api(cp: &ControlPlane, client: &Client, operator_ns: &str) -
             Ok(out.status.success())
         },
     )
-    .await
+    .await?;
+    Ok(addr)
+}
+
+/// Callers that bypass the API server are not believed: the user headers count only on a
+/// connection with the front proxy's client certificate.
+async fn spoofed_callers_are_refused(addr: std::net::SocketAddr, namespace: &str) -> Result<()> {
+    let url = format!(
+        "https://127.0.0.1:{}/apis/live.streamgate.dev/v1alpha1/namespaces/{namespace}/streamingsessions",
+        addr.port()
+    );
+    let spoof = |builder: reqwest::RequestBuilder| {
+        builder
+            .header("X-Remote-User", "admin")
+            .header("X-Remote-Group", "system:masters")
+    };
+    // No client certificate: 401, a Status naming the reason, and nothing listed.
+    let plain = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()?;
+    let answer = spoof(plain.get(&url)).send().await?;
+    ensure!(
+        answer.status() == 401,
+        "without a certificate: {}",
+        answer.status()
+    );
+    let status: Value = answer.json().await?;
+    ensure!(
+        status["kind"] == "Status" && status["reason"] == "Unauthorized",
+        "{status}"
+    );
+    ensure!(
+        status["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("front-proxy"),
+        "{status}"
+    );
+    let kick = spoof(plain.delete(format!("{url}/{}", "0".repeat(40))))
+        .send()
+        .await?;
+    ensure!(
+        kick.status() == 401,
+        "kick without a certificate: {}",
+        kick.status()
+    );
+    // A certificate with the allowed name from a CA of the caller's making: the handshake fails.
+    let rogue = streamgate_testenv::Ca::new("rogue")?;
+    let pair = rogue.client(streamgate_testenv::FRONT_PROXY_CLIENT, None)?;
+    let identity =
+        reqwest::Identity::from_pem(format!("{}{}", pair.cert_pem, pair.key_pem).as_bytes())?;
+    let rogue_client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .identity(identity)
+        .build()?;
+    match spoof(rogue_client.get(&url)).send().await {
+        Err(_) => {}
+        Ok(answer) => bail!("a rogue front-proxy certificate got {}", answer.status()),
+    }
+    Ok(())
 }
 
 /// Resolves namespaces' stores as the operator started with `--sidecar-store-secret` does.
@@ -363,7 +426,8 @@ async fn kubectl_lists_selects_explains_kicks_and_authorizes_live_sessions() -> 
     let vip = open(&http, &first, "vip-7", "tv").await?;
     let live: BTreeSet<String> = [&tv, &phone, &vip].into_iter().cloned().collect();
 
-    start_live_api(cp, &client, &operator_ns).await?;
+    let addr = start_live_api(cp, &client, &operator_ns).await?;
+    spoofed_callers_are_refused(addr, &ns).await?;
 
     // kubectl lists exactly the live sessions, as a table and as objects.
     let table = kubectl_ok(cp, &["get", "streamingsessions", "-n", &ns]).await?;
