@@ -121,6 +121,19 @@ pub struct Config {
     #[arg(long, env = "STREAMGATE_WEBHOOK_CERT_VALIDITY", default_value = "90days", value_parser = humantime::parse_duration)]
     pub webhook_cert_validity: Duration,
 
+    /// Serve the live-session API (`live.streamgate.dev`, for the API server's aggregation
+    /// layer) on this address, with the webhook's certificate. Off when unset.
+    #[arg(long, env = "STREAMGATE_LIVE_API_LISTEN")]
+    pub live_api_listen: Option<SocketAddr>,
+
+    /// APIService whose caBundle the operator keeps current (self-issued certificate mode).
+    #[arg(
+        long,
+        env = "STREAMGATE_LIVE_API_SERVICE",
+        default_value = "v1alpha1.live.streamgate.dev"
+    )]
+    pub live_api_service: String,
+
     /// Image of the injected sidecar.
     #[arg(long, env = "STREAMGATE_SIDECAR_IMAGE", default_value = concat!("streamgate/streamgate-sidecar:", env!("CARGO_PKG_VERSION")))]
     pub sidecar_image: String,

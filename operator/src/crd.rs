@@ -35,6 +35,7 @@ use streamgate_policy::PolicySpec;
     printcolumn = r#"{"name":"TTL","type":"integer","jsonPath":".spec.sessionTTLSeconds"}"#,
     printcolumn = r#"{"name":"Over-Limit","type":"string","jsonPath":".spec.onLimitExceeded"}"#,
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Active","type":"integer","description":"Live sessions admitted under this policy, counted from the session store at most 30 s ago","jsonPath":".status.activeSessions"}"#,
     printcolumn = r#"{"name":"Active-From","type":"string","jsonPath":".spec.activeFrom"}"#,
     printcolumn = r#"{"name":"Active-Until","type":"string","jsonPath":".spec.activeUntil"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
@@ -57,6 +58,10 @@ pub struct StreamingPolicyStatus {
     /// `Ready`: the policy is rendered into the namespace's sidecar configuration.
     #[serde(default)]
     pub conditions: Vec<PolicyCondition>,
+    /// Live sessions of accounts this policy applies to, counted from the namespace's session
+    /// store every 30 s (a snapshot, not a transaction: absent on the embedded memory store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_sessions: Option<u64>,
 }
 
 /// A status condition, shaped like `metav1.Condition`.

@@ -8,6 +8,7 @@ pub mod certs;
 pub mod config;
 pub mod crd;
 pub mod inject;
+pub mod liveapi;
 pub mod metrics;
 pub mod reconcile;
 pub mod render;
@@ -220,6 +221,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+    if let Some(listen) = config.live_api_listen {
+        let cert = webhook_cert.clone().context(
+            "--live-api-listen serves with the webhook's certificate: it needs --webhook true",
+        )?;
+        liveapi::start(client.clone(), &config, listen, cert).await?;
+    }
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| format!("--metrics-listen {}: cannot bind", config.metrics_listen))?;
@@ -256,8 +263,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(%identity, "leading: starting the controller");
     metrics.leader.set(1);
+    // The ACTIVE column of StreamingPolicies, counted from the sidecars' stores.
+    let resolver = liveapi::resolver(client.clone(), &config)?;
+    let counting = liveapi::active::run(client.clone(), resolver, liveapi::active::INTERVAL);
     let result = tokio::select! {
         () = run_controller_with(client, metrics.clone(), config.excluded_namespaces(), jwks_client) => Ok(()),
+        () = counting => Ok(()),
         () = async {
             loop {
                 if leading.changed().await.is_err() || !*leading.borrow() {

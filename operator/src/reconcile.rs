@@ -496,6 +496,8 @@ pub fn desired_status(
             last_transition_time,
             observed_generation: generation,
         }],
+        // Written by the live-session counter under a field manager of its own.
+        active_sessions: None,
     }
 }
 
@@ -507,7 +509,11 @@ async fn update_status(
 ) -> Result<(), Error> {
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let desired = desired_status(policy, verdict, &now);
-    if policy.status.as_ref() == Some(&desired) {
+    let current = policy.status.clone().map(|status| StreamingPolicyStatus {
+        active_sessions: None,
+        ..status
+    });
+    if current.as_ref() == Some(&desired) {
         return Ok(());
     }
     let patch = json!({

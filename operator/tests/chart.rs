@@ -263,10 +263,15 @@ fn start_operator(
         .clone()
         .unwrap_or_default()
         .into_iter()
-        .filter(|a| !a.starts_with("--metrics-listen=") && !a.starts_with("--webhook-listen="))
+        .filter(|a| {
+            !a.starts_with("--metrics-listen=")
+                && !a.starts_with("--webhook-listen=")
+                && !a.starts_with("--live-api-listen=")
+        })
         .collect();
     args.push("--metrics-listen=127.0.0.1:0".into());
     args.push("--webhook-listen=127.0.0.1:0".into());
+    args.push("--live-api-listen=127.0.0.1:0".into());
     let mut child = Command::new(env!("CARGO_BIN_EXE_streamgate-operator"))
         .args(&args)
         .env("KUBECONFIG", kubeconfig)
@@ -349,8 +354,10 @@ async fn the_service_account_cannot_touch_other_config_maps(
             "patching {namespace}/{name} as the operator: {patched:?}"
         );
         let read = theirs.get(name).await;
+        // The live-session API reads the front-proxy settings (public CA certificates).
+        let may_read = name == "extension-apiserver-authentication";
         ensure!(
-            matches!(&read, Err(kube::Error::Api(s)) if s.code == 403),
+            may_read || matches!(&read, Err(kube::Error::Api(s)) if s.code == 403),
             "reading {namespace}/{name} as the operator: {read:?}"
         );
         let deleted = theirs.delete(name, &Default::default()).await;
@@ -597,12 +604,49 @@ async fn helm_install_creates_crd_rbac_and_webhook_and_uninstall_removes_them() 
             Some("app-settings"),
             false,
         ),
+        // The live-session API reads the front-proxy CA from it (public certificates, the
+        // extension-apiserver-authentication-reader binding); writes stay refused.
         (
             "get",
             "",
             "configmaps",
             Some("kube-system"),
             Some("extension-apiserver-authentication"),
+            true,
+        ),
+        (
+            "patch",
+            "",
+            "configmaps",
+            Some("kube-system"),
+            Some("extension-apiserver-authentication"),
+            false,
+        ),
+        // Kicks sessions only as the API server's proxy for a user the SubjectAccessReview
+        // allowed: the ServiceAccount itself holds no right on them.
+        (
+            "delete",
+            "live.streamgate.dev",
+            "streamingsessions",
+            Some("default"),
+            None,
+            false,
+        ),
+        // Its own APIService's caBundle only.
+        (
+            "patch",
+            "apiregistration.k8s.io",
+            "apiservices",
+            None,
+            Some("v1alpha1.live.streamgate.dev"),
+            true,
+        ),
+        (
+            "patch",
+            "apiregistration.k8s.io",
+            "apiservices",
+            None,
+            Some("v1beta1.metrics.k8s.io"),
             false,
         ),
         ("list", "", "configmaps", None, None, false),

@@ -432,6 +432,54 @@ pub async fn adopt_writes_back_a_session_unless_its_stream_moved_on(
 }
 
 /// Instantiates every contract case for one store.
+/// Listing every account's sessions (the operator's live-session API): paged in id order, each
+/// active session exactly once, cut ones left out. The store may hold other cases' sessions.
+pub async fn list_all_pages_through_active_sessions(
+    store: Arc<dyn SessionStore>,
+    _clock: ManualClock,
+) {
+    let a = account("listing-a");
+    let b = account("listing-b");
+    let mine = [
+        admit(store.as_ref(), &a, "tv", 3).await,
+        admit(store.as_ref(), &a, "phone", 3).await,
+        admit(store.as_ref(), &b, "tv", 3).await,
+    ];
+    let kicked = admit(store.as_ref(), &b, "laptop", 3).await;
+    assert!(matches!(
+        store.kick(kicked).await.unwrap(),
+        KickOutcome::Kicked(_)
+    ));
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list_all(after, 2).await.unwrap();
+        assert!(page.sessions.len() <= 2, "a page over the limit");
+        assert!(
+            page.sessions
+                .iter()
+                .all(|s| s.state == SessionState::Active)
+        );
+        seen.extend(page.sessions.iter().map(|s| s.id));
+        match page.next_after {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "not in id order, or repeated"
+    );
+    for id in mine {
+        assert_eq!(
+            seen.iter().filter(|s| **s == id).count(),
+            1,
+            "{id} listed once"
+        );
+    }
+    assert!(!seen.contains(&kicked), "a kicked session is listed");
+}
+
 macro_rules! store_contract {
     ($module:ident, $make:expr) => {
         mod $module {
@@ -441,6 +489,12 @@ macro_rules! store_contract {
                 let clock = ManualClock::new(chrono::Utc::now().timestamp_millis());
                 let make: fn(ManualClock) -> Arc<dyn SessionStore> = $make;
                 (make(clock.clone()), clock)
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn list_all_pages_through_active_sessions() {
+                let (store, clock) = store();
+                super::list_all_pages_through_active_sessions(store, clock).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

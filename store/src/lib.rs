@@ -75,6 +75,15 @@ pub struct Touched {
     pub renewed: bool,
 }
 
+/// One page of [`SessionStore::list_all`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionPage {
+    /// Active sessions, in id order.
+    pub sessions: Vec<SessionRecord>,
+    /// Pass as `after` for the next page; `None` on the last page.
+    pub next_after: Option<SessionId>,
+}
+
 /// A request to open (or renew) the session of `(account, stream_id)`.
 #[derive(Clone, Debug)]
 pub struct OpenRequest<'a> {
@@ -220,6 +229,16 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Active sessions across all accounts, when the store can count them cheaply.
     async fn active_sessions(&self) -> Result<Option<u64>, StoreError>;
+
+    /// Active sessions of every account in id order, those with an id after `after`, at most
+    /// `limit` per page (a page may hold fewer and still have a next one). For listing (the
+    /// operator's live-session API), not for admission: not atomic across accounts, and it
+    /// walks every session key, so callers page and do not poll it per request of a player.
+    async fn list_all(
+        &self,
+        after: Option<SessionId>,
+        limit: usize,
+    ) -> Result<SessionPage, StoreError>;
 
     /// Revocation notices (evicted, kicked, expired), local and, for shared stores, remote.
     fn revocations(&self) -> broadcast::Receiver<Revocation>;

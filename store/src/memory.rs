@@ -23,7 +23,8 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    HeartbeatOutcome, KickOutcome, OpenOutcome, OpenRequest, SessionStore, StoreError, Touched,
+    HeartbeatOutcome, KickOutcome, OpenOutcome, OpenRequest, SessionPage, SessionStore, StoreError,
+    Touched,
 };
 use crate::admission::{self, Decision};
 use crate::clock::{Clock, SystemClock};
@@ -582,6 +583,31 @@ impl SessionStore for MemoryStore {
         };
         self.publish(cut);
         Ok(active)
+    }
+
+    async fn list_all(
+        &self,
+        after: Option<SessionId>,
+        limit: usize,
+    ) -> Result<SessionPage, StoreError> {
+        let now = self.now();
+        let mut active: Vec<SessionRecord> = {
+            let state = self.lock();
+            state
+                .sessions
+                .values()
+                .map(|e| &e.record)
+                .filter(|r| r.is_active_at(now) && after.is_none_or(|a| r.id > a))
+                .cloned()
+                .collect()
+        };
+        active.sort_by_key(|r| r.id);
+        let more = active.len() > limit;
+        active.truncate(limit);
+        Ok(SessionPage {
+            next_after: more.then(|| active.last().map(|r| r.id)).flatten(),
+            sessions: active,
+        })
     }
 
     async fn get(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError> {

@@ -22,7 +22,8 @@ use tokio::sync::{OnceCell, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    HeartbeatOutcome, KickOutcome, OpenOutcome, OpenRequest, SessionStore, StoreError, Touched,
+    HeartbeatOutcome, KickOutcome, OpenOutcome, OpenRequest, SessionPage, SessionStore, StoreError,
+    Touched,
 };
 use crate::admission::OverLimit;
 use crate::clock::Clock;
@@ -620,7 +621,101 @@ fn session_key(id: SessionId) -> String {
     format!("{}s:{id}", tag_prefix(id.tag))
 }
 
+/// SCAN pattern of session keys (narrowed further by [`session_id_of_key`]).
+const SESSION_KEY_PATTERN: &str = "sg:{????????}:s:*";
+
+/// The session id a key of [`session_key`]'s shape holds; `None` for any other key.
+fn session_id_of_key(key: &str) -> Option<SessionId> {
+    let id: SessionId = key
+        .strip_prefix("sg:{")?
+        .split_once("}:s:")?
+        .1
+        .parse()
+        .ok()?;
+    (session_key(id) == key).then_some(id)
+}
+
+/// The masters' addresses in `CLUSTER NODES` output (`ID HOST:PORT@CPORT FLAGS ...`).
+fn cluster_masters(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags = fields.get(2)?;
+            if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+                return None;
+            }
+            let addr = fields.get(1)?.split('@').next()?;
+            let (host, port) = addr.rsplit_once(':')?;
+            Some((host.to_string(), port.parse().ok()?))
+        })
+        .collect()
+}
+
 impl RedisStore {
+    /// The ids of every session key (active or cut), by SCAN on the server or on every master
+    /// of a cluster.
+    async fn scan_session_ids(&self) -> Result<Vec<SessionId>, StoreError> {
+        let connection = self.connection().await?;
+        let scan = async {
+            let mut ids = Vec::new();
+            match connection {
+                Connection::Standalone(c) => {
+                    scan_node(&mut ids, |cmd| {
+                        let mut c = c.clone();
+                        async move { cmd.query_async::<(u64, Vec<String>)>(&mut c).await }
+                    })
+                    .await?;
+                }
+                Connection::Sentinel(m) => {
+                    scan_node(&mut ids, |cmd| {
+                        let mut c = m.connection.clone();
+                        async move { cmd.query_async::<(u64, Vec<String>)>(&mut c).await }
+                    })
+                    .await?;
+                }
+                Connection::Cluster(c) => {
+                    let nodes: String = redis::cmd("CLUSTER")
+                        .arg("NODES")
+                        .query_async(&mut c.clone())
+                        .await?;
+                    for (host, port) in cluster_masters(&nodes) {
+                        scan_node(&mut ids, |cmd| {
+                            let mut c = c.clone();
+                            let host = host.clone();
+                            async move {
+                                let reply = c
+                                    .route_command(
+                                        cmd,
+                                        redis::cluster_routing::RoutingInfo::SingleNode(
+                                            redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+                                                host,
+                                                port,
+                                            },
+                                        ),
+                                    )
+                                    .await?;
+                                redis::from_redis_value::<(u64, Vec<String>)>(reply)
+                                    .map_err(RedisError::from)
+                            }
+                        })
+                        .await?;
+                    }
+                }
+            }
+            Ok::<_, RedisError>(ids)
+        };
+        // A full walk takes longer than one script: allow it ten operation timeouts.
+        let budget = self.inner.timeout * 10;
+        match tokio::time::timeout(budget, scan).await {
+            Ok(Ok(ids)) => Ok(ids),
+            Ok(Err(e)) => Err(classify(&e)),
+            Err(_) => Err(StoreError::TimedOut(format!(
+                "Redis did not finish scanning session keys within {budget:?}"
+            ))),
+        }
+    }
+
     /// A store for `target`; connects on first use, so a sidecar starts (unready) while Redis is
     /// down. `timeout` bounds every operation. Other sidecars' revocations are heard only while
     /// the owner runs [`SessionStore::background`].
@@ -896,6 +991,29 @@ impl RedisStore {
         if let Some(clock) = &self.inner.clock {
             invocation.arg("__now__").arg(clock.now_ms());
         }
+    }
+}
+
+/// SCANs one node to the end, collecting session ids; `send` runs one SCAN command there.
+async fn scan_node<F, Fut>(ids: &mut Vec<SessionId>, send: F) -> Result<(), RedisError>
+where
+    F: Fn(redis::Cmd) -> Fut,
+    Fut: std::future::Future<Output = Result<(u64, Vec<String>), RedisError>>,
+{
+    let mut cursor = 0u64;
+    loop {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(SESSION_KEY_PATTERN)
+            .arg("COUNT")
+            .arg(1000);
+        let (next, keys) = send(cmd).await?;
+        ids.extend(keys.iter().filter_map(|k| session_id_of_key(k)));
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
     }
 }
 
@@ -1517,6 +1635,39 @@ impl SessionStore for RedisStore {
         }
     }
 
+    async fn list_all(
+        &self,
+        after: Option<SessionId>,
+        limit: usize,
+    ) -> Result<SessionPage, StoreError> {
+        let mut ids: Vec<SessionId> = self
+            .scan_session_ids()
+            .await?
+            .into_iter()
+            .filter(|id| after.is_none_or(|a| *id > a))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        let now = self.inner.clock.as_ref().map_or_else(
+            || chrono::Utc::now().timestamp_millis(),
+            |clock| clock.now_ms(),
+        );
+        let mut page = SessionPage::default();
+        for (index, id) in ids.iter().enumerate() {
+            if page.sessions.len() == limit {
+                page.next_after = index.checked_sub(1).map(|i| ids[i]);
+                break;
+            }
+            // Cut (or gone since the scan) sessions are skipped: the page lists live ones.
+            if let Some(record) = self.get(*id).await?
+                && record.is_active_at(now)
+            {
+                page.sessions.push(record);
+            }
+        }
+        Ok(page)
+    }
+
     async fn active_sessions(&self) -> Result<Option<u64>, StoreError> {
         // A fleet-wide count would need a global key outside every account's slot; the
         // per-account counts are what admission relies on.
@@ -1712,6 +1863,22 @@ mod tests {
             let error = RedisTarget::parse(url).expect_err(url);
             assert!(error.contains(says), "{url}: {error}");
         }
+    }
+
+    #[test]
+    fn session_keys_are_told_apart_from_account_keys() {
+        let id = SessionId::for_account("123");
+        assert_eq!(session_id_of_key(&session_key(id)), Some(id));
+        let account = AccountKeys::new("123");
+        assert_eq!(
+            session_id_of_key(&format!("{}s:{id}", account.account_prefix)),
+            None
+        );
+        assert_eq!(session_id_of_key("sg:{0000}:s:zz"), None);
+        let nodes = "a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460\n\
+                     b2 127.0.0.1:7002@17002 slave a1 0 0 1 connected\n\
+                     c3 127.0.0.1:7003@17003 master,fail - 0 0 3 connected\n";
+        assert_eq!(cluster_masters(nodes), [("127.0.0.1".to_string(), 7001)]);
     }
 
     #[test]

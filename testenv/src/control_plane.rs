@@ -46,8 +46,17 @@ if [ -n "$pids" ]; then
   i=0
   while alive && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 fi
+[ -n "$2" ] && ip netns del "$2" 2>/dev/null
 rm -rf "$dir"
 "#;
+
+/// The address the aggregation mode's network namespace gives its loopback device: Endpoints
+/// may not point at 127.0.0.0/8, so exposed servers get this one (TEST-NET-1, never routed).
+pub const EXTENSION_ADDRESS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+
+/// The user the API server's front-proxy client certificate names: what an extension API
+/// server finds in `requestheader-allowed-names`.
+pub const FRONT_PROXY_CLIENT: &str = "front-proxy-client";
 
 /// A running etcd + kube-apiserver on 127.0.0.1 with an admin kubeconfig.
 ///
@@ -55,6 +64,10 @@ rm -rf "$dir"
 /// test process dies first, a watchdog process does the same.
 pub struct ControlPlane {
     dir: PathBuf,
+    /// The network namespace etcd and kube-apiserver run in (aggregation mode only).
+    netns: Option<String>,
+    /// The next port [`ControlPlane::expose`] listens on inside the namespace.
+    next_exposed_port: std::sync::atomic::AtomicU16,
     kubeconfig_path: PathBuf,
     server: String,
     binaries: Binaries,
@@ -65,6 +78,8 @@ struct Processes {
     etcd: Child,
     apiserver: Child,
     watchdog: Child,
+    /// Forwarders between the host and the namespace (aggregation mode only).
+    forwarders: Vec<Child>,
     /// Write end of the watchdog's stdin: dropping it (process exit) triggers the cleanup.
     watchdog_stdin: ChildStdin,
 }
@@ -88,12 +103,29 @@ impl ControlPlane {
 
     /// Starts a control plane with the given binaries.
     pub async fn start_with(binaries: Binaries) -> Result<Self> {
+        Self::start_with_mode(binaries, false).await
+    }
+
+    /// Starts a control plane with the aggregation layer: a front-proxy CA and client
+    /// certificate with the `--requestheader-*` flags, and `--enable-aggregator-routing` so the
+    /// API server dials an APIService's endpoint addresses itself (there is no kube-proxy).
+    ///
+    /// etcd and kube-apiserver run inside a network namespace created for them (needs root and
+    /// `ip`, `nsenter`, `socat`): Endpoints may not name loopback addresses, so the namespace's
+    /// loopback device also carries [`EXTENSION_ADDRESS`], where [`ControlPlane::expose`] makes
+    /// a server of the test reachable. The API server is forwarded to the host's 127.0.0.1 as
+    /// usual, so kubectl, helm and clients work unchanged. The namespace is deleted on stop.
+    pub async fn start_aggregated() -> Result<Self> {
+        Self::start_with_mode(Binaries::locate()?, true).await
+    }
+
+    async fn start_with_mode(binaries: Binaries, aggregation: bool) -> Result<Self> {
         crate::install_crypto_provider();
         // Free ports are picked by binding and releasing them, so another process can take one
         // before etcd or kube-apiserver binds it; start again on fresh ports when that happens.
         let mut attempt = 1;
         loop {
-            match Self::start_once(binaries.clone()).await {
+            match Self::start_once(binaries.clone(), aggregation).await {
                 Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
                     tracing::warn!("control plane lost a port race, retrying: {e:#}");
                     attempt += 1;
@@ -108,18 +140,20 @@ impl ControlPlane {
         }
     }
 
-    async fn start_once(binaries: Binaries) -> Result<Self> {
+    async fn start_once(binaries: Binaries, aggregation: bool) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("streamgate-testenv-")
             .tempdir()
             .context("creating a temporary directory")?
             .keep();
+        let netns = aggregation.then(new_netns_name);
 
         let mut watchdog = Command::new("sh")
             .arg("-c")
             .arg(WATCHDOG_SCRIPT)
             .arg("streamgate-testenv-watchdog")
             .arg(&dir)
+            .arg(netns.as_deref().unwrap_or(""))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -129,6 +163,7 @@ impl ControlPlane {
 
         let mut starting = Starting {
             dir: dir.clone(),
+            netns: netns.clone(),
             watchdog: Some((watchdog, watchdog_stdin)),
             children: Vec::new(),
         };
@@ -139,8 +174,11 @@ impl ControlPlane {
                 let mut children = std::mem::take(&mut starting.children).into_iter();
                 let etcd = children.next().expect("etcd");
                 let apiserver = children.next().expect("apiserver");
+                let forwarders = children.collect();
                 Ok(Self {
                     dir,
+                    netns,
+                    next_exposed_port: std::sync::atomic::AtomicU16::new(8443),
                     kubeconfig_path,
                     server,
                     binaries,
@@ -148,6 +186,7 @@ impl ControlPlane {
                         etcd,
                         apiserver,
                         watchdog,
+                        forwarders,
                         watchdog_stdin,
                     })),
                 })
@@ -210,6 +249,67 @@ impl ControlPlane {
         cmd
     }
 
+    /// The network namespace the control plane runs in (aggregation mode), e.g. for
+    /// `nsenter --net=/run/netns/NAME`.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    /// Makes a TCP server listening on the host's `127.0.0.1:host_port` reachable from the API
+    /// server at the returned address ([`EXTENSION_ADDRESS`] and a port of its own) inside the
+    /// control plane's network namespace: what an Endpoints object of an APIService (or a
+    /// webhook Service) can name. Bytes pass through unchanged, TLS included. Aggregation mode
+    /// only; the forwarders stop with the control plane.
+    pub async fn expose(&self, host_port: u16) -> Result<SocketAddr> {
+        let netns = self
+            .netns
+            .as_deref()
+            .ok_or_else(|| anyhow!("expose needs a control plane started with start_aggregated"))?;
+        let port = self
+            .next_exposed_port
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let socket = self.dir.join(format!("expose-{port}.sock"));
+        // Host side: the unix socket (shared by both network namespaces) to the host's port.
+        let mut host = Command::new("socat");
+        host.arg("-d")
+            .arg("-d")
+            .arg(format!(
+                "UNIX-LISTEN:{},fork,unlink-early",
+                socket.display()
+            ))
+            .arg(format!("TCP:127.0.0.1:{host_port}"));
+        self.spawn_forwarder(host, &format!("expose-{port}-host"))
+            .await?;
+        // Namespace side: the extension address to the unix socket.
+        let mut inner = nsenter(netns, "socat");
+        inner
+            .arg("-d")
+            .arg("-d")
+            .arg(format!(
+                "TCP-LISTEN:{port},bind={EXTENSION_ADDRESS},fork,reuseaddr"
+            ))
+            .arg(format!("UNIX-CONNECT:{}", socket.display()));
+        self.spawn_forwarder(inner, &format!("expose-{port}-netns"))
+            .await?;
+        Ok(SocketAddr::from((EXTENSION_ADDRESS, port)))
+    }
+
+    /// Starts a socat forwarder, registers it with the watchdog and waits until it listens.
+    async fn spawn_forwarder(&self, cmd: Command, name: &str) -> Result<()> {
+        let log_path = self.dir.join(format!("{name}.log"));
+        {
+            let mut procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
+            let procs = procs
+                .as_mut()
+                .ok_or_else(|| anyhow!("the control plane is stopped"))?;
+            let child = spawn_logged(cmd, &log_path)?;
+            writeln!(procs.watchdog_stdin, "{}", child.id())
+                .context("telling the watchdog about a process")?;
+            procs.forwarders.push(child);
+        }
+        wait_for_log_line(&log_path, "listening on", Duration::from_secs(10)).await
+    }
+
     /// The process ids of etcd and kube-apiserver (for tests that check they are gone).
     pub fn pids(&self) -> Vec<u32> {
         let procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
@@ -232,12 +332,18 @@ impl ControlPlane {
     fn stop_processes(&self) {
         let taken = self.procs.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(mut p) = taken {
+            for forwarder in &mut p.forwarders {
+                terminate(forwarder);
+            }
             terminate(&mut p.apiserver);
             terminate(&mut p.etcd);
             // Our children are reaped now; stop the watchdog before it signals their (free) pids.
             let _ = p.watchdog.kill();
             let _ = p.watchdog.wait();
             drop(p.watchdog_stdin);
+            if let Some(netns) = &self.netns {
+                delete_netns(netns);
+            }
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
@@ -258,8 +364,9 @@ fn terminate(child: &mut Child) {
 /// A control plane being started: on error (drop) it stops what did start.
 struct Starting {
     dir: PathBuf,
+    netns: Option<String>,
     watchdog: Option<(Child, ChildStdin)>,
-    /// etcd, then kube-apiserver.
+    /// etcd, then kube-apiserver, then (aggregation mode) the API server's forwarders.
     children: Vec<Child>,
 }
 
@@ -272,6 +379,9 @@ impl Drop for Starting {
             let _ = watchdog.kill();
             let _ = watchdog.wait();
             drop(stdin);
+            if let Some(netns) = &self.netns {
+                delete_netns(netns);
+            }
             // Keep the logs of a failed start only when asked: the error already quotes them.
             if std::env::var_os("STREAMGATE_TESTENV_KEEP").is_none() {
                 let _ = std::fs::remove_dir_all(&self.dir);
@@ -291,7 +401,14 @@ impl Starting {
         let serving = ca.loopback_server()?;
         let admin = ca.client("admin", Some("system:masters"))?;
         let (sa_key, sa_pub) = certs::key_pair_pem()?;
+        // The aggregation layer's own CA: extension API servers trust requests carrying the
+        // user in headers only from a client certificate it signed.
+        let front_proxy_ca = Ca::new("streamgate-testenv-front-proxy-ca")?;
+        let front_proxy = front_proxy_ca.client(FRONT_PROXY_CLIENT, None)?;
         let files = [
+            ("front-proxy-ca.crt", front_proxy_ca.cert_pem()),
+            ("front-proxy-client.crt", front_proxy.cert_pem),
+            ("front-proxy-client.key", front_proxy.key_pem),
             ("ca.crt", ca.cert_pem()),
             ("apiserver.crt", serving.cert_pem),
             ("apiserver.key", serving.key_pem),
@@ -304,10 +421,19 @@ impl Starting {
             std::fs::write(dir.join(name), pem).with_context(|| format!("writing {name}"))?;
         }
 
+        if let Some(netns) = &self.netns {
+            create_netns(netns)?;
+        }
+        let netns = self.netns.clone();
+        let in_netns = |program: &Path| match &netns {
+            Some(netns) => nsenter(netns, program),
+            None => Command::new(program),
+        };
+
         // etcd
         let etcd_url = format!("http://127.0.0.1:{etcd_client}");
         let peer_url = format!("http://127.0.0.1:{etcd_peer}");
-        let mut etcd = Command::new(&bins.etcd);
+        let mut etcd = in_netns(&bins.etcd);
         etcd.arg("--name=streamgate-testenv")
             .arg(format!("--data-dir={}", dir.join("etcd").display()))
             .arg(format!("--listen-client-urls={etcd_url}"))
@@ -319,12 +445,14 @@ impl Starting {
             .arg("--unsafe-no-fsync=true")
             .arg("--log-level=warn");
         self.spawn(etcd, "etcd")?;
-        wait_for_etcd(&mut self.children[0], etcd_client, &dir).await?;
+        if self.netns.is_none() {
+            wait_for_etcd(&mut self.children[0], etcd_client, &dir).await?;
+        } // else unreachable from here: kube-apiserver's /readyz below checks etcd too.
 
         // kube-apiserver
         let server = format!("https://127.0.0.1:{apiserver_port}");
         let p = |name: &str| dir.join(name).display().to_string();
-        let mut apiserver = Command::new(&bins.kube_apiserver);
+        let mut apiserver = in_netns(&bins.kube_apiserver);
         apiserver
             .arg(format!("--etcd-servers={etcd_url}"))
             .arg("--bind-address=127.0.0.1")
@@ -347,7 +475,65 @@ impl Starting {
             .arg("--disable-admission-plugins=ServiceAccount")
             // No default route here, and nothing should reconcile the kubernetes Service.
             .arg("--endpoint-reconciler-type=none");
+        if self.netns.is_some() {
+            apiserver
+                .arg(format!(
+                    "--requestheader-client-ca-file={}",
+                    p("front-proxy-ca.crt")
+                ))
+                .arg(format!(
+                    "--requestheader-allowed-names={FRONT_PROXY_CLIENT}"
+                ))
+                .arg("--requestheader-username-headers=X-Remote-User")
+                .arg("--requestheader-group-headers=X-Remote-Group")
+                .arg("--requestheader-extra-headers-prefix=X-Remote-Extra-")
+                .arg(format!(
+                    "--proxy-client-cert-file={}",
+                    p("front-proxy-client.crt")
+                ))
+                .arg(format!(
+                    "--proxy-client-key-file={}",
+                    p("front-proxy-client.key")
+                ))
+                // No kube-proxy: dial an APIService's endpoint addresses, not its cluster IP.
+                .arg("--enable-aggregator-routing=true");
+        }
         self.spawn(apiserver, "kube-apiserver")?;
+        if let Some(netns) = &self.netns {
+            // The host reaches the API server through a unix socket, which both network
+            // namespaces share; it listens on the same port number on the host's loopback.
+            let socket = dir.join("apiserver.sock");
+            let mut inner = nsenter(netns, "socat");
+            inner
+                .arg("-d")
+                .arg("-d")
+                .arg(format!(
+                    "UNIX-LISTEN:{},fork,unlink-early",
+                    socket.display()
+                ))
+                .arg(format!("TCP:127.0.0.1:{apiserver_port}"));
+            self.spawn(inner, "apiserver-forwarder-netns")?;
+            wait_for_log_line(
+                &dir.join("apiserver-forwarder-netns.log"),
+                "listening on",
+                Duration::from_secs(10),
+            )
+            .await?;
+            let mut host = Command::new("socat");
+            host.arg("-d")
+                .arg("-d")
+                .arg(format!(
+                    "TCP-LISTEN:{apiserver_port},bind=127.0.0.1,fork,reuseaddr"
+                ))
+                .arg(format!("UNIX-CONNECT:{}", socket.display()));
+            self.spawn(host, "apiserver-forwarder-host")?;
+            wait_for_log_line(
+                &dir.join("apiserver-forwarder-host.log"),
+                "listening on",
+                Duration::from_secs(10),
+            )
+            .await?;
+        }
 
         let kubeconfig_path = dir.join("kubeconfig");
         write_kubeconfig(&kubeconfig_path, &server, &dir)?;
@@ -355,20 +541,91 @@ impl Starting {
         Ok((kubeconfig_path, server))
     }
 
-    fn spawn(&mut self, mut cmd: Command, name: &str) -> Result<()> {
-        let log_path = self.dir.join(format!("{name}.log"));
-        let log = std::fs::File::create(&log_path).context("creating a log file")?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    fn spawn(&mut self, cmd: Command, name: &str) -> Result<()> {
+        let child = spawn_logged(cmd, &self.dir.join(format!("{name}.log")))?;
         let (_, stdin) = self.watchdog.as_mut().expect("watchdog");
         let pid = child.id();
         self.children.push(child);
         writeln!(stdin, "{pid}").context("telling the watchdog about a process")?;
         Ok(())
+    }
+}
+
+/// Runs `cmd` with stdout and stderr into `log_path`.
+fn spawn_logged(mut cmd: Command, log_path: &Path) -> Result<Child> {
+    let log = std::fs::File::create(log_path).context("creating a log file")?;
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("running {:?}", cmd.get_program()))
+}
+
+/// A network namespace name unique on this machine while this process lives.
+fn new_netns_name() -> String {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("sgtest-{}-{n}", std::process::id())
+}
+
+/// `program` run inside the network namespace `netns` (nsenter execs it: same pid).
+fn nsenter(netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{netns}"))
+        .arg("--")
+        .arg(program);
+    cmd
+}
+
+/// Creates the network namespace with its loopback device up, carrying [`EXTENSION_ADDRESS`].
+fn create_netns(netns: &str) -> Result<()> {
+    let ip = |args: &[&str]| -> Result<()> {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .context("running ip (iproute2)")?;
+        if !out.status.success() {
+            bail!(
+                "ip {} failed (aggregation mode needs root): {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    ip(&["netns", "add", netns])?;
+    let address = format!("{EXTENSION_ADDRESS}/32");
+    let configured = ip(&["-n", netns, "link", "set", "lo", "up"])
+        .and_then(|()| ip(&["-n", netns, "addr", "add", &address, "dev", "lo"]));
+    if configured.is_err() {
+        delete_netns(netns);
+    }
+    configured
+}
+
+fn delete_netns(netns: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", netns])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Waits until `needle` appears in the log file (socat -d -d says "listening on").
+async fn wait_for_log_line(path: &Path, needle: &str, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if std::fs::read_to_string(path).is_ok_and(|text| text.contains(needle)) {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "no {needle:?} in {} within {timeout:?}:\n{}",
+                path.display(),
+                log_tail(path, 20)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -41,7 +41,7 @@ use serde::Deserialize;
 
 pub use binaries::{Binaries, Versions};
 pub use certs::{Ca, CertPair};
-pub use control_plane::ControlPlane;
+pub use control_plane::{ControlPlane, EXTENSION_ADDRESS, FRONT_PROXY_CLIENT};
 pub use https::HttpsServer;
 pub use node::{Node, NodeImages, shared_node};
 
@@ -63,6 +63,24 @@ pub async fn shared() -> Result<&'static ControlPlane> {
     started
         .as_ref()
         .map_err(|e| anyhow!("the shared test control plane is not running: {e}"))
+}
+
+static SHARED_AGGREGATED: tokio::sync::OnceCell<std::result::Result<ControlPlane, String>> =
+    tokio::sync::OnceCell::const_new();
+
+/// Like [`shared`], but a control plane with the aggregation layer
+/// ([`ControlPlane::start_aggregated`]), shared by the tests of this binary that need one.
+pub async fn shared_aggregated() -> Result<&'static ControlPlane> {
+    let started = SHARED_AGGREGATED
+        .get_or_init(|| async {
+            ControlPlane::start_aggregated()
+                .await
+                .map_err(|e| format!("{e:#}"))
+        })
+        .await;
+    started
+        .as_ref()
+        .map_err(|e| anyhow!("the shared aggregated control plane is not running: {e}"))
 }
 
 /// Creates a namespace named `{prefix}-{unique suffix}` with `labels` and returns its name.
@@ -99,6 +117,86 @@ pub async fn create_namespace(
         .await
         .with_context(|| format!("creating namespace {name}"))?;
     Ok(name)
+}
+
+/// Points the Service `namespace/service` (port `port_name`) at `addr` by applying its Endpoints
+/// and EndpointSlice, as the controllers a real cluster runs would for a ready pod. With no
+/// kube-controller-manager nothing else does; the aggregation layer resolves a Service through
+/// its EndpointSlices. `addr` must not be a loopback address: see [`ControlPlane::expose`].
+pub async fn point_service_at(
+    client: &Client,
+    namespace: &str,
+    service: &str,
+    port_name: &str,
+    addr: std::net::SocketAddr,
+) -> Result<()> {
+    use k8s_openapi::api::core::v1::{EndpointAddress, EndpointPort, EndpointSubset, Endpoints};
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
+    let ip = addr.ip().to_string();
+    let endpoints = Endpoints {
+        metadata: ObjectMeta {
+            name: Some(service.to_string()),
+            namespace: Some(namespace.to_string()),
+            ..Default::default()
+        },
+        subsets: Some(vec![EndpointSubset {
+            addresses: Some(vec![EndpointAddress {
+                ip: ip.clone(),
+                ..Default::default()
+            }]),
+            ports: Some(vec![EndpointPort {
+                name: Some(port_name.to_string()),
+                port: addr.port().into(),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }]),
+    };
+    let slice = EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{service}-testenv")),
+            namespace: Some(namespace.to_string()),
+            labels: Some(
+                [(
+                    "kubernetes.io/service-name".to_string(),
+                    service.to_string(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        address_type: if addr.is_ipv4() { "IPv4" } else { "IPv6" }.into(),
+        endpoints: Some(vec![Endpoint {
+            addresses: vec![ip],
+            conditions: Some(EndpointConditions {
+                ready: Some(true),
+                serving: Some(true),
+                terminating: Some(false),
+            }),
+            ..Default::default()
+        }]),
+        ports: Some(vec![k8s_openapi::api::discovery::v1::EndpointPort {
+            name: Some(port_name.to_string()),
+            port: Some(addr.port().into()),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    };
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    Api::<Endpoints>::namespaced(client.clone(), namespace)
+        .patch(service, &params, &Patch::Apply(&endpoints))
+        .await
+        .with_context(|| format!("applying Endpoints {namespace}/{service}"))?;
+    Api::<EndpointSlice>::namespaced(client.clone(), namespace)
+        .patch(
+            &format!("{service}-testenv"),
+            &params,
+            &Patch::Apply(&slice),
+        )
+        .await
+        .with_context(|| format!("applying EndpointSlice {namespace}/{service}-testenv"))?;
+    Ok(())
 }
 
 /// Server-side applies every CustomResourceDefinition in the YAML file at `path` and waits until

@@ -73,3 +73,8 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/* The live-session API's APIService name (fixed: group and version). */}}
+{{- define "streamgate.apiService" -}}
+v1alpha1.live.streamgate.dev
+{{- end }}
