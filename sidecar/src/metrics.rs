@@ -190,7 +190,7 @@ impl Metrics {
         let revoked = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "sessions_revoked",
-            "Sessions cut by this sidecar, by reason (evicted, kicked, expired)",
+            "Sessions cut by this sidecar, by reason (evicted, kicked, expired, denied)",
             revoked.clone(),
         );
         let ended = Counter::default();
