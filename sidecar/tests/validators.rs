@@ -548,3 +548,80 @@ async fn a_slow_async_validator_does_not_slow_admissions() {
     // Generous: nowhere near the validator's 2 s.
     assert!(v99 < Duration::from_millis(500), "p99 {v99:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_check_pending_on_a_killed_sidecar_is_taken_over_and_its_denial_still_cuts() {
+    use common::SidecarProcess;
+    let redis = common::redis_env("STREAMGATE_TEST_REDIS");
+    let validator = TestValidator::start().await;
+    let suffix = format!("{:08x}", rand::random::<u32>());
+    let account = format!("takeover-{suffix}");
+    // The admitting sidecar's call never gets an answer: it dies waiting.
+    validator.set(&account, Rule::Hang);
+    let dir = tempfile::tempdir().unwrap();
+    let policy_path = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy_path,
+        policy(&format!(
+            "  - {{name: entitlement, url: '{}', timeoutSeconds: 2}}",
+            validator.url
+        )),
+    )
+    .unwrap();
+    let upstream = origin().await;
+    let namespace = format!("takeover-{suffix}");
+    let args = [
+        "--store",
+        &redis,
+        "--policy-file",
+        policy_path.to_str().unwrap(),
+        "--namespace",
+        &namespace,
+        "--upstream",
+        &upstream,
+    ];
+    let mut admitting = SidecarProcess::start(&args).await;
+    let other = SidecarProcess::start(&args).await;
+    admitting.wait_ready().await;
+    other.wait_ready().await;
+
+    let (status, session) = call(&admitting.base, Method::PUT, &account, "tv").await;
+    assert_eq!(status, 201, "{session}");
+    assert_eq!(session["validation"], "pending");
+    let viewer = Viewer::watch(&other.base, &id(&session)).await;
+    eventually("the admitting sidecar called the validator", async || {
+        !validator.calls().is_empty()
+    })
+    .await;
+
+    // kill -9: no chance to hand anything over.
+    admitting.child.kill().unwrap();
+    admitting.child.wait().unwrap();
+    let killed_at = Instant::now();
+    validator.set(&account, Rule::Deny("entitlement expired"));
+
+    let denied_at = validator.verdict(1).await;
+    let takeover = denied_at.saturating_duration_since(killed_at);
+    println!("another sidecar completed the check {takeover:?} after the kill");
+    // Bounded: the lease (timeout 2 s + 2 s margin from admission) plus a claim interval.
+    assert!(takeover < Duration::from_secs(10), "{takeover:?}");
+    let cut_at = viewer.ended().await;
+    assert!(cut_at.saturating_duration_since(denied_at) < Duration::from_secs(1));
+
+    let (status, body) = call(&other.base, Method::GET, &account, "tv").await;
+    assert_eq!(status, 410, "{body}");
+    assert_eq!(body["reason"], "denied");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("entitlement expired")
+    );
+    let calls = validator.calls();
+    assert!(calls.len() >= 2);
+    assert!(
+        calls
+            .iter()
+            .all(|c| c.body["request"]["uid"] == id(&session))
+    );
+}
