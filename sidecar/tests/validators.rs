@@ -158,14 +158,17 @@ async fn origin() -> String {
     url
 }
 
-async fn sidecar(policy: &str, upstream: &str) -> String {
+/// A sidecar on the embedded store in front of `upstream`; its viewer port and admin listener.
+async fn served(policy: &str, upstream: &str) -> common::Served {
     let policies = PolicySet::from_yaml(policy, "test.yaml", "default").unwrap();
     let sidecar = Sidecar::with_store(Arc::new(MemoryStore::new()), policies)
         .with_upstream(upstream.parse().unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { sidecar.serve(listener, std::future::pending()).await });
-    base
+    common::serve_in_background(sidecar).await
+}
+
+/// The viewer port of a sidecar as [`served`] starts it.
+async fn sidecar(policy: &str, upstream: &str) -> String {
+    served(policy, upstream).await.base
 }
 
 async fn call(base: &str, method: Method, account: &str, stream: &str) -> (u16, Value) {
@@ -249,7 +252,7 @@ async fn async_open_answers_at_once_and_a_later_denial_cuts_the_stream_within_a_
             Box::new(Rule::Deny("no rights in your region")),
         ),
     );
-    let base = sidecar(
+    let common::Served { base, admin } = served(
         &policy(&format!("  - {{name: geo, url: '{}'}}", validator.url)),
         &origin().await,
     )
@@ -295,7 +298,7 @@ async fn async_open_answers_at_once_and_a_later_denial_cuts_the_stream_within_a_
     assert_eq!(status, 201);
 
     let metrics = Client::new()
-        .get(format!("{base}/metrics"))
+        .get(format!("{admin}/metrics"))
         .send()
         .await
         .unwrap()
