@@ -628,3 +628,35 @@ async fn a_check_pending_on_a_killed_sidecar_is_taken_over_and_its_denial_still_
             .all(|c| c.body["request"]["uid"] == id(&session))
     );
 }
+
+#[tokio::test]
+async fn the_openapi_document_shows_validation_state_and_the_denied_refusal() {
+    let base = sidecar(
+        &default_policy("  maxStreamsPerAccount: 1"),
+        &origin().await,
+    )
+    .await;
+    let doc: Value = Client::new()
+        .get(format!("{base}/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let schemas = &doc["components"]["schemas"];
+    let session = &schemas["Session"]["properties"];
+    assert!(session.get("validation").is_some(), "{session}");
+    assert!(session.get("validationMessage").is_some(), "{session}");
+    let states = schemas["ValidationState"].to_string();
+    for state in ["pending", "allowed", "denied", "failed"] {
+        assert!(states.contains(state), "{states}");
+    }
+    assert!(schemas["ErrorCode"].to_string().contains("\"denied\""));
+    assert!(schemas["EndReason"].to_string().contains("\"denied\""));
+    assert!(
+        doc["paths"]["/streaming"]["put"]["responses"]
+            .get("403")
+            .is_some()
+    );
+}
