@@ -296,6 +296,28 @@ mod tests {
     }
 
     #[test]
+    fn the_example_policy_loads_with_its_service_resolved() {
+        let set = crate::PolicySet::from_yaml(
+            include_str!("../../examples/session-validators.yaml"),
+            "examples/session-validators.yaml",
+            "default",
+        )
+        .unwrap();
+        let validators = &set.resolve("anyone").validators;
+        assert_eq!(
+            validators
+                .iter()
+                .map(|v| v.url.as_deref().unwrap())
+                .collect::<Vec<_>>(),
+            [
+                "https://entitlement.checks.svc:8443/review",
+                "http://fraud.checks.svc:8081/review"
+            ]
+        );
+        assert_eq!(validators[1].mode, ValidatorMode::Blocking);
+    }
+
+    #[test]
     fn bad_validators_name_the_field() {
         let ok = "{name: a, url: 'https://v.example/r'}";
         for (list, field) in [
