@@ -72,6 +72,9 @@ pub enum Command {
     /// Test identity tokens: make a key pair and its JWKS, or mint a signed token.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Serve the SessionReview protocol: an example session validator (deny accounts or
+    /// headers, answer late, fail a fraction of calls).
+    Validator(ValidatorArgs),
 }
 
 /// `streamctl token` subcommands.
@@ -124,6 +127,61 @@ pub struct MintArgs {
     /// Another claim, NAME=VALUE (a JSON value, e.g. climit=2, or a string); repeatable.
     #[arg(long = "claim", value_name = "NAME=VALUE")]
     pub claims: Vec<String>,
+}
+
+/// Flags of `streamctl validator`.
+#[derive(Clone, Debug, Args)]
+pub struct ValidatorArgs {
+    /// Address to serve SessionReviews on (any path; port 0 picks one and prints it).
+    #[arg(long, default_value = "127.0.0.1:8081", value_name = "ADDRESS")]
+    pub listen: std::net::SocketAddr,
+
+    /// Deny sessions of this account (repeatable).
+    #[arg(long, value_name = "ACCOUNT", value_parser = parse_id)]
+    pub deny_account: Vec<String>,
+
+    /// Deny sessions whose review carries this request header with this value (repeatable),
+    /// e.g. `x-viewer-country=XX`. Only headers the sidecar forwards are seen.
+    #[arg(long, value_name = "NAME=VALUE", value_parser = parse_header_rule)]
+    pub deny_header: Vec<(String, String)>,
+
+    /// Message of a denial, shown to the viewer.
+    #[arg(
+        long,
+        default_value = "denied by streamctl validator",
+        value_name = "TEXT"
+    )]
+    pub message: String,
+
+    /// Answer every review after this long.
+    #[arg(long, default_value = "0s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub delay: Duration,
+
+    /// Answer this fraction of calls (0 to 1) with 503 and no verdict.
+    #[arg(long, default_value = "0", value_name = "FRACTION", value_parser = parse_fraction)]
+    pub fail_fraction: f64,
+}
+
+/// Parses `NAME=VALUE` of `--deny-header`.
+pub fn parse_header_rule(value: &str) -> Result<(String, String), String> {
+    let (name, header_value) = value
+        .split_once('=')
+        .ok_or("expected NAME=VALUE, e.g. x-viewer-country=XX")?;
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(format!("{name:?} is not a header name"));
+    }
+    Ok((name.to_ascii_lowercase(), header_value.to_string()))
+}
+
+/// Parses a fraction between 0 and 1.
+pub fn parse_fraction(value: &str) -> Result<f64, String> {
+    let fraction: f64 = value
+        .parse()
+        .map_err(|_| format!("{value:?} is not a number"))?;
+    if !(0.0..=1.0).contains(&fraction) {
+        return Err(format!("must be between 0 and 1, got {fraction}"));
+    }
+    Ok(fraction)
 }
 
 /// Flags of `streamctl simulate`.

@@ -12,6 +12,7 @@ pub mod report;
 pub mod simulate;
 pub mod svg;
 pub mod token;
+pub mod validator;
 
 use std::path::Path;
 
@@ -72,6 +73,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Token(command) => run_token(command),
+        Command::Validator(args) => validator::run(args).await,
         Command::Compare(args) => {
             let baseline = read_report(&args.baseline, "--baseline")?;
             let candidate = read_report(&args.candidate, "--candidate")?;

@@ -227,7 +227,7 @@ pub fn render(
                 name: name.clone(),
                 namespace: Some(namespace.to_string()),
             },
-            spec: spec.clone(),
+            spec: with_resolved_validators(spec),
         })
         .collect();
     let policy_file = format!(
@@ -239,6 +239,19 @@ pub fn render(
         rendered: in_force.into_iter().map(|(name, _)| name).collect(),
         verdicts,
         next_boundary,
+    }
+}
+
+/// The spec as sidecars get it: a validator's `service` becomes the URL it names, since
+/// sidecars have no Kubernetes API access to resolve it.
+fn with_resolved_validators(spec: &PolicySpec) -> PolicySpec {
+    PolicySpec {
+        validators: spec
+            .validators
+            .iter()
+            .map(streamgate_policy::ValidatorSpec::resolved)
+            .collect(),
+        ..spec.clone()
     }
 }
 

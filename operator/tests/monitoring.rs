@@ -325,6 +325,7 @@ fn every_alert_passes_promtool_and_its_unit_tests_and_has_a_runbook() -> Result<
         "StreamGatePolicyReloadFailing",
         "StreamGateMassCuts",
         "StreamGateSessionApiSlow",
+        "StreamGateValidatorFailing",
         "StreamGateOperatorDown",
         "StreamGateReconcileErrors",
         "StreamGateWebhookErrors",

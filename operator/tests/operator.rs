@@ -305,6 +305,22 @@ async fn invalid_policies_are_refused_by_the_api_server_naming_the_field() -> Re
             "accounts: [vip-1]\n  allowedOrigins: ['https://player.example.com']",
             "spec.allowedOrigins",
         ),
+        (
+            "validators: [{name: a}]",
+            "exactly one of url and service must be set",
+        ),
+        (
+            "validators: [{name: a, url: 'https://v.example/', service: {namespace: checks, name: svc}}]",
+            "exactly one of url and service must be set",
+        ),
+        (
+            "validators: [{name: a, url: 'https://v.example/'}, {name: a, url: 'https://w.example/'}]",
+            "spec.validators[1]",
+        ),
+        (
+            "validators: [{name: a, url: 'https://v.example/', timeoutSeconds: 60}]",
+            "spec.validators[0].timeoutSeconds",
+        ),
     ];
     let dir = tempfile::tempdir()?;
     for (i, (spec, field)) in cases.iter().enumerate() {
@@ -731,5 +747,69 @@ async fn opted_in_pods_admitted_without_the_sidecar_are_counted() -> Result<()> 
     })
     .await?;
     drop(silent);
+    Ok(())
+}
+
+/// A Service-backed validator renders as the URL sidecars call, next to a URL validator; a
+/// sidecar reading the rendered file calls both.
+#[tokio::test]
+async fn a_service_validator_renders_as_its_cluster_url_and_a_sidecar_uses_it() -> Result<()> {
+    let (cp, client) = setup().await?;
+    let ns = create_namespace(&client, "validators", &[]).await?;
+    // A loopback validator that denies one account, for the sidecar to reach.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let review_url = format!("http://{}/review", listener.local_addr()?);
+    let app = axum::Router::new().route(
+        "/review",
+        axum::routing::post(
+            |axum::Json(review): axum::Json<serde_json::Value>| async move {
+                let denied = review["request"]["session"]["account"] == "blocked";
+                axum::Json(serde_json::json!({"allowed": !denied, "message": "blocked here"}))
+            },
+        ),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir()?;
+    let manifest = dir.path().join("policy.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: streamgate.dev/v1alpha1\nkind: StreamingPolicy\nmetadata:\n  name: default\nspec:\n  validators:\n  - name: entitlement\n    service: {{namespace: checks, name: entitlement, port: 8443, path: /review}}\n    timeoutSeconds: 1\n    mode: Blocking\n  - name: local\n    url: '{review_url}'\n    mode: Blocking\n"
+        ),
+    )?;
+    let mut apply = cp.kubectl();
+    apply.args(["apply", "-n", &ns, "-f"]).arg(&manifest);
+    run(apply)?;
+    let file = wait_for_rendering(&client, &ns, "the validators rendered", |s| {
+        s.resolve("anyone").validators.len() == 2
+    })
+    .await?;
+    assert!(
+        file.contains("url: https://entitlement.checks.svc:8443/review"),
+        "{file}"
+    );
+    assert!(!file.contains("service:"), "{file}");
+
+    let path = dir.path().join("policies.yaml");
+    std::fs::write(&path, &file)?;
+    let sidecar = streamgate_sidecar::server::Sidecar::in_memory(PolicySet::load(&path, &ns)?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { sidecar.serve(listener, std::future::pending()).await });
+    let http = reqwest::Client::new();
+    let open = |account: &str| {
+        http.put(format!("{base}/streaming?account={account}&streamId=tv"))
+            .send()
+    };
+    let denied = open("blocked").await?;
+    assert_eq!(denied.status(), 403);
+    let body: serde_json::Value = denied.json().await?;
+    assert_eq!(body["message"], "blocked here");
+    // The service URL does not resolve outside a cluster: under failurePolicy Allow the
+    // session is admitted, its validation `failed`.
+    let admitted = open("fan").await?;
+    assert_eq!(admitted.status(), 201);
+    let body: serde_json::Value = admitted.json().await?;
+    assert_eq!(body["validation"], "failed", "{body}");
     Ok(())
 }

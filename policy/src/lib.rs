@@ -9,7 +9,12 @@
 #![forbid(unsafe_code)]
 
 pub mod id;
+pub mod validators;
 pub mod viewer_auth;
+
+pub use validators::{
+    ServiceReference, ValidatorFailurePolicy, ValidatorMode, ValidatorSpec, check_validators,
+};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -122,6 +127,14 @@ pub struct PolicySpec {
         )
     )]
     pub allowed_origins: Vec<String>,
+    /// SessionReview endpoints that check each admitted session and may revoke it (reason
+    /// `denied`). Names are unique.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 8),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
+    )]
+    pub validators: Vec<ValidatorSpec>,
 }
 
 /// Checks one allowed-origin entry: `*` (any origin) or `scheme://host[:port]` as browsers send
@@ -175,6 +188,7 @@ impl Default for PolicySpec {
             allowed_origins: Vec::new(),
             active_from: None,
             active_until: None,
+            validators: Vec::new(),
         }
     }
 }
@@ -260,6 +274,9 @@ impl PolicySpec {
             if let Err(problem) = check_origin(origin) {
                 return err(&format!("allowedOrigins[{i}]"), problem.into());
             }
+        }
+        if let Err((field, message)) = check_validators(&self.validators) {
+            return err(&field, message);
         }
         Ok(())
     }
@@ -375,6 +392,8 @@ pub struct EffectivePolicy {
     pub mode: Mode,
     /// Origins whose pages may call the sidecar (CORS); set on the default policy only.
     pub allowed_origins: Vec<String>,
+    /// Session validators, each with its endpoint resolved to a URL.
+    pub validators: Vec<ValidatorSpec>,
 }
 
 impl EffectivePolicy {
@@ -388,6 +407,11 @@ impl EffectivePolicy {
             failure_policy: spec.failure_policy,
             mode: spec.mode,
             allowed_origins: spec.allowed_origins.clone(),
+            validators: spec
+                .validators
+                .iter()
+                .map(ValidatorSpec::resolved)
+                .collect(),
         }
     }
 

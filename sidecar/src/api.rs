@@ -227,12 +227,15 @@ fn session_response(status: StatusCode, session: Session) -> Response {
         (status = 400, description = "Invalid account or streamId", body = ErrorBody),
         (status = 401, description = "ViewerAuthentication in force: no bearer token, or it failed a check (named)", body = ErrorBody),
         (status = 403, description = "The account parameter is not the token's account", body = ErrorBody),
+        (status = 403, description = "A Blocking session validator denied the session (`denied`; the slot is freed)", body = ErrorBody),
         (status = 429, description = "The account is at its limit (RejectNew)", body = ErrorBody),
         (status = 503, description = "Session store unreachable (failurePolicy Closed), or no verification key loaded (auth_unavailable)", body = ErrorBody),
     )
 )]
 async fn open_stream(
     State(engine): State<Engine>,
+    headers: axum::http::HeaderMap,
+    extensions: axum::http::Extensions,
     params: ViewerStream,
 ) -> Result<Response, ApiError> {
     match engine
@@ -244,6 +247,26 @@ async fn open_stream(
             dry_run,
             degraded,
         } => {
+            // Session validators (none: unchanged). Blocking ones answer here.
+            let peer = extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0);
+            // The verified identity, when the account comes from a token.
+            let claims = params.identity.as_ref().map(|identity| {
+                let mut claims = serde_json::Map::new();
+                claims.insert("iss".into(), identity.issuer.clone().into());
+                claims.insert("account".into(), identity.account.clone().into());
+                claims.insert("exp".into(), identity.expires_at.into());
+                if let Some(limit) = identity.claimed_limit {
+                    claims.insert("limit".into(), limit.into());
+                }
+                claims
+            });
+            let facts = crate::validation::RequestFacts::from_request(peer, &headers, claims);
+            let session = engine
+                .validate_admission(session, facts)
+                .await
+                .map_err(|denied| ApiError::denied(&denied.message, denied.session))?;
             let mut response = session_response(StatusCode::CREATED, session);
             if let Some(would) = dry_run {
                 let value = match would {

@@ -240,6 +240,8 @@ pub struct Engine {
     breaker: Arc<Mutex<Breaker>>,
     /// Viewer identity under the ViewerAuthentication in force.
     identity: Arc<crate::identity::Authenticator>,
+    /// Session validators: ledger, clients, checks in flight.
+    validations: Arc<crate::validation::Validations>,
 }
 
 impl Engine {
@@ -263,6 +265,9 @@ impl Engine {
                 BreakerConfig::default(),
                 chrono::Utc::now().timestamp_millis(),
             ))),
+            validations: Arc::new(crate::validation::Validations::new(Arc::new(
+                crate::validation::MemoryLedger::default(),
+            ))),
         }
     }
 
@@ -279,6 +284,30 @@ impl Engine {
     /// Viewer identity under the ViewerAuthentication in force.
     pub fn identity(&self) -> &Arc<crate::identity::Authenticator> {
         &self.identity
+    }
+
+    /// Keeps validation records and pending checks in `ledger` (the Redis one for a shared
+    /// store, so other sidecars take over checks) instead of this process's memory.
+    pub fn with_validation_ledger(
+        mut self,
+        ledger: Arc<dyn crate::validation::ValidationLedger>,
+    ) -> Self {
+        self.validations = Arc::new(crate::validation::Validations::new(ledger));
+        self
+    }
+
+    /// Session validation.
+    pub fn validations(&self) -> &Arc<crate::validation::Validations> {
+        &self.validations
+    }
+
+    /// The store's kick, for revocations on a validator's verdict (counted by the caller).
+    pub(crate) async fn store_kick(&self, id: SessionId) -> Result<KickOutcome, EngineError> {
+        self.store
+            .kick(id)
+            .await
+            .inspect(|_| self.answered())
+            .map_err(|e| self.store_failed(Operation::Kick, e))
     }
 
     /// Replaces the breaker's thresholds (the breaker starts closed again).
@@ -350,6 +379,10 @@ impl Engine {
                 .clone()
                 .run(crate::identity::JWKS_POLL, shutdown.clone()),
         ));
+        tasks.push(Box::pin(crate::validation::claim_loop(
+            self.clone(),
+            shutdown.clone(),
+        )));
         tasks.extend(self.store.background(shutdown));
         tasks
     }
@@ -482,7 +515,9 @@ impl Engine {
         Ok(match outcome {
             OpenOutcome::Renewed { session, active } => {
                 self.metrics.renewed.inc();
-                Opened::Renewed(self.view(&session, &policy, active))
+                let mut session = self.view(&session, &policy, active);
+                self.annotate_validation(&mut session, &policy).await;
+                Opened::Renewed(session)
             }
             OpenOutcome::Admitted {
                 session,
@@ -638,9 +673,15 @@ impl Engine {
         Ok(match outcome {
             HeartbeatOutcome::Renewed { session, active } => {
                 self.metrics.renewed.inc();
-                Heartbeat::Renewed(self.view(&session, &policy, active))
+                let mut session = self.view(&session, &policy, active);
+                self.annotate_validation(&mut session, &policy).await;
+                Heartbeat::Renewed(session)
             }
-            HeartbeatOutcome::Gone(session) => Heartbeat::Gone(self.view(&session, &policy, 0)),
+            HeartbeatOutcome::Gone(session) => {
+                let mut session = self.view(&session, &policy, 0);
+                self.annotate_validation(&mut session, &policy).await;
+                Heartbeat::Gone(session)
+            }
             HeartbeatOutcome::NotFound => Heartbeat::NotFound,
         })
     }
@@ -708,7 +749,9 @@ impl Engine {
         } else {
             0
         };
-        Ok(Some(self.view(&record, &policy, active)))
+        let mut session = self.view(&record, &policy, active);
+        self.annotate_validation(&mut session, &policy).await;
+        Ok(Some(session))
     }
 
     /// Revokes a session, reason `kicked`.
@@ -805,7 +848,9 @@ impl Engine {
                 .count_stream_cut(record.reason.unwrap_or(EndReason::Expired), true, 1);
             return Ok(MediaAccess::AllowedDryRun(record));
         }
-        Ok(MediaAccess::Gone(self.view(&record, &policy, 0)))
+        let mut session = self.view(&record, &policy, 0);
+        self.annotate_validation(&mut session, &policy).await;
+        Ok(MediaAccess::Gone(session))
     }
 
     /// The session `id` as the store knows it now, without renewing it; the proxy re-checks a

@@ -37,6 +37,8 @@ pub enum ErrorCode {
     AccountMismatch,
     /// No verification key has been loaded: identity cannot be checked, so nothing is admitted.
     AuthUnavailable,
+    /// A Blocking session validator refused the session; `message` is the validator's.
+    Denied,
 }
 
 /// One of the account's active streams, as a refusal at the limit lists them: enough to choose
@@ -149,6 +151,14 @@ impl ApiError {
         e
     }
 
+    /// 403 `denied`: a Blocking validator refused the session (now revoked, its slot freed).
+    pub fn denied(message: &str, session: Session) -> Self {
+        let mut e = Self::new(StatusCode::FORBIDDEN, ErrorCode::Denied, message);
+        e.body.reason = Some(EndReason::Denied);
+        e.body.session = Some(session);
+        e
+    }
+
     /// 502 `upstream_unavailable`.
     pub fn bad_gateway(message: impl Into<String>) -> Self {
         Self::new(
@@ -172,18 +182,21 @@ impl ApiError {
         )
     }
 
-    /// 410 `session_gone` for a cut session.
+    /// 410 `session_gone` for a cut session. A denied session's message is the validator's.
     pub fn gone(session: Session) -> Self {
         let reason = session.reason.unwrap_or(EndReason::Expired);
-        let mut e = Self::new(
-            StatusCode::GONE,
-            ErrorCode::SessionGone,
-            format!(
+        let message = match (&session.validation_message, reason) {
+            (Some(message), EndReason::Denied) => format!(
+                "the session of stream {:?} was cut (denied): {message}",
+                session.stream_id
+            ),
+            _ => format!(
                 "the session of stream {:?} was cut ({}); open a new session to keep watching",
                 session.stream_id,
                 reason.as_str()
             ),
-        );
+        };
+        let mut e = Self::new(StatusCode::GONE, ErrorCode::SessionGone, message);
         e.body.reason = Some(reason);
         e.body.session = Some(session);
         e

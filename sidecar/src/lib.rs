@@ -18,6 +18,7 @@ pub mod policy_watch;
 pub mod proxy;
 pub mod server;
 pub mod store;
+pub mod validation;
 
 /// The policy types, validation and resolution, from the `streamgate-policy` crate.
 pub use streamgate_policy as policy;

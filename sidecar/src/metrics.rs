@@ -127,7 +127,34 @@ pub struct Metrics {
     pub proxy_refused: Counter,
     /// Proxy mode: responses in flight cut because their session was, by reason and dry run.
     pub streams_cut: Family<CutLabels, Counter>,
+    /// Session validator calls (retries included), by validator and result.
+    pub validations: Family<ValidationLabels, Counter>,
+    /// Duration of validator calls (retries included), by validator.
+    pub validation_seconds: Family<ValidatorLabel, Histogram>,
+    /// Time from admission to the first verdict, by result.
+    pub validation_verdict_seconds: Family<ResultLabel, Histogram>,
+    /// Validator names seen, bounding the `validator` label's values.
+    validator_names: Mutex<Vec<String>>,
 }
+
+/// Labels of the validation counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ValidationLabels {
+    /// The validator's name (policy-defined; at most [`MAX_VALIDATOR_LABELS`], then `other`).
+    pub validator: String,
+    /// `allowed`, `denied` or `failed`.
+    pub result: String,
+}
+
+/// Label of the validator call histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ValidatorLabel {
+    /// The validator's name, as in [`ValidationLabels`].
+    pub validator: String,
+}
+
+/// Most distinct validator names used as label values; further names count as `other`.
+pub const MAX_VALIDATOR_LABELS: usize = 32;
 
 /// Labels of the stream-cut counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -163,7 +190,7 @@ impl Metrics {
         let revoked = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "sessions_revoked",
-            "Sessions cut by this sidecar, by reason (evicted, kicked, expired)",
+            "Sessions cut by this sidecar, by reason (evicted, kicked, expired, denied)",
             revoked.clone(),
         );
         let ended = Counter::default();
@@ -265,7 +292,34 @@ impl Metrics {
             "Responses in flight cut because their session was (dry_run=true: would have been)",
             streams_cut.clone(),
         );
+        let validations = Family::<ValidationLabels, Counter>::default();
+        registry.register(
+            "validations",
+            "Session validator calls, by validator and result (allowed, denied, failed)",
+            validations.clone(),
+        );
+        let validation_seconds = Family::<ValidatorLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.005, 2.0, 14))
+        });
+        registry.register(
+            "validation_duration_seconds",
+            "Duration of session validator calls, retries included",
+            validation_seconds.clone(),
+        );
+        let validation_verdict_seconds =
+            Family::<ResultLabel, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.005, 2.0, 14))
+            });
+        registry.register(
+            "validation_verdict_seconds",
+            "Time from a session's admission to its first validation verdict, by result",
+            validation_verdict_seconds.clone(),
+        );
         Self {
+            validations,
+            validation_seconds,
+            validation_verdict_seconds,
+            validator_names: Mutex::new(Vec::new()),
             proxied,
             proxy_refused,
             streams_cut,
@@ -288,6 +342,46 @@ impl Metrics {
             policy_reloads,
             http_requests,
         }
+    }
+
+    /// The label value of a validator's name: the name itself for the first
+    /// [`MAX_VALIDATOR_LABELS`] names seen, `other` after that.
+    fn validator_label(&self, name: &str) -> String {
+        let mut names = self
+            .validator_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if names.iter().any(|n| n == name) {
+            return name.to_string();
+        }
+        if names.len() < MAX_VALIDATOR_LABELS {
+            names.push(name.to_string());
+            return name.to_string();
+        }
+        "other".to_string()
+    }
+
+    /// Counts a validator call and its duration.
+    pub fn count_validation(&self, validator: &str, result: &str, took: Duration) {
+        let validator = self.validator_label(validator);
+        self.validations
+            .get_or_create(&ValidationLabels {
+                validator: validator.clone(),
+                result: result.into(),
+            })
+            .inc();
+        self.validation_seconds
+            .get_or_create(&ValidatorLabel { validator })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Observes the time from a session's admission to its first verdict.
+    pub fn observe_verdict_time(&self, result: &str, took: Duration) {
+        self.validation_verdict_seconds
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// Counts a session cut for `reason`.

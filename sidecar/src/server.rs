@@ -82,6 +82,17 @@ impl Sidecar {
         self
     }
 
+    /// Keeps session validation records and pending checks in `ledger` (on a shared store, the
+    /// Redis ledger, so that other sidecars take over checks). Call before
+    /// [`Sidecar::with_upstream`].
+    pub fn with_validation_ledger(
+        mut self,
+        ledger: Arc<dyn crate::validation::ValidationLedger>,
+    ) -> Self {
+        self.engine = self.engine.with_validation_ledger(ledger);
+        self
+    }
+
     /// Turns on the enforcing proxy in front of `upstream`.
     pub fn with_upstream(mut self, upstream: reqwest::Url) -> Self {
         self.proxy = Some(Proxy::new(self.engine.clone(), upstream));
@@ -393,29 +404,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         namespace = %config.namespace,
         "policy loaded"
     );
-    let (store, store_name): (Arc<dyn SessionStore>, String) =
-        match StoreSpec::parse(&config.store)? {
-            StoreSpec::Memory => {
-                let cap = config.max_sessions();
-                tracing::info!(max_sessions = cap, "embedded store");
-                (
-                    Arc::new(MemoryStore::with_limits(Arc::new(SystemClock), cap)),
-                    "memory".to_string(),
-                )
-            }
-            StoreSpec::Redis(target) => {
-                let name = target.to_string();
-                (
-                    Arc::new(
-                        RedisStore::new(target, config.store_timeout)
-                            .wait_for_replicas(config.store_wait_replicas),
-                    ),
-                    name,
-                )
-            }
-        };
-    let mut sidecar =
-        Sidecar::with_store(store, policies).with_cors_origins(config.cors_allowed_origins.clone());
+    let (store, store_name, ledger): (
+        Arc<dyn SessionStore>,
+        String,
+        Arc<dyn crate::validation::ValidationLedger>,
+    ) = match StoreSpec::parse(&config.store)? {
+        StoreSpec::Memory => {
+            let cap = config.max_sessions();
+            tracing::info!(max_sessions = cap, "embedded store");
+            (
+                Arc::new(MemoryStore::with_limits(Arc::new(SystemClock), cap)),
+                "memory".to_string(),
+                Arc::new(crate::validation::MemoryLedger::default()),
+            )
+        }
+        StoreSpec::Redis(target) => {
+            let name = target.to_string();
+            (
+                Arc::new(
+                    RedisStore::new(target.clone(), config.store_timeout)
+                        .wait_for_replicas(config.store_wait_replicas),
+                ),
+                name,
+                Arc::new(crate::validation::RedisLedger::new(
+                    target,
+                    &config.namespace,
+                    config.store_timeout,
+                )),
+            )
+        }
+    };
+    let mut sidecar = Sidecar::with_store(store, policies)
+        .with_validation_ledger(ledger)
+        .with_cors_origins(config.cors_allowed_origins.clone());
     if let Some(path) = &config.jwks_ca_file {
         let pem = std::fs::read(path)
             .with_context(|| format!("--jwks-ca-file {}: cannot read", path.display()))?;

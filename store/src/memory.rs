@@ -240,11 +240,11 @@ impl State {
         // An expired session ended when its TTL ran out, not when we noticed.
         let ended_at = match reason {
             EndReason::Expired => record.expires_at_ms.min(now),
-            EndReason::Evicted | EndReason::Kicked => now,
+            EndReason::Evicted | EndReason::Kicked | EndReason::Denied => now,
         };
         record.state = match reason {
             EndReason::Expired => SessionState::Expired,
-            EndReason::Evicted | EndReason::Kicked => SessionState::Revoked,
+            EndReason::Evicted | EndReason::Kicked | EndReason::Denied => SessionState::Revoked,
         };
         record.reason = Some(reason);
         record.expires_at_ms = ended_at;

@@ -71,6 +71,34 @@ pub enum SessionState {
     Expired,
 }
 
+/// Where a session's validation by session validators stands; shown as `validation` in
+/// session answers. Decided by the sidecar's validation, kept here with the session view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ValidationState {
+    /// A check is under way (or waits to be taken over by another sidecar).
+    Pending,
+    /// Every validator allowed the session.
+    Allowed,
+    /// A validator denied the session: it is revoked (reason `denied`).
+    Denied,
+    /// A validator gave no answer within its timeout (failurePolicy `Allow` keeps the
+    /// session, `Revoke` cuts it).
+    Failed,
+}
+
+impl ValidationState {
+    /// The state as it appears in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 /// Why a session is no longer active.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -81,6 +109,9 @@ pub enum EndReason {
     Kicked,
     /// No heartbeat within the TTL.
     Expired,
+    /// Revoked on a session validator's verdict (a denial, or no answer under failurePolicy
+    /// `Revoke`); `validationMessage` says why.
+    Denied,
 }
 
 impl EndReason {
@@ -90,6 +121,7 @@ impl EndReason {
             EndReason::Evicted => "evicted",
             EndReason::Kicked => "kicked",
             EndReason::Expired => "expired",
+            EndReason::Denied => "denied",
         }
     }
 }
@@ -158,6 +190,13 @@ pub struct Session {
     pub limit: u32,
     /// The account's active sessions now.
     pub active_sessions: u32,
+    /// Where the session's validation stands, when its policy has validators: `pending`,
+    /// `allowed`, `denied` or `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<ValidationState>,
+    /// Reason `denied`: the validator's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_message: Option<String>,
 }
 
 /// Formats store milliseconds as RFC 3339 with millisecond precision.
@@ -186,6 +225,8 @@ impl Session {
             heartbeat_interval_seconds,
             limit,
             active_sessions: active,
+            validation: None,
+            validation_message: None,
         }
     }
 }

@@ -1,0 +1,88 @@
+//! The validation ledger's contract, on every ledger: the in-memory one, Redis and Redis
+//! Cluster (real servers). Checks are claimed when due, leased, claimed again when the lease
+//! runs out, and gone when done; records round-trip and expire.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use streamgate_sidecar::session::{SessionId, ValidationState};
+use streamgate_sidecar::store::RedisTarget;
+use streamgate_sidecar::validation::{
+    MemoryLedger, RedisLedger, RequestFacts, ValidationLedger, ValidationRecord,
+};
+
+fn ledgers() -> Vec<(&'static str, Arc<dyn ValidationLedger>)> {
+    let namespace = format!("ledger-{:08x}", rand::random::<u32>());
+    let redis = |env: &str| -> Arc<dyn ValidationLedger> {
+        Arc::new(RedisLedger::new(
+            RedisTarget::parse(&common::redis_env(env)).unwrap(),
+            &namespace,
+            Duration::from_secs(2),
+        ))
+    };
+    vec![
+        ("memory", Arc::new(MemoryLedger::default())),
+        ("redis", redis("STREAMGATE_TEST_REDIS")),
+        ("redis-cluster", redis("STREAMGATE_TEST_REDIS_CLUSTER")),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn due_checks_are_claimed_once_per_lease_and_records_round_trip() {
+    for (name, ledger) in ledgers() {
+        let (due, later) = (SessionId::for_account("a"), SessionId::for_account("b"));
+        ledger.schedule(due, Duration::ZERO).await.unwrap();
+        ledger
+            .schedule(later, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let lease = Duration::from_millis(300);
+        let claimed = ledger.claim(lease, 10).await.unwrap();
+        assert_eq!(claimed, [due], "{name}");
+        assert!(
+            ledger.claim(lease, 10).await.unwrap().is_empty(),
+            "{name}: leased"
+        );
+        // Another claimant gets it once the lease has run out.
+        common::eventually("the lease runs out", async || {
+            ledger.claim(lease, 10).await.unwrap() == [due]
+        })
+        .await;
+        ledger.done(due).await.unwrap();
+        ledger.done(later).await.unwrap();
+        assert_eq!(ledger.scheduled().await.unwrap(), 0, "{name}");
+
+        let mut facts = RequestFacts::default();
+        facts.client.user_agent = Some("Player/1.0".into());
+        let record = ValidationRecord {
+            state: ValidationState::Denied,
+            validator: Some("geo".into()),
+            message: Some("not here".into()),
+            facts,
+            admitted_at_ms: 1,
+            checks: 1,
+        };
+        let ttl = Duration::from_secs(60);
+        ledger.put(due, &record, ttl).await.unwrap();
+        assert_eq!(ledger.get(due, ttl).await.unwrap(), Some(record), "{name}");
+        assert_eq!(ledger.get(later, ttl).await.unwrap(), None, "{name}");
+        ledger
+            .put(
+                later,
+                &ledger.get(due, ttl).await.unwrap().unwrap(),
+                Duration::from_millis(50),
+            )
+            .await
+            .unwrap();
+        common::eventually("the record expires", async || {
+            ledger
+                .get(later, Duration::from_millis(50))
+                .await
+                .unwrap()
+                .is_none()
+        })
+        .await;
+    }
+}
