@@ -796,12 +796,22 @@ async fn serve(router: axum::Router) -> Result<String> {
 }
 
 /// Serves `sidecar` (with its background work) on a free loopback port; returns its base URL.
-async fn serve_sidecar(sidecar: &streamgate_sidecar::server::Sidecar) -> Result<String> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
+/// Serves `sidecar` on loopback: (viewer port URL, admin listener URL).
+async fn serve_sidecar(sidecar: &streamgate_sidecar::server::Sidecar) -> Result<(String, String)> {
+    let viewer = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let urls = (
+        format!("http://{}", viewer.local_addr()?),
+        format!("http://{}", admin.local_addr()?),
+    );
+    let listeners = streamgate_sidecar::server::Listeners {
+        viewer,
+        admin: Some(admin),
+        metrics: None,
+    };
     let serving = sidecar.clone();
-    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
-    Ok(base)
+    tokio::spawn(async move { serving.serve_on(listeners, std::future::pending()).await });
+    Ok(urls)
 }
 
 /// Live sidecars driven through every decision their metrics count, on the test Redis with the
@@ -862,7 +872,7 @@ async fn live_sidecar_metrics() -> Result<Vec<String>> {
     );
     let stop_watching = tokio_util::sync::CancellationToken::new();
     let watching = tokio::spawn(watcher.run(Duration::from_millis(100), stop_watching.clone()));
-    let base = serve_sidecar(&sidecar).await?;
+    let (base, admin) = serve_sidecar(&sidecar).await?;
     let http = reqwest::Client::new();
     let open = |account: &str, stream: &str| {
         http.put(format!(
@@ -889,7 +899,7 @@ async fn live_sidecar_metrics() -> Result<Vec<String>> {
     // A media request without a session is refused; a session is kicked.
     http.get(format!("{base}/live")).send().await?;
     let listed: Value = http
-        .get(format!("{base}/v1/accounts/{run}/sessions"))
+        .get(format!("{admin}/v1/accounts/{run}/sessions"))
         .send()
         .await?
         .json()
@@ -897,7 +907,7 @@ async fn live_sidecar_metrics() -> Result<Vec<String>> {
     let kicked = listed["sessions"][0]["sessionId"]
         .as_str()
         .context("a session to kick")?;
-    http.delete(format!("{base}/v1/sessions/{kicked}"))
+    http.delete(format!("{admin}/v1/sessions/{kicked}"))
         .send()
         .await?;
     // Dry run: the second stream of a DryRun account of limit 1 would be refused.
@@ -921,10 +931,10 @@ async fn live_sidecar_metrics() -> Result<Vec<String>> {
         Duration::from_secs(30),
         "every sidecar metric family",
         || {
-            let (http, base, last) = (http.clone(), base.clone(), last.clone());
+            let (http, admin, last) = (http.clone(), admin.clone(), last.clone());
             async move {
                 let text = http
-                    .get(format!("{base}/metrics"))
+                    .get(format!("{admin}/metrics"))
                     .send()
                     .await?
                     .text()
@@ -950,12 +960,12 @@ async fn live_sidecar_metrics() -> Result<Vec<String>> {
         )),
         PolicySet::from_yaml(&policy_yaml, "test", "default")?,
     );
-    let lonely_base = serve_sidecar(&lonely).await?;
+    let (lonely_base, lonely_admin) = serve_sidecar(&lonely).await?;
     http.put(format!("{lonely_base}/streaming?account={run}&streamId=x"))
         .send()
         .await?;
     let degraded = http
-        .get(format!("{lonely_base}/metrics"))
+        .get(format!("{lonely_admin}/metrics"))
         .send()
         .await?
         .text()
@@ -1038,7 +1048,10 @@ fn helm_install(
     install
         .args(["install", release])
         .arg(chart())
-        .args(["--namespace", namespace]);
+        .args(["--namespace", namespace])
+        // The live-session APIService is cluster-scoped and one release owns it; this test
+        // installs several releases into one API server.
+        .args(["--set", "liveApi.enabled=false"]);
     for value in values {
         install.args(["--set", value]);
     }
