@@ -21,6 +21,9 @@ use streamgate_operator::config::Config;
 use streamgate_operator::liveapi;
 use streamgate_sidecar::server::Sidecar;
 use streamgate_sidecar::store::{RedisStore, RedisTarget, SessionStore};
+use streamgate_sidecar::validation::{
+    RedisLedger, RequestFacts, ValidationLedger as _, ValidationRecord, ValidationState,
+};
 use streamgate_testenv::{
     ControlPlane, FIELD_MANAGER, create_namespace, point_service_at, shared_aggregated, wait_until,
 };
@@ -69,6 +72,33 @@ async fn start_sidecar(url: &str, namespace: &str, upstream: &str) -> Result<Str
         .await
         .context("the sidecar did not subscribe to revocations")??;
     Ok(base)
+}
+
+/// Writes `id`'s validation record as the namespace's sidecars do, through their Redis ledger.
+async fn record_validation(
+    url: &str,
+    namespace: &str,
+    id: &str,
+    state: ValidationState,
+) -> Result<()> {
+    let target = RedisTarget::parse(url).map_err(anyhow::Error::msg)?;
+    let ledger = RedisLedger::new(target, namespace, Duration::from_secs(2));
+    let record = ValidationRecord {
+        state,
+        validator: None,
+        message: None,
+        facts: RequestFacts::default(),
+        admitted_at_ms: 0,
+        checks: 1,
+    };
+    let id = id
+        .parse()
+        .map_err(|()| anyhow::anyhow!("{id} is not a session id"))?;
+    ledger
+        .put(id, &record, Duration::from_secs(600))
+        .await
+        .context("writing the validation record")?;
+    Ok(())
 }
 
 async fn endless_upstream() -> Result<String> {
@@ -426,6 +456,11 @@ async fn kubectl_lists_selects_explains_kicks_and_authorizes_live_sessions() -> 
     let vip = open(&http, &first, "vip-7", "tv").await?;
     let live: BTreeSet<String> = [&tv, &phone, &vip].into_iter().cloned().collect();
 
+    // The namespace's session validators allowed the tv session and still check the phone one:
+    // their verdicts, written to the validation ledger as the sidecars write them.
+    record_validation(&url, &ns, &tv, ValidationState::Allowed).await?;
+    record_validation(&url, &ns, &phone, ValidationState::Pending).await?;
+
     let addr = start_live_api(cp, &client, &operator_ns).await?;
     spoofed_callers_are_refused(addr, &ns).await?;
 
@@ -440,22 +475,59 @@ async fn kubectl_lists_selects_explains_kicks_and_authorizes_live_sessions() -> 
         "POLICY is for -o wide only:\n{table}"
     );
     ensure!(table.lines().count() == 4, "three rows expected:\n{table}");
-    let wide = kubectl_ok(cp, &["get", "sgs", "-n", &ns, "-o", "wide"]).await?;
-    let vip_row = wide
-        .lines()
-        .find(|l| l.starts_with(&vip))
-        .context("the vip row")?;
     ensure!(
-        vip_row.contains("vip-7") && vip_row.contains(" vip"),
+        !header.contains("VALIDATION"),
+        "VALIDATION is for -o wide only:\n{table}"
+    );
+    let wide = kubectl_ok(cp, &["get", "sgs", "-n", &ns, "-o", "wide"]).await?;
+    let wide_header: Vec<&str> = wide
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    ensure!(
+        wide_header.ends_with(&["POLICY", "VALIDATION"]),
+        "VALIDATION next to POLICY:\n{wide}"
+    );
+    let cells = |id: &str| -> Result<Vec<String>> {
+        Ok(wide
+            .lines()
+            .find(|l| l.starts_with(id))
+            .with_context(|| format!("the row of {id}:\n{wide}"))?
+            .split_whitespace()
+            .map(str::to_string)
+            .collect())
+    };
+    let vip_row = cells(&vip)?;
+    ensure!(
+        vip_row.contains(&"vip-7".to_string())
+            && vip_row.ends_with(&["vip".into(), "<none>".into()]),
+        "no validation record: <none>\n{wide}"
+    );
+    let tv_row = cells(&tv)?;
+    ensure!(
+        tv_row.contains(&"active".to_string())
+            && tv_row.ends_with(&["standard".into(), "allowed".into()]),
         "{wide}"
     );
-    let tv_row = wide
-        .lines()
-        .find(|l| l.starts_with(&tv))
-        .context("the tv row")?;
     ensure!(
-        tv_row.contains("standard") && tv_row.contains("active"),
+        cells(&phone)?.ends_with(&["standard".into(), "pending".into()]),
         "{wide}"
+    );
+    let tv_yaml: Value = serde_yaml::from_str(
+        &kubectl_ok(cp, &["get", "sgs", &tv, "-n", &ns, "-o", "yaml"]).await?,
+    )?;
+    ensure!(
+        tv_yaml["status"]["validation"] == "allowed",
+        "status.validation: {tv_yaml:?}"
+    );
+    let vip_yaml: Value = serde_yaml::from_str(
+        &kubectl_ok(cp, &["get", "sgs", &vip, "-n", &ns, "-o", "yaml"]).await?,
+    )?;
+    ensure!(
+        vip_yaml["status"].get("validation").is_none(),
+        "omitted without a record: {vip_yaml:?}"
     );
     let all = kubectl_ok(cp, &["get", "sgs", "-n", &ns, "-o", "json"]).await?;
     ensure!(
