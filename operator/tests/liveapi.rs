@@ -21,9 +21,7 @@ use streamgate_operator::config::Config;
 use streamgate_operator::liveapi;
 use streamgate_sidecar::server::Sidecar;
 use streamgate_sidecar::store::{RedisStore, RedisTarget, SessionStore};
-use streamgate_sidecar::validation::{
-    RedisLedger, RequestFacts, ValidationLedger as _, ValidationRecord, ValidationState,
-};
+use streamgate_sidecar::validation::RedisLedger;
 use streamgate_testenv::{
     ControlPlane, FIELD_MANAGER, create_namespace, point_service_at, shared_aggregated, wait_until,
 };
@@ -58,12 +56,26 @@ const POLICIES: &str = "apiVersion: streamgate.dev/v1alpha1\nkind: StreamingPoli
 
 /// A real sidecar on the test Redis with an endless upstream stream; returns its base URL once
 /// it follows other sidecars' revocations.
-async fn start_sidecar(url: &str, namespace: &str, upstream: &str) -> Result<String> {
+async fn start_sidecar(
+    url: &str,
+    namespace: &str,
+    upstream: &str,
+    validator: &str,
+) -> Result<String> {
     let target = RedisTarget::parse(url).map_err(anyhow::Error::msg)?;
-    let store = Arc::new(RedisStore::new(target, Duration::from_secs(2)));
-    let policies = streamgate_sidecar::policy::PolicySet::from_yaml(POLICIES, "test", namespace)?;
-    let sidecar =
-        Sidecar::with_store(store.clone(), policies).with_upstream(reqwest::Url::parse(upstream)?);
+    let store = Arc::new(RedisStore::new(target.clone(), Duration::from_secs(2)));
+    // The vip policy has a session validator (the CRDs need not: the API reads policy names).
+    let vip = "accounts: [\"vip-7\"]";
+    let with_validator = POLICIES.replace(
+        vip,
+        &format!("{vip}, validators: [{{name: entitlement, url: '{validator}'}}]"),
+    );
+    let policies =
+        streamgate_sidecar::policy::PolicySet::from_yaml(&with_validator, "test", namespace)?;
+    let ledger = Arc::new(RedisLedger::new(target, namespace, Duration::from_secs(2)));
+    let sidecar = Sidecar::with_store(store.clone(), policies)
+        .with_validation_ledger(ledger)
+        .with_upstream(reqwest::Url::parse(upstream)?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move { sidecar.serve(listener, std::future::pending()).await });
@@ -74,31 +86,16 @@ async fn start_sidecar(url: &str, namespace: &str, upstream: &str) -> Result<Str
     Ok(base)
 }
 
-/// Writes `id`'s validation record as the namespace's sidecars do, through their Redis ledger.
-async fn record_validation(
-    url: &str,
-    namespace: &str,
-    id: &str,
-    state: ValidationState,
-) -> Result<()> {
-    let target = RedisTarget::parse(url).map_err(anyhow::Error::msg)?;
-    let ledger = RedisLedger::new(target, namespace, Duration::from_secs(2));
-    let record = ValidationRecord {
-        state,
-        validator: None,
-        message: None,
-        facts: RequestFacts::default(),
-        admitted_at_ms: 0,
-        checks: 1,
-    };
-    let id = id
-        .parse()
-        .map_err(|()| anyhow::anyhow!("{id} is not a session id"))?;
-    ledger
-        .put(id, &record, Duration::from_secs(600))
-        .await
-        .context("writing the validation record")?;
-    Ok(())
+/// A session validator that allows every SessionReview; returns its URL.
+async fn allowing_validator() -> Result<String> {
+    let router = axum::Router::new().route(
+        "/review",
+        axum::routing::post(|| async { axum::Json(json!({"allowed": true})) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/review", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok(url)
 }
 
 async fn endless_upstream() -> Result<String> {
@@ -448,18 +445,14 @@ async fn kubectl_lists_selects_explains_kicks_and_authorizes_live_sessions() -> 
 
     // Two sidecars on one Redis, as two pods of the namespace would be.
     let upstream = endless_upstream().await?;
-    let first = start_sidecar(&url, &ns, &upstream).await?;
-    let second = start_sidecar(&url, &ns, &upstream).await?;
+    let validator = allowing_validator().await?;
+    let first = start_sidecar(&url, &ns, &upstream, &validator).await?;
+    let second = start_sidecar(&url, &ns, &upstream, &validator).await?;
     let http = reqwest::Client::new();
     let tv = open(&http, &first, "acct-1", "tv").await?;
     let phone = open(&http, &second, "acct-1", "phone").await?;
     let vip = open(&http, &first, "vip-7", "tv").await?;
     let live: BTreeSet<String> = [&tv, &phone, &vip].into_iter().cloned().collect();
-
-    // The namespace's session validators allowed the tv session and still check the phone one:
-    // their verdicts, written to the validation ledger as the sidecars write them.
-    record_validation(&url, &ns, &tv, ValidationState::Allowed).await?;
-    record_validation(&url, &ns, &phone, ValidationState::Pending).await?;
 
     let addr = start_live_api(cp, &client, &operator_ns).await?;
     spoofed_callers_are_refused(addr, &ns).await?;
@@ -479,6 +472,18 @@ async fn kubectl_lists_selects_explains_kicks_and_authorizes_live_sessions() -> 
         !header.contains("VALIDATION"),
         "VALIDATION is for -o wide only:\n{table}"
     );
+    // The vip policy's validator answers the sidecar's SessionReview with an allow.
+    wait_until(
+        Duration::from_secs(30),
+        "the vip session's verdict",
+        || async {
+            let wide = kubectl_ok(cp, &["get", "sgs", "-n", &ns, "-o", "wide"]).await?;
+            Ok(wide
+                .lines()
+                .any(|l| l.starts_with(&vip) && l.trim_end().ends_with("allowed")))
+        },
+    )
+    .await?;
     let wide = kubectl_ok(cp, &["get", "sgs", "-n", &ns, "-o", "wide"]).await?;
     let wide_header: Vec<&str> = wide
         .lines()
@@ -502,32 +507,28 @@ async fn kubectl_lists_selects_explains_kicks_and_authorizes_live_sessions() -> 
     let vip_row = cells(&vip)?;
     ensure!(
         vip_row.contains(&"vip-7".to_string())
-            && vip_row.ends_with(&["vip".into(), "<none>".into()]),
-        "no validation record: <none>\n{wide}"
+            && vip_row.ends_with(&["vip".into(), "allowed".into()]),
+        "{wide}"
     );
     let tv_row = cells(&tv)?;
     ensure!(
         tv_row.contains(&"active".to_string())
-            && tv_row.ends_with(&["standard".into(), "allowed".into()]),
-        "{wide}"
-    );
-    ensure!(
-        cells(&phone)?.ends_with(&["standard".into(), "pending".into()]),
-        "{wide}"
-    );
-    let tv_yaml: Value = serde_yaml::from_str(
-        &kubectl_ok(cp, &["get", "sgs", &tv, "-n", &ns, "-o", "yaml"]).await?,
-    )?;
-    ensure!(
-        tv_yaml["status"]["validation"] == "allowed",
-        "status.validation: {tv_yaml:?}"
+            && tv_row.ends_with(&["standard".into(), "<none>".into()]),
+        "no validators for the standard policy: <none>\n{wide}"
     );
     let vip_yaml: Value = serde_yaml::from_str(
         &kubectl_ok(cp, &["get", "sgs", &vip, "-n", &ns, "-o", "yaml"]).await?,
     )?;
     ensure!(
-        vip_yaml["status"].get("validation").is_none(),
-        "omitted without a record: {vip_yaml:?}"
+        vip_yaml["status"]["validation"] == "allowed",
+        "status.validation: {vip_yaml:?}"
+    );
+    let tv_yaml: Value = serde_yaml::from_str(
+        &kubectl_ok(cp, &["get", "sgs", &tv, "-n", &ns, "-o", "yaml"]).await?,
+    )?;
+    ensure!(
+        tv_yaml["status"].get("validation").is_none(),
+        "omitted without validators: {tv_yaml:?}"
     );
     let all = kubectl_ok(cp, &["get", "sgs", "-n", &ns, "-o", "json"]).await?;
     ensure!(
