@@ -21,6 +21,7 @@ use streamgate_operator::config::Config;
 use streamgate_operator::liveapi;
 use streamgate_sidecar::server::Sidecar;
 use streamgate_sidecar::store::{RedisStore, RedisTarget, SessionStore};
+use streamgate_sidecar::validation::RedisLedger;
 use streamgate_testenv::{
     ControlPlane, FIELD_MANAGER, create_namespace, point_service_at, shared_aggregated, wait_until,
 };
@@ -55,12 +56,26 @@ const POLICIES: &str = "apiVersion: streamgate.dev/v1alpha1\nkind: StreamingPoli
 
 /// A real sidecar on the test Redis with an endless upstream stream; returns its base URL once
 /// it follows other sidecars' revocations.
-async fn start_sidecar(url: &str, namespace: &str, upstream: &str) -> Result<String> {
+async fn start_sidecar(
+    url: &str,
+    namespace: &str,
+    upstream: &str,
+    validator: &str,
+) -> Result<String> {
     let target = RedisTarget::parse(url).map_err(anyhow::Error::msg)?;
-    let store = Arc::new(RedisStore::new(target, Duration::from_secs(2)));
-    let policies = streamgate_sidecar::policy::PolicySet::from_yaml(POLICIES, "test", namespace)?;
-    let sidecar =
-        Sidecar::with_store(store.clone(), policies).with_upstream(reqwest::Url::parse(upstream)?);
+    let store = Arc::new(RedisStore::new(target.clone(), Duration::from_secs(2)));
+    // The vip policy has a session validator (the CRDs need not: the API reads policy names).
+    let vip = "accounts: [\"vip-7\"]";
+    let with_validator = POLICIES.replace(
+        vip,
+        &format!("{vip}, validators: [{{name: entitlement, url: '{validator}'}}]"),
+    );
+    let policies =
+        streamgate_sidecar::policy::PolicySet::from_yaml(&with_validator, "test", namespace)?;
+    let ledger = Arc::new(RedisLedger::new(target, namespace, Duration::from_secs(2)));
+    let sidecar = Sidecar::with_store(store.clone(), policies)
+        .with_validation_ledger(ledger)
+        .with_upstream(reqwest::Url::parse(upstream)?);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move { sidecar.serve(listener, std::future::pending()).await });
@@ -69,6 +84,18 @@ async fn start_sidecar(url: &str, namespace: &str, upstream: &str) -> Result<Str
         .await
         .context("the sidecar did not subscribe to revocations")??;
     Ok(base)
+}
+
+/// A session validator that allows every SessionReview; returns its URL.
+async fn allowing_validator() -> Result<String> {
+    let router = axum::Router::new().route(
+        "/review",
+        axum::routing::post(|| async { axum::Json(json!({"allowed": true})) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/review", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok(url)
 }
 
 async fn endless_upstream() -> Result<String> {
@@ -418,8 +445,9 @@ async fn kubectl_lists_selects_explains_kicks_and_authorizes_live_sessions() -> 
 
     // Two sidecars on one Redis, as two pods of the namespace would be.
     let upstream = endless_upstream().await?;
-    let first = start_sidecar(&url, &ns, &upstream).await?;
-    let second = start_sidecar(&url, &ns, &upstream).await?;
+    let validator = allowing_validator().await?;
+    let first = start_sidecar(&url, &ns, &upstream, &validator).await?;
+    let second = start_sidecar(&url, &ns, &upstream, &validator).await?;
     let http = reqwest::Client::new();
     let tv = open(&http, &first, "acct-1", "tv").await?;
     let phone = open(&http, &second, "acct-1", "phone").await?;
@@ -440,22 +468,67 @@ async fn kubectl_lists_selects_explains_kicks_and_authorizes_live_sessions() -> 
         "POLICY is for -o wide only:\n{table}"
     );
     ensure!(table.lines().count() == 4, "three rows expected:\n{table}");
-    let wide = kubectl_ok(cp, &["get", "sgs", "-n", &ns, "-o", "wide"]).await?;
-    let vip_row = wide
-        .lines()
-        .find(|l| l.starts_with(&vip))
-        .context("the vip row")?;
     ensure!(
-        vip_row.contains("vip-7") && vip_row.contains(" vip"),
+        !header.contains("VALIDATION"),
+        "VALIDATION is for -o wide only:\n{table}"
+    );
+    // The vip policy's validator answers the sidecar's SessionReview with an allow.
+    wait_until(
+        Duration::from_secs(30),
+        "the vip session's verdict",
+        || async {
+            let wide = kubectl_ok(cp, &["get", "sgs", "-n", &ns, "-o", "wide"]).await?;
+            Ok(wide
+                .lines()
+                .any(|l| l.starts_with(&vip) && l.trim_end().ends_with("allowed")))
+        },
+    )
+    .await?;
+    let wide = kubectl_ok(cp, &["get", "sgs", "-n", &ns, "-o", "wide"]).await?;
+    let wide_header: Vec<&str> = wide
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    ensure!(
+        wide_header.ends_with(&["POLICY", "VALIDATION"]),
+        "VALIDATION next to POLICY:\n{wide}"
+    );
+    let cells = |id: &str| -> Result<Vec<String>> {
+        Ok(wide
+            .lines()
+            .find(|l| l.starts_with(id))
+            .with_context(|| format!("the row of {id}:\n{wide}"))?
+            .split_whitespace()
+            .map(str::to_string)
+            .collect())
+    };
+    let vip_row = cells(&vip)?;
+    ensure!(
+        vip_row.contains(&"vip-7".to_string())
+            && vip_row.ends_with(&["vip".into(), "allowed".into()]),
         "{wide}"
     );
-    let tv_row = wide
-        .lines()
-        .find(|l| l.starts_with(&tv))
-        .context("the tv row")?;
+    let tv_row = cells(&tv)?;
     ensure!(
-        tv_row.contains("standard") && tv_row.contains("active"),
-        "{wide}"
+        tv_row.contains(&"active".to_string())
+            && tv_row.ends_with(&["standard".into(), "<none>".into()]),
+        "no validators for the standard policy: <none>\n{wide}"
+    );
+    let vip_yaml: Value = serde_yaml::from_str(
+        &kubectl_ok(cp, &["get", "sgs", &vip, "-n", &ns, "-o", "yaml"]).await?,
+    )?;
+    ensure!(
+        vip_yaml["status"]["validation"] == "allowed",
+        "status.validation: {vip_yaml:?}"
+    );
+    let tv_yaml: Value = serde_yaml::from_str(
+        &kubectl_ok(cp, &["get", "sgs", &tv, "-n", &ns, "-o", "yaml"]).await?,
+    )?;
+    ensure!(
+        tv_yaml["status"].get("validation").is_none(),
+        "omitted without validators: {tv_yaml:?}"
     );
     let all = kubectl_ok(cp, &["get", "sgs", "-n", &ns, "-o", "json"]).await?;
     ensure!(

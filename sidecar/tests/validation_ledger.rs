@@ -86,3 +86,76 @@ async fn due_checks_are_claimed_once_per_lease_and_records_round_trip() {
         .await;
     }
 }
+
+/// The operator's reader (store crate) finds the states the sidecars' ledger writes, one MGET
+/// per page on Redis and Redis Cluster, and reading does not keep a record alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operators_reader_sees_the_ledgers_records_without_renewing_them() {
+    use streamgate_sidecar::store::validation_record::ValidationReader;
+    for env in ["STREAMGATE_TEST_REDIS", "STREAMGATE_TEST_REDIS_CLUSTER"] {
+        let namespace = format!("reader-{:08x}", rand::random::<u32>());
+        let target = RedisTarget::parse(&common::redis_env(env)).unwrap();
+        let ledger = RedisLedger::new(target.clone(), &namespace, Duration::from_secs(2));
+        let reader = ValidationReader::new(target, Duration::from_secs(2));
+        let record = |state| ValidationRecord {
+            state,
+            validator: Some("entitlement".into()),
+            message: None,
+            facts: RequestFacts::default(),
+            admitted_at_ms: 0,
+            checks: 1,
+        };
+        let (allowed, denied, unchecked, short) = (
+            SessionId::for_account("a"),
+            SessionId::for_account("b"),
+            SessionId::for_account("c"),
+            SessionId::for_account("d"),
+        );
+        let long = Duration::from_secs(60);
+        ledger
+            .put(allowed, &record(ValidationState::Allowed), long)
+            .await
+            .unwrap();
+        ledger
+            .put(denied, &record(ValidationState::Denied), long)
+            .await
+            .unwrap();
+        let ids: Vec<String> = [allowed, denied, unchecked]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            reader.states(&namespace, &ids).await.unwrap(),
+            [
+                Some(ValidationState::Allowed),
+                Some(ValidationState::Denied),
+                None
+            ],
+            "{env}"
+        );
+        assert_eq!(
+            reader.states("other-namespace", &ids).await.unwrap(),
+            [None, None, None],
+            "{env}: records are per namespace"
+        );
+
+        ledger
+            .put(
+                short,
+                &record(ValidationState::Pending),
+                Duration::from_millis(500),
+            )
+            .await
+            .unwrap();
+        let short = [short.to_string()];
+        assert_eq!(
+            reader.states(&namespace, &short).await.unwrap(),
+            [Some(ValidationState::Pending)]
+        );
+        // Read over and over, it still expires with its TTL.
+        common::eventually("the record expires although read", async || {
+            reader.states(&namespace, &short).await.unwrap() == [None]
+        })
+        .await;
+    }
+}

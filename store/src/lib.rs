@@ -14,6 +14,7 @@ pub mod memory;
 pub mod redis_store;
 pub mod session;
 pub mod validate;
+pub mod validation_record;
 
 /// The policy types, from the `streamgate-policy` crate.
 pub use streamgate_policy as policy;

@@ -144,6 +144,7 @@ mod tests {
             created_at_ms: 0,
             expires_at_ms: 1,
             policy: None,
+            validation: None,
         }
     }
 

@@ -260,6 +260,21 @@ impl LiveApi {
     }
 }
 
+/// Fills in the validation state of each session from the sidecars' validation records (one
+/// round trip for the page).
+async fn with_validation(sessions: &dyn Sessions, namespace: &str, items: &mut [LiveSession]) {
+    let ids: Vec<String> = items.iter().map(|s| s.id.clone()).collect();
+    match sessions.validation(namespace, &ids).await {
+        Ok(states) => {
+            for (session, state) in items.iter_mut().zip(states) {
+                session.validation = state;
+            }
+        }
+        // The sessions are still worth answering; the column shows <none>.
+        Err(error) => tracing::warn!(%namespace, %error, "cannot read validation records"),
+    }
+}
+
 /// The namespace's policies as the sidecars resolve them.
 pub fn policy_set(policies: &[StreamingPolicy]) -> streamgate_policy::PolicySet {
     streamgate_policy::PolicySet::from_policies(
@@ -370,6 +385,7 @@ async fn list(
         Err(error) => return store_failure(error),
     };
     api.with_policies(&namespace, &mut items).await;
+    with_validation(sessions.as_ref(), &namespace, &mut items).await;
     let token = last.as_deref().map(encode_continue);
     let body =
         match object::representation(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok())) {
@@ -419,6 +435,7 @@ async fn get_one(
         Ok(Some(session)) if session.state == "active" => {
             let mut one = [session];
             api.with_policies(&namespace, &mut one).await;
+            with_validation(sessions.as_ref(), &namespace, &mut one).await;
             respond_one(&one[0], &namespace, &headers)
         }
         Ok(Some(session)) => not_found(

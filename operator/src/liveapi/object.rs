@@ -38,6 +38,9 @@ pub struct LiveSession {
     pub expires_at_ms: i64,
     /// Name of the StreamingPolicy that applies to the account now, if known.
     pub policy: Option<String>,
+    /// Where the session validators' check stands (`pending`, `allowed`, `denied`, `failed`);
+    /// `None` when the namespace has no validators or the record is gone.
+    pub validation: Option<String>,
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -64,6 +67,9 @@ pub fn to_object(session: &LiveSession, namespace: &str) -> Value {
     }
     if let Some(policy) = &session.policy {
         status["policy"] = json!(policy);
+    }
+    if let Some(validation) = &session.validation {
+        status["validation"] = json!(validation);
     }
     json!({
         "apiVersion": GROUP_VERSION,
@@ -139,7 +145,7 @@ pub fn human_duration(ms: i64) -> String {
 }
 
 /// A `meta.k8s.io/v1` Table of `sessions` at `now_ms`: NAME, ACCOUNT, STREAM, STATE, AGE,
-/// EXPIRES, and (priority 1, shown by `-o wide`) POLICY.
+/// EXPIRES, and (priority 1, shown by `-o wide`) POLICY and VALIDATION.
 pub fn to_table(
     sessions: &[LiveSession],
     namespace: &str,
@@ -159,6 +165,7 @@ pub fn to_table(
                     human_duration(now_ms - s.created_at_ms),
                     human_duration(s.expires_at_ms - now_ms),
                     s.policy.clone().unwrap_or_else(|| "<unknown>".into()),
+                    s.validation.clone().unwrap_or_else(|| "<none>".into()),
                 ],
                 "object": {
                     "kind": "PartialObjectMetadata",
@@ -180,6 +187,7 @@ pub fn to_table(
             column("Age", "string", "", 0, "Time since admission."),
             column("Expires", "string", "", 0, "Time left without a heartbeat."),
             column("Policy", "string", "", 1, "The StreamingPolicy that applies to the account."),
+            column("Validation", "string", "", 1, "Session validators' verdict: pending, allowed, denied or failed (<none> without validators)."),
         ],
         "rows": rows,
     })
@@ -337,6 +345,7 @@ pub fn openapi_v3_document() -> Value {
                     "createdAt": time("When the session was admitted."),
                     "expiresAt": time("When the session expires without a heartbeat."),
                     "policy": string("The StreamingPolicy that applies to the account now."),
+                    "validation": string("Where the session validators' check stands: pending, allowed, denied or failed; absent when the namespace has no validators."),
                 },
             },
             meta: {
@@ -367,6 +376,7 @@ mod tests {
             created_at_ms: 1_000_000,
             expires_at_ms: 1_090_000,
             policy: Some("gold".into()),
+            validation: Some("allowed".into()),
         }
     }
 
@@ -397,14 +407,26 @@ mod tests {
         assert_eq!(
             names,
             [
-                "Name", "Account", "Stream", "State", "Age", "Expires", "Policy"
+                "Name",
+                "Account",
+                "Stream",
+                "State",
+                "Age",
+                "Expires",
+                "Policy",
+                "Validation"
             ]
         );
         assert_eq!(t["columnDefinitions"][6]["priority"], 1);
+        assert_eq!(t["columnDefinitions"][7]["priority"], 1);
         assert_eq!(
             t["rows"][0]["cells"],
-            json!(["a1", "123", "tv", "active", "30s", "60s", "gold"])
+            json!(["a1", "123", "tv", "active", "30s", "60s", "gold", "allowed"])
         );
+        let mut unvalidated = session("a2", "7");
+        unvalidated.validation = None;
+        let without = to_table(&[unvalidated], "ns", None, 1_030_000);
+        assert_eq!(without["rows"][0]["cells"][7], "<none>");
         assert_eq!(t["rows"][0]["object"]["metadata"]["namespace"], "ns");
         assert_eq!(t["metadata"]["continue"], "tok");
     }
@@ -415,6 +437,14 @@ mod tests {
         assert_eq!(o["spec"], json!({"account": "123", "streamId": "tv"}));
         assert_eq!(o["status"]["state"], "active");
         assert_eq!(o["status"]["policy"], "gold");
+        assert_eq!(o["status"]["validation"], "allowed");
+        let mut unvalidated = session("a2", "7");
+        unvalidated.validation = None;
+        let o = to_object(&unvalidated, "ns");
+        assert!(
+            o["status"].get("validation").is_none(),
+            "omitted: no record"
+        );
         assert_eq!(o["status"]["expiresAt"], "1970-01-01T00:18:10.000Z");
         assert!(o["status"].get("reason").is_none());
     }

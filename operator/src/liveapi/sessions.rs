@@ -52,6 +52,17 @@ pub trait Sessions: Send + Sync {
 
     /// Kicks a session: the sidecars cut its stream on the store's revocation notice.
     async fn kick(&self, id: &str) -> Result<Kick, SourceError>;
+
+    /// The session validators' state of each of `ids` in `namespace` (`pending`, `allowed`,
+    /// `denied`, `failed`), in order; `None` where there is no record. Reading does not renew
+    /// the records. Stores without a validation ledger have none.
+    async fn validation(
+        &self,
+        _namespace: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<String>>, SourceError> {
+        Ok(vec![None; ids.len()])
+    }
 }
 
 /// Why a namespace's sessions cannot be read, as a `metav1.Status`.
@@ -172,8 +183,12 @@ impl SessionsResolver for StoreResolver {
     }
 }
 
-/// [`Sessions`] over a session store of the `streamgate-store` crate.
-pub struct StoreSessions(pub Arc<dyn streamgate_store::SessionStore>);
+/// [`Sessions`] over a session store of the `streamgate-store` crate, and the validation records
+/// the sidecars keep next to it.
+pub struct StoreSessions {
+    store: Arc<dyn streamgate_store::SessionStore>,
+    validation: streamgate_store::validation_record::ValidationReader,
+}
 
 /// How long one store operation may take before the API answers 503.
 const STORE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -182,8 +197,15 @@ impl StoreSessions {
     /// Opens the store a sidecar would for `url` (`redis://…`, `redis-cluster://…`).
     pub fn connect(url: &str) -> Result<Arc<dyn Sessions>, String> {
         let target = streamgate_store::RedisTarget::parse(url)?;
+        let validation = streamgate_store::validation_record::ValidationReader::new(
+            target.clone(),
+            STORE_TIMEOUT,
+        );
         let store = streamgate_store::RedisStore::new(target, STORE_TIMEOUT);
-        Ok(Arc::new(Self(Arc::new(store))))
+        Ok(Arc::new(Self {
+            store: Arc::new(store),
+            validation,
+        }))
     }
 }
 
@@ -203,6 +225,7 @@ fn live(record: streamgate_store::session::SessionRecord) -> LiveSession {
         created_at_ms: record.created_at_ms,
         expires_at_ms: record.expires_at_ms,
         policy: None,
+        validation: None,
     }
 }
 
@@ -224,7 +247,11 @@ impl Sessions for StoreSessions {
             ),
             None => None,
         };
-        let page = self.0.list_all(after, limit).await.map_err(store_error)?;
+        let page = self
+            .store
+            .list_all(after, limit)
+            .await
+            .map_err(store_error)?;
         Ok((
             page.sessions.into_iter().map(live).collect(),
             page.next_after.map(|id| id.to_string()),
@@ -233,7 +260,7 @@ impl Sessions for StoreSessions {
 
     async fn of_account(&self, account: &str) -> Result<Vec<LiveSession>, SourceError> {
         let mut sessions: Vec<LiveSession> = self
-            .0
+            .store
             .list(account)
             .await
             .map_err(store_error)?
@@ -248,7 +275,7 @@ impl Sessions for StoreSessions {
         let Ok(id) = id.parse() else {
             return Ok(None);
         };
-        Ok(self.0.get(id).await.map_err(store_error)?.map(live))
+        Ok(self.store.get(id).await.map_err(store_error)?.map(live))
     }
 
     async fn kick(&self, id: &str) -> Result<Kick, SourceError> {
@@ -256,10 +283,26 @@ impl Sessions for StoreSessions {
         let Ok(id) = id.parse() else {
             return Ok(Kick::NotFound);
         };
-        Ok(match self.0.kick(id).await.map_err(store_error)? {
+        Ok(match self.store.kick(id).await.map_err(store_error)? {
             KickOutcome::Kicked(record) => Kick::Kicked(live(record)),
             KickOutcome::AlreadyGone(record) => Kick::AlreadyGone(live(record)),
             KickOutcome::NotFound => Kick::NotFound,
         })
+    }
+
+    async fn validation(
+        &self,
+        namespace: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<String>>, SourceError> {
+        let states = self
+            .validation
+            .states(namespace, ids)
+            .await
+            .map_err(store_error)?;
+        Ok(states
+            .into_iter()
+            .map(|state| state.map(|s| s.as_str().to_string()))
+            .collect())
     }
 }

@@ -22,6 +22,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::session::SessionId;
 use crate::store::redis_store::classify;
 use crate::store::{RedisTarget, StoreError};
+use streamgate_store::validation_record::{validation_key_prefix, validation_record_key};
 
 /// What the ledger keeps of one session.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -202,7 +203,8 @@ impl ValidationLedger for MemoryLedger {
 pub struct RedisLedger {
     target: RedisTarget,
     timeout: Duration,
-    prefix: String,
+    /// Keys are named by `streamgate_store::validation_record` (the operator reads them too).
+    namespace: String,
     /// Dropped when a Sentinel master stops answering as one, so the next call asks the
     /// sentinels again (the store follows failovers the same way).
     connection: tokio::sync::Mutex<Option<LedgerConnection>>,
@@ -239,15 +241,10 @@ return ids
 impl RedisLedger {
     /// A ledger for the sidecars of `namespace` on `target`; each call waits at most `timeout`.
     pub fn new(target: RedisTarget, namespace: &str, timeout: Duration) -> Self {
-        // Braces would move the keys to another slot; a namespace is a DNS label anyway.
-        let namespace: String = namespace
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
-            .collect();
         Self {
             target,
             timeout,
-            prefix: format!("{{sg-validation:{namespace}}}"),
+            namespace: namespace.to_string(),
             connection: tokio::sync::Mutex::new(None),
             schedule: Script::new(SCHEDULE_LUA),
             claim: Script::new(CLAIM_LUA),
@@ -255,11 +252,11 @@ impl RedisLedger {
     }
 
     fn due_key(&self) -> String {
-        format!("{}:due", self.prefix)
+        format!("{}:due", validation_key_prefix(&self.namespace))
     }
 
     fn record_key(&self, id: SessionId) -> String {
-        format!("{}:r:{id}", self.prefix)
+        validation_record_key(&self.namespace, id)
     }
 
     async fn connection(&self) -> Result<LedgerConnection, StoreError> {
@@ -477,6 +474,18 @@ mod tests {
         clock.advance(10_000);
         assert_eq!(ledger.claim(lease, 10).await.unwrap(), [b]);
         assert_eq!(ledger.scheduled().await.unwrap(), 1);
+    }
+
+    #[test]
+    fn the_stores_reader_reads_the_state_of_a_record() {
+        let mut denied = record();
+        denied.state = ValidationState::Denied;
+        denied.message = Some("shared account".into());
+        let json = serde_json::to_vec(&denied).unwrap();
+        assert_eq!(
+            streamgate_store::validation_record::parse_validation_state(&json),
+            Some(ValidationState::Denied)
+        );
     }
 
     #[tokio::test]

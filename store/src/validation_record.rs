@@ -1,0 +1,199 @@
+//! Where session validators' verdicts are kept in Redis, and the part of a validation record
+//! that readers other than the sidecar need (its state).
+//!
+//! The sidecars of a namespace write one JSON record per validated session under
+//! [`validation_record_key`]; the operator's live-session API reads them to show each session's
+//! validation state. Keeping the key naming and the readable fields here gives both one
+//! definition.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use serde::Deserialize;
+
+use crate::redis_store::classify;
+use crate::session::ValidationState;
+use crate::{RedisTarget, StoreError};
+
+/// The hash tag all validation keys of `namespace` start with, `{sg-validation:NAMESPACE}`: one
+/// Redis Cluster slot per namespace, so a namespace's records can be read with one MGET.
+///
+/// Only `[A-Za-z0-9.-]` of the namespace are kept: braces would move the keys to another slot
+/// (a namespace is a DNS label anyway).
+pub fn validation_key_prefix(namespace: &str) -> String {
+    let namespace: String = namespace
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .collect();
+    format!("{{sg-validation:{namespace}}}")
+}
+
+/// The key of the validation record of session `id` in `namespace`.
+pub fn validation_record_key(namespace: &str, id: impl std::fmt::Display) -> String {
+    format!("{}:r:{id}", validation_key_prefix(namespace))
+}
+
+/// What a reader needs of a validation record (the sidecar's record has more fields, which are
+/// ignored here).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct ValidationRecordState {
+    /// Where validation stands.
+    pub state: ValidationState,
+}
+
+/// The state of a stored validation record; `None` if it is not one.
+pub fn parse_validation_state(json: &[u8]) -> Option<ValidationState> {
+    serde_json::from_slice::<ValidationRecordState>(json)
+        .ok()
+        .map(|record| record.state)
+}
+
+/// Reads validation states from the Redis a namespace's sidecars use, without renewing the
+/// records (a plain GET: reading must not keep a record alive past its session).
+pub struct ValidationReader {
+    target: RedisTarget,
+    timeout: Duration,
+    connection: tokio::sync::Mutex<Option<ReaderConnection>>,
+}
+
+#[derive(Clone)]
+enum ReaderConnection {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ValidationReader {
+    /// A reader of `target`; each call waits at most `timeout`.
+    pub fn new(target: RedisTarget, timeout: Duration) -> Self {
+        Self {
+            target,
+            timeout,
+            connection: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn connection(&self) -> Result<ReaderConnection, StoreError> {
+        let mut current = self.connection.lock().await;
+        if let Some(connection) = current.as_ref() {
+            return Ok(connection.clone());
+        }
+        let timeout = self.timeout.max(Duration::from_secs(1));
+        let connect = async {
+            let standalone = |url: String| async move {
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(self.timeout))
+                    .set_connection_timeout(Some(timeout))
+                    .set_number_of_retries(2);
+                Ok::<_, redis::RedisError>(ReaderConnection::Standalone(
+                    ConnectionManager::new_with_config(redis::Client::open(url)?, config).await?,
+                ))
+            };
+            match &self.target {
+                RedisTarget::Standalone(url) => standalone(url.clone()).await,
+                // The store's master: replicas may lag behind the verdicts.
+                RedisTarget::Sentinel(sentinel) => {
+                    let url = sentinel
+                        .master_url()
+                        .await
+                        .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
+                    standalone(url).await
+                }
+                RedisTarget::Cluster(nodes) => {
+                    let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+                        .response_timeout(self.timeout)
+                        .connection_timeout(timeout)
+                        .retries(2)
+                        .build()?;
+                    Ok(ReaderConnection::Cluster(
+                        client.get_async_connection().await?,
+                    ))
+                }
+            }
+        };
+        let connected = match tokio::time::timeout(timeout, connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(classify(&e)),
+            Err(_) => return Err(StoreError::TimedOut("cannot connect to Redis".into())),
+        };
+        *current = Some(connected.clone());
+        Ok(connected)
+    }
+
+    /// The validation state of each of `ids` in `namespace`, in order; `None` where there is no
+    /// record (no validators, or the record expired). One MGET: the keys share a slot.
+    pub async fn states(
+        &self,
+        namespace: &str,
+        ids: &[String],
+    ) -> Result<Vec<Option<ValidationState>>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let connection = self.connection().await?;
+        let mut cmd = redis::cmd("MGET");
+        for id in ids {
+            cmd.arg(validation_record_key(namespace, id));
+        }
+        let call = async {
+            match connection {
+                ReaderConnection::Standalone(mut c) => {
+                    cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut c).await
+                }
+                ReaderConnection::Cluster(mut c) => {
+                    cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut c).await
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(values)) => Ok(values
+                .iter()
+                .map(|value| value.as_deref().and_then(parse_validation_state))
+                .collect()),
+            Ok(Err(e)) => {
+                let error = classify(&e);
+                // A failed-over master is gone: ask the sentinels again next time.
+                if matches!(self.target, RedisTarget::Sentinel(_))
+                    && matches!(error, StoreError::Unavailable(_))
+                {
+                    *self.connection.lock().await = None;
+                }
+                Err(error)
+            }
+            Err(_) => Err(StoreError::TimedOut(format!(
+                "Redis did not answer within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_a_namespace_share_one_hash_tag() {
+        assert_eq!(
+            validation_record_key("streaming", "ab12"),
+            "{sg-validation:streaming}:r:ab12"
+        );
+        assert_eq!(
+            validation_key_prefix("we{i}rd ns"),
+            "{sg-validation:weirdns}",
+            "braces would change the slot"
+        );
+    }
+
+    #[test]
+    fn the_state_is_read_and_other_fields_ignored() {
+        let record =
+            br#"{"state":"denied","validator":"v","facts":{},"admittedAtMs":1,"checks":2}"#;
+        assert_eq!(
+            parse_validation_state(record),
+            Some(ValidationState::Denied)
+        );
+        assert_eq!(parse_validation_state(b"{\"state\":\"nope\"}"), None);
+        assert_eq!(parse_validation_state(b"garbage"), None);
+    }
+}
