@@ -11,6 +11,7 @@
 pub mod id;
 pub mod validators;
 pub mod viewer_auth;
+pub mod playback_keys;
 
 pub use validators::{
     ServiceReference, ValidatorFailurePolicy, ValidatorMode, ValidatorSpec, check_validators,
@@ -135,6 +136,85 @@ pub struct PolicySpec {
         extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
     )]
     pub validators: Vec<ValidatorSpec>,
+    /// Long-lived media responses (a progressive or live stream through the enforcing proxy)
+    /// one session may have in flight at once: one session plays one stream.
+    #[serde(
+        default = "default_media_streams",
+        skip_serializing_if = "is_default_media_streams"
+    )]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_media_streams_per_session: u32,
+    /// Sharing detection: a session used from more client networks than allowed within a window.
+    #[serde(default, skip_serializing_if = "SharingSpec::is_default")]
+    pub sharing: SharingSpec,
+}
+
+fn default_media_streams() -> u32 {
+    1
+}
+fn is_default_media_streams(value: &u32) -> bool {
+    *value == default_media_streams()
+}
+
+/// What happens to a session used from too many client networks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum SharingAction {
+    /// Revoke the session, reason `shared` (its streams are cut, its heartbeats get 410).
+    #[default]
+    Revoke,
+    /// Log and count it only.
+    Report,
+}
+
+impl SharingAction {
+    /// The action as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Revoke => "revoke",
+            Self::Report => "report",
+        }
+    }
+}
+
+/// Sharing detection settings. A network is an IPv4 /24 or an IPv6 /64.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SharingSpec {
+    /// Distinct client networks one session may be used from within `windowSeconds` (a phone
+    /// moving from Wi-Fi to mobile data uses two).
+    #[serde(default = "default_sharing_networks")]
+    #[schemars(range(min = 1, max = 100))]
+    pub max_networks: u32,
+    /// The window in which networks are counted.
+    #[serde(default = "default_sharing_window")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub window_seconds: u32,
+    /// `Revoke` the session (reason `shared`) or only `Report` it.
+    #[serde(default)]
+    pub action: SharingAction,
+}
+
+fn default_sharing_networks() -> u32 {
+    2
+}
+fn default_sharing_window() -> u32 {
+    600
+}
+
+impl Default for SharingSpec {
+    fn default() -> Self {
+        Self {
+            max_networks: default_sharing_networks(),
+            window_seconds: default_sharing_window(),
+            action: SharingAction::default(),
+        }
+    }
+}
+
+impl SharingSpec {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// Checks one allowed-origin entry: `*` (any origin) or `scheme://host[:port]` as browsers send
@@ -189,6 +269,8 @@ impl Default for PolicySpec {
             active_from: None,
             active_until: None,
             validators: Vec::new(),
+            max_media_streams_per_session: default_media_streams(),
+            sharing: SharingSpec::default(),
         }
     }
 }
@@ -277,6 +359,33 @@ impl PolicySpec {
         }
         if let Err((field, message)) = check_validators(&self.validators) {
             return err(&field, message);
+        }
+        if !(1..=100).contains(&self.max_media_streams_per_session) {
+            return err(
+                "maxMediaStreamsPerSession",
+                format!(
+                    "must be between 1 and 100, got {}",
+                    self.max_media_streams_per_session
+                ),
+            );
+        }
+        if !(1..=100).contains(&self.sharing.max_networks) {
+            return err(
+                "sharing.maxNetworks",
+                format!(
+                    "must be between 1 and 100, got {}",
+                    self.sharing.max_networks
+                ),
+            );
+        }
+        if !(10..=86_400).contains(&self.sharing.window_seconds) {
+            return err(
+                "sharing.windowSeconds",
+                format!(
+                    "must be between 10 and 86400, got {}",
+                    self.sharing.window_seconds
+                ),
+            );
         }
         Ok(())
     }
@@ -394,6 +503,10 @@ pub struct EffectivePolicy {
     pub allowed_origins: Vec<String>,
     /// Session validators, each with its endpoint resolved to a URL.
     pub validators: Vec<ValidatorSpec>,
+    /// Long-lived media responses one session may have in flight.
+    pub max_media_streams_per_session: u32,
+    /// Sharing detection.
+    pub sharing: SharingSpec,
 }
 
 impl EffectivePolicy {
@@ -412,6 +525,8 @@ impl EffectivePolicy {
                 .iter()
                 .map(ValidatorSpec::resolved)
                 .collect(),
+            max_media_streams_per_session: spec.max_media_streams_per_session,
+            sharing: spec.sharing.clone(),
         }
     }
 

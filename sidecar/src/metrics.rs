@@ -135,6 +135,99 @@ pub struct Metrics {
     pub validation_verdict_seconds: Family<ResultLabel, Histogram>,
     /// Validator names seen, bounding the `validator` label's values.
     validator_names: Mutex<Vec<String>>,
+    /// Playback tokens, one session one stream, sharing detection.
+    pub playback: PlaybackMetrics,
+}
+
+/// Label of the playback token refusal counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenRefusalLabel {
+    /// `missing`, `session_id_not_accepted`, or a [`crate::playback::TokenError`] label.
+    pub reason: &'static str,
+}
+
+/// Label of the sharing detection counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SharingLabel {
+    /// `revoke` or `report`.
+    pub action: &'static str,
+}
+
+/// Label of the one-session-one-stream refusal counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DryRunLabel {
+    /// `true` when the policy is DryRun and the stream was let through.
+    pub dry_run: &'static str,
+}
+
+/// Metrics of playback tokens and of the media rules they enable. Every label set is fixed.
+#[derive(Clone, Default)]
+pub struct PlaybackMetrics {
+    /// Tokens minted (open and heartbeat answers, rewritten playlists).
+    pub tokens_issued: Counter,
+    /// Media requests refused for their credential, by reason.
+    pub token_refusals: Family<TokenRefusalLabel, Counter>,
+    /// Long-lived media responses refused because their session already had its streams.
+    pub media_streams_refused: Family<DryRunLabel, Counter>,
+    /// Sessions seen from more networks than allowed, by action taken.
+    pub sharing_detected: Family<SharingLabel, Counter>,
+    /// Playlists rewritten with the token.
+    pub playlists_rewritten: Counter,
+}
+
+impl PlaybackMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "playback_tokens_issued",
+            "Playback tokens minted (open and heartbeat answers, rewritten playlists)",
+            metrics.tokens_issued.clone(),
+        );
+        registry.register(
+            "playback_token_refusals",
+            "Media requests refused for their credential, by reason",
+            metrics.token_refusals.clone(),
+        );
+        registry.register(
+            "media_streams_refused",
+            "Long-lived media responses refused because their session already played its streams (maxMediaStreamsPerSession)",
+            metrics.media_streams_refused.clone(),
+        );
+        registry.register(
+            "sharing_detected",
+            "Sessions used from more client networks than sharing.maxNetworks within the window, by action",
+            metrics.sharing_detected.clone(),
+        );
+        registry.register(
+            "playlists_rewritten",
+            "HLS playlists rewritten with the playback token",
+            metrics.playlists_rewritten.clone(),
+        );
+        // Every series exists from the start, so a rate over them is never absent.
+        for reason in crate::playback::REFUSAL_REASONS {
+            let _ = metrics
+                .token_refusals
+                .get_or_create(&TokenRefusalLabel { reason });
+        }
+        for dry_run in ["false", "true"] {
+            let _ = metrics
+                .media_streams_refused
+                .get_or_create(&DryRunLabel { dry_run });
+        }
+        for action in ["revoke", "report"] {
+            let _ = metrics
+                .sharing_detected
+                .get_or_create(&SharingLabel { action });
+        }
+        metrics
+    }
+
+    /// Counts a media request refused for its credential.
+    pub fn count_token_refusal(&self, reason: &'static str) {
+        self.token_refusals
+            .get_or_create(&TokenRefusalLabel { reason })
+            .inc();
+    }
 }
 
 /// Labels of the validation counter.
@@ -315,11 +408,13 @@ impl Metrics {
             "Time from a session's admission to its first validation verdict, by result",
             validation_verdict_seconds.clone(),
         );
+        let playback = PlaybackMetrics::register(&mut registry);
         Self {
             validations,
             validation_seconds,
             validation_verdict_seconds,
             validator_names: Mutex::new(Vec::new()),
+            playback,
             proxied,
             proxy_refused,
             streams_cut,
