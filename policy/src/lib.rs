@@ -10,8 +10,8 @@
 
 pub mod id;
 pub mod validators;
-pub mod viewer_auth;
 pub mod playback_keys;
+pub mod viewer_auth;
 
 pub use validators::{
     ServiceReference, ValidatorFailurePolicy, ValidatorMode, ValidatorSpec, check_validators,

@@ -207,6 +207,83 @@ pub struct Health {
     pub status: String,
 }
 
+/// An open or heartbeat answer: the session and the playback token its media requests carry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlaybackSession {
+    /// The session.
+    #[serde(flatten)]
+    pub session: Session,
+    /// The media credential: send it as `X-StreamGate-Token` or the `sg` query parameter on
+    /// media requests. Bound to this session and (unless turned off) the client's network;
+    /// re-issued on every heartbeat.
+    pub playback_token: String,
+    /// When the playback token stops working (RFC 3339): two heartbeat intervals after issue.
+    pub playback_token_expires_at: String,
+}
+
+/// The client's address, when the server knows it (always, when served by
+/// [`crate::server`]).
+pub struct PeerIp(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for PeerIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0.ip()),
+        ))
+    }
+}
+
+/// An open or heartbeat answer carrying a fresh playback token for `peer`.
+/// Sharing detection sees the client's network on every open and heartbeat too: a session
+/// whose answers reach too many networks is revoked (reason `shared`) before it gets a token.
+async fn playback_response(
+    engine: &Engine,
+    status: StatusCode,
+    session: Session,
+    peer: Option<std::net::IpAddr>,
+) -> Result<Response, ApiError> {
+    if let (Some(peer), Ok(id)) = (peer, session.session_id.parse::<SessionId>())
+        && engine.observe_use(id, &session.account, peer).await
+    {
+        let mut shared = session;
+        shared.state = crate::session::SessionState::Revoked;
+        shared.reason = Some(crate::session::EndReason::Shared);
+        return Err(ApiError::gone(shared));
+    }
+    Ok(playback_response_now(engine, status, session, peer))
+}
+
+fn playback_response_now(
+    engine: &Engine,
+    status: StatusCode,
+    session: Session,
+    peer: Option<std::net::IpAddr>,
+) -> Response {
+    let Some((playback_token, playback_token_expires_at)) = engine.playback_token(&session, peer)
+    else {
+        return session_response(status, session);
+    };
+    let mut response = (
+        status,
+        Json(PlaybackSession {
+            session,
+            playback_token,
+            playback_token_expires_at,
+        }),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
 fn session_response(status: StatusCode, session: Session) -> Response {
     let mut response = (status, Json(session)).into_response();
     response
@@ -222,8 +299,8 @@ fn session_response(status: StatusCode, session: Session) -> Response {
     tag = "sessions",
     params(ViewerStreamParams),
     responses(
-        (status = 201, description = "New session admitted", body = Session),
-        (status = 200, description = "The stream already had an active session; renewed", body = Session),
+        (status = 201, description = "New session admitted", body = PlaybackSession),
+        (status = 200, description = "The stream already had an active session; renewed", body = PlaybackSession),
         (status = 400, description = "Invalid account or streamId", body = ErrorBody),
         (status = 401, description = "ViewerAuthentication in force: no bearer token, or it failed a check (named)", body = ErrorBody),
         (status = 403, description = "The account parameter is not the token's account", body = ErrorBody),
@@ -234,6 +311,7 @@ fn session_response(status: StatusCode, session: Session) -> Response {
 )]
 async fn open_stream(
     State(engine): State<Engine>,
+    PeerIp(peer_ip): PeerIp,
     headers: axum::http::HeaderMap,
     extensions: axum::http::Extensions,
     params: ViewerStream,
@@ -267,7 +345,13 @@ async fn open_stream(
                 .validate_admission(session, facts)
                 .await
                 .map_err(|denied| ApiError::denied(&denied.message, denied.session))?;
-            let mut response = session_response(StatusCode::CREATED, session);
+            let mut response = playback_response(
+                &engine,
+                StatusCode::CREATED,
+                session,
+                peer_ip,
+            )
+            .await?;
             if let Some(would) = dry_run {
                 let value = match would {
                     OverLimit::Refuse => "would-refuse",
@@ -286,7 +370,9 @@ async fn open_stream(
             }
             Ok(response)
         }
-        Opened::Renewed(session) => Ok(session_response(StatusCode::OK, session)),
+        Opened::Renewed(session) => {
+            playback_response(&engine, StatusCode::OK, session, peer_ip).await
+        }
         Opened::Refused { limit, sessions } => {
             let mut e = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -312,7 +398,7 @@ async fn open_stream(
     tag = "sessions",
     params(ViewerStreamParams),
     responses(
-        (status = 200, description = "Renewed", body = Session),
+        (status = 200, description = "Renewed", body = PlaybackSession),
         (status = 400, description = "Invalid account or streamId", body = ErrorBody),
         (status = 401, description = "ViewerAuthentication in force: no bearer token, or it failed a check (named)", body = ErrorBody),
         (status = 403, description = "The account parameter is not the token's account", body = ErrorBody),
@@ -323,6 +409,7 @@ async fn open_stream(
 )]
 async fn heartbeat(
     State(engine): State<Engine>,
+    PeerIp(peer): PeerIp,
     method: Method,
     params: ViewerStream,
 ) -> Result<Response, ApiError> {
@@ -336,7 +423,9 @@ async fn heartbeat(
         .heartbeat_claimed(&params.account, &params.stream_id, params.claimed_limit())
         .await?
     {
-        Heartbeat::Renewed(session) => Ok(session_response(StatusCode::OK, session)),
+        Heartbeat::Renewed(session) => {
+            playback_response(&engine, StatusCode::OK, session, peer).await
+        }
         Heartbeat::Gone(session) => Err(ApiError::gone(session)),
         Heartbeat::NotFound => Err(ApiError::not_found(format!(
             "no session for account {:?} and streamId {:?}; open one with PUT",

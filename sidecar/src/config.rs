@@ -133,6 +133,24 @@ pub struct Config {
     #[arg(long, env = "STREAMGATE_ACTIVE_SESSIONS_REFRESH", default_value = "15s", value_parser = humantime::parse_duration)]
     pub active_sessions_refresh: Duration,
 
+    /// Playback token keys: a JSON (or YAML) key set, `{"signing": ID, "keys": [{"id": ID,
+    /// "secret": BASE64}, ...]}` (in injected pods: the namespace's operator-managed Secret);
+    /// reloaded on change. Without it a random key is generated at start: tokens then work on
+    /// this sidecar only, until it restarts.
+    #[arg(long, env = "STREAMGATE_PLAYBACK_KEYS_FILE")]
+    pub playback_keys_file: Option<PathBuf>,
+
+    /// Bind playback tokens to the client's network (IPv4 /24, IPv6 /64). Turn off where
+    /// one viewer's requests come from changing networks (carrier-grade NAT).
+    #[arg(long, env = "STREAMGATE_PLAYBACK_BIND_NETWORK", default_value_t = true, action = clap::ArgAction::Set)]
+    pub playback_bind_network: bool,
+
+    /// Media requests must carry a playback token; the session id alone (`X-StreamGate-Session`,
+    /// `session`) is refused. Off: both work, as in the prototype. Viewer authentication turns
+    /// it on.
+    #[arg(long, env = "STREAMGATE_REQUIRE_PLAYBACK_TOKEN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub require_playback_token: bool,
+
     /// Log format.
     #[arg(
         long,

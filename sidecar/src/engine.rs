@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::OverLimit;
 use crate::breaker::{Breaker, BreakerConfig, Outcome};
 use crate::metrics::Metrics;
-use crate::policy::{EffectivePolicy, FailurePolicy, Mode, PolicySet};
+use crate::playback::{KeyRing, Playback};
+use crate::policy::{EffectivePolicy, FailurePolicy, Mode, PolicySet, SharingAction};
 use crate::session::{
     EndReason, Revocation, Session, SessionId, SessionRecord, SessionState, account_tag,
 };
@@ -242,6 +243,8 @@ pub struct Engine {
     identity: Arc<crate::identity::Authenticator>,
     /// Session validators: ledger, clients, checks in flight.
     validations: Arc<crate::validation::Validations>,
+    /// Playback token keys and switches, and sharing detection's memory.
+    playback: Arc<Playback>,
 }
 
 impl Engine {
@@ -268,6 +271,121 @@ impl Engine {
             validations: Arc::new(crate::validation::Validations::new(Arc::new(
                 crate::validation::MemoryLedger::default(),
             ))),
+            playback: Arc::new(Playback::new(KeyRing::generate())),
+        }
+    }
+
+    /// Uses `playback` (shared key ring and switches) instead of a fresh random key.
+    pub fn with_playback(mut self, playback: Arc<Playback>) -> Self {
+        self.playback = playback;
+        self
+    }
+
+    /// Playback token keys and switches.
+    pub fn playback(&self) -> &Arc<Playback> {
+        &self.playback
+    }
+
+    /// A playback token for `session` (an active session in an open or heartbeat answer),
+    /// bound to `client`'s network when binding is on. Returns the token and its expiry
+    /// (RFC 3339).
+    pub fn playback_token(
+        &self,
+        session: &Session,
+        client: Option<std::net::IpAddr>,
+    ) -> Option<(String, String)> {
+        if session.state != SessionState::Active {
+            return None;
+        }
+        let id: SessionId = session.session_id.parse().ok()?;
+        let now = chrono::Utc::now().timestamp();
+        let (token, expires_at) = self.playback.mint_for(
+            id,
+            &session.account,
+            &session.stream_id,
+            session.heartbeat_interval_seconds,
+            client,
+            now,
+        );
+        self.metrics.playback.tokens_issued.inc();
+        Some((token, crate::session::rfc3339(expires_at * 1000)))
+    }
+
+    /// The policy that applies to `account` now.
+    pub fn policy_of(&self, account: &str) -> EffectivePolicy {
+        self.policy_for(account)
+    }
+
+    /// The API view of a cut session `record` (no active count).
+    pub fn view_of(&self, record: &SessionRecord) -> Session {
+        let policy = self.policy_for(&record.account);
+        self.view(record, &policy, 0)
+    }
+
+    /// A fresh playback token for session `id` of `account`/`stream_id` (a rewritten
+    /// playlist carries one, so a native player that only reloads playlists keeps playing).
+    pub fn playback_token_for(
+        &self,
+        id: SessionId,
+        account: &str,
+        stream_id: &str,
+        client: Option<std::net::IpAddr>,
+    ) -> String {
+        let policy = self.policy_for(account);
+        let (token, _) = self.playback.mint_for(
+            id,
+            account,
+            stream_id,
+            policy.heartbeat_interval_seconds,
+            client,
+            chrono::Utc::now().timestamp(),
+        );
+        self.metrics.playback.tokens_issued.inc();
+        token
+    }
+
+    /// Sharing detection: records that session `id` of `account` was used from `client`. When
+    /// it was used from more networks than the account's policy allows within its window, the
+    /// session is reported and, under `action: Revoke` (and not in DryRun), revoked with reason
+    /// `shared`. Returns true when it was revoked.
+    pub async fn observe_use(
+        &self,
+        id: SessionId,
+        account: &str,
+        client: std::net::IpAddr,
+    ) -> bool {
+        let policy = self.policy_for(account);
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let networks =
+            self.playback
+                .observe_network(id, client, now_ms, policy.sharing.window_seconds);
+        if networks as u64 <= u64::from(policy.sharing.max_networks) {
+            return false;
+        }
+        let action = policy.sharing.action;
+        self.metrics
+            .playback
+            .sharing_detected
+            .get_or_create(&crate::metrics::SharingLabel {
+                action: action.as_str(),
+            })
+            .inc();
+        tracing::warn!(account = %fingerprint(account), session = %fingerprint(&id.to_string()),
+            networks, max_networks = policy.sharing.max_networks, action = action.as_str(),
+            "session used from more client networks than allowed");
+        if action != SharingAction::Revoke || policy.mode == Mode::DryRun {
+            return false;
+        }
+        match self.revoke(id, EndReason::Shared).await {
+            Ok(Kicked::Kicked(_)) => {
+                self.playback.forget(id);
+                true
+            }
+            Ok(_) => false,
+            Err(error) => {
+                tracing::warn!(%error, "could not revoke a shared session; retried on its next use");
+                false
+            }
         }
     }
 
@@ -301,10 +419,11 @@ impl Engine {
         &self.validations
     }
 
-    /// The store's kick, for revocations on a validator's verdict (counted by the caller).
-    pub(crate) async fn store_kick(&self, id: SessionId) -> Result<KickOutcome, EngineError> {
+    /// The store's revocation with reason `denied`, on a validator's verdict (counted by the
+    /// caller).
+    pub(crate) async fn store_deny(&self, id: SessionId) -> Result<KickOutcome, EngineError> {
         self.store
-            .kick(id)
+            .revoke(id, EndReason::Denied)
             .await
             .inspect(|_| self.answered())
             .map_err(|e| self.store_failed(Operation::Kick, e))
@@ -756,17 +875,23 @@ impl Engine {
 
     /// Revokes a session, reason `kicked`.
     pub async fn kick(&self, id: SessionId) -> Result<Kicked, EngineError> {
+        self.revoke(id, EndReason::Kicked).await
+    }
+
+    /// Revokes a session for `reason` (`kicked` by an admin, `shared` by sharing detection).
+    pub async fn revoke(&self, id: SessionId, reason: EndReason) -> Result<Kicked, EngineError> {
         let outcome = self
             .store
-            .kick(id)
+            .revoke(id, reason)
             .await
             .inspect(|_| self.answered())
             .map_err(|e| self.store_failed(Operation::Kick, e))?;
         Ok(match outcome {
             KickOutcome::Kicked(record) => {
-                self.metrics.count_revoked(EndReason::Kicked, 1);
+                self.metrics.count_revoked(reason, 1);
                 tracing::info!(account = %fingerprint(&record.account),
-                    session = %fingerprint(&record.id.to_string()), "session kicked");
+                    session = %fingerprint(&record.id.to_string()), reason = reason.as_str(),
+                    "session revoked");
                 let policy = self.policy_for(&record.account);
                 Kicked::Kicked(self.view(&record, &policy, 0))
             }

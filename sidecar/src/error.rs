@@ -39,6 +39,12 @@ pub enum ErrorCode {
     AuthUnavailable,
     /// A Blocking session validator refused the session; `message` is the validator's.
     Denied,
+    /// Proxy mode: the media request's playback token is missing, malformed, forged, expired,
+    /// or from another network; the message says which.
+    InvalidToken,
+    /// Proxy mode: the session already has its long-lived media responses in flight
+    /// (`maxMediaStreamsPerSession`): one session plays one stream.
+    StreamInUse,
 }
 
 /// One of the account's active streams, as a refusal at the limit lists them: enough to choose

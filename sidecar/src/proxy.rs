@@ -1,8 +1,18 @@
 //! The enforcing proxy: media requests reach the streaming container only with an active
 //! session, and a response in flight is closed as soon as its session is cut.
 //!
-//! A request names its session with the `X-StreamGate-Session` header or, for players that
-//! cannot set headers, a `session` query parameter. Each response body is registered under its
+//! A request carries a playback token ([`crate::playback`]) in the `X-StreamGate-Token` header
+//! or, for players that cannot set headers, the `sg` query parameter. Its signature, expiry and
+//! client network are checked before anything else happens; nothing reaches the upstream for a
+//! refused token. Unless tokens are required ([`crate::playback::Playback::set_require_token`],
+//! driven by viewer authentication), the session id itself is accepted too, as in the
+//! prototype: the `X-StreamGate-Session` header or the `session` query parameter.
+//!
+//! One session plays one stream: at most the policy's `maxMediaStreamsPerSession` long-lived
+//! responses (no `Content-Length`, or at least [`LONG_LIVED_BYTES`]) are in flight per session;
+//! segments, playlists and keys are short and not counted. Every use feeds sharing detection
+//! ([`crate::engine::Engine::observe_use`]). HLS playlists are rewritten so that every URI
+//! carries a fresh token ([`crate::hls`]). Each response body is registered under its
 //! session; revocation notices (this sidecar's own and, on a shared store, every other sidecar's)
 //! cancel the registered bodies, which ends them with an error so the connection is dropped
 //! rather than finished cleanly. Expiry is noticed by re-checking the session when its last known
@@ -38,11 +48,22 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::engine::{Engine, MediaAccess, fingerprint};
 use crate::error::{ApiError, ErrorCode};
+use crate::playback::Claims;
 use crate::policy::Mode;
 use crate::session::{EndReason, SessionId, SessionRecord, SessionState};
 
 /// Header carrying the session id of a media request.
 pub const SESSION_HEADER: &str = "x-streamgate-session";
+/// Header carrying the playback token of a media request.
+pub const TOKEN_HEADER: &str = "x-streamgate-token";
+/// Query parameter carrying the playback token.
+pub const TOKEN_PARAM: &str = crate::hls::TOKEN_PARAM;
+/// A response at least this long (`Content-Length`) counts as long-lived, like one without a
+/// length (a live or progressive stream): one session may have only so many in flight.
+pub const LONG_LIVED_BYTES: u64 = 16 * 1024 * 1024;
+/// Largest playlist the proxy rewrites; a larger one is refused (502), never passed on without
+/// tokens.
+pub const MAX_PLAYLIST_BYTES: usize = 4 * 1024 * 1024;
 /// Query parameter carrying the session id, for players that cannot set headers.
 pub const SESSION_PARAM: &str = "session";
 /// Shortest wait between two checks of a session's expiry, so a skewed clock cannot spin.
@@ -60,12 +81,19 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
+/// One response in flight.
+struct InFlight {
+    key: u64,
+    token: CancellationToken,
+    long_lived: bool,
+}
+
 /// Forwards media requests to the upstream and cuts them when their session is cut.
 pub struct Proxy {
     engine: Engine,
     upstream: reqwest::Url,
     client: reqwest::Client,
-    streams: Mutex<HashMap<SessionId, Vec<(u64, CancellationToken)>>>,
+    streams: Mutex<HashMap<SessionId, Vec<InFlight>>>,
     next_stream: AtomicU64,
 }
 
@@ -113,7 +141,7 @@ impl Proxy {
         let tokens: Vec<CancellationToken> = self
             .lock()
             .drain()
-            .flat_map(|(_, streams)| streams.into_iter().map(|(_, token)| token))
+            .flat_map(|(_, streams)| streams.into_iter().map(|s| s.token))
             .collect();
         for token in &tokens {
             token.cancel();
@@ -129,25 +157,46 @@ impl Proxy {
         self.lock().values().map(Vec::len).sum()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Vec<(u64, CancellationToken)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Vec<InFlight>>> {
         // Only map operations happen under this lock: a poisoned lock is still consistent.
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn register(self: &Arc<Self>, id: SessionId) -> (CancellationToken, Registration) {
+    /// Registers a response of session `id`. A long-lived one is refused (`Err` with the number
+    /// in flight) when the session already has `max_long_lived` long-lived responses: checked
+    /// and registered under one lock, so two concurrent requests cannot both pass.
+    fn register(
+        self: &Arc<Self>,
+        id: SessionId,
+        long_lived: bool,
+        max_long_lived: Option<u32>,
+    ) -> Result<(CancellationToken, Registration), usize> {
         let token = CancellationToken::new();
         let key = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        self.lock()
-            .entry(id)
-            .or_default()
-            .push((key, token.clone()));
+        let mut streams = self.lock();
+        let list = streams.entry(id).or_default();
+        if long_lived && let Some(max) = max_long_lived {
+            let in_flight = list.iter().filter(|s| s.long_lived).count();
+            if in_flight >= max as usize {
+                if list.is_empty() {
+                    streams.remove(&id);
+                }
+                return Err(in_flight);
+            }
+        }
+        list.push(InFlight {
+            key,
+            token: token.clone(),
+            long_lived,
+        });
+        drop(streams);
         let registration = Registration {
             proxy: Arc::downgrade(self),
             id,
             key,
             done: CancellationToken::new(),
         };
-        (token, registration)
+        Ok((token, registration))
     }
 
     /// Cuts every response in flight for `session`, unless its account's policy is DryRun.
@@ -155,7 +204,7 @@ impl Proxy {
         let tokens: Vec<CancellationToken> = self
             .lock()
             .get(&session.id)
-            .map(|v| v.iter().map(|(_, t)| t.clone()).collect())
+            .map(|v| v.iter().map(|s| s.token.clone()).collect())
             .unwrap_or_default();
         if tokens.is_empty() {
             return;
@@ -200,7 +249,7 @@ impl Proxy {
         // The session id is ours: it does not go upstream.
         let query: Vec<(String, String)> =
             form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
-                .filter(|(k, _)| k != SESSION_PARAM)
+                .filter(|(k, _)| k != SESSION_PARAM && k != TOKEN_PARAM)
                 .map(|(k, v)| (k.into_owned(), v.into_owned()))
                 .collect();
         if query.is_empty() {
@@ -240,7 +289,7 @@ impl Drop for Registration {
         if let Some(proxy) = self.proxy.upgrade() {
             let mut streams = proxy.lock();
             if let Some(list) = streams.get_mut(&self.id) {
-                list.retain(|(key, _)| *key != self.key);
+                list.retain(|s| s.key != self.key);
                 if list.is_empty() {
                     streams.remove(&self.id);
                 }
@@ -338,26 +387,78 @@ where
     }
 }
 
-fn session_id_of(request: &Request) -> Result<SessionId, ApiError> {
-    let from_header = request
+/// What a media request presents.
+enum Credential {
+    /// A playback token.
+    Token(String),
+    /// A raw session id (the prototype's credential).
+    SessionId(String),
+}
+
+fn query_param(request: &Request, name: &str) -> Option<String> {
+    form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+fn header_text(request: &Request, name: &str) -> Option<String> {
+    request
         .headers()
-        .get(SESSION_HEADER)
-        .map(|v| v.to_str().unwrap_or_default().to_string());
-    let from_query = || {
-        form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
-            .find(|(k, _)| k == SESSION_PARAM)
-            .map(|(_, v)| v.into_owned())
+        .get(name)
+        .map(|v| v.to_str().unwrap_or_default().to_string())
+}
+
+/// The request's credential: a token (header, then query) before a session id (header, then
+/// query).
+fn credential_of(request: &Request) -> Option<Credential> {
+    header_text(request, TOKEN_HEADER)
+        .or_else(|| query_param(request, TOKEN_PARAM))
+        .map(Credential::Token)
+        .or_else(|| {
+            header_text(request, SESSION_HEADER)
+                .or_else(|| query_param(request, SESSION_PARAM))
+                .map(Credential::SessionId)
+        })
+}
+
+/// Checks the request's credential (signature, expiry, network of a token; the form of a
+/// session id) without asking the store. Returns the session and, for a token, its claims.
+fn check_credential(
+    proxy: &Proxy,
+    request: &Request,
+    peer: Option<std::net::IpAddr>,
+) -> Result<(SessionId, Option<Claims>), ApiError> {
+    let playback = proxy.engine.playback();
+    let refuse = |reason: &'static str, code: ErrorCode, message: String| {
+        proxy.engine.metrics().playback.count_token_refusal(reason);
+        Err(ApiError::forbidden(code, message))
     };
-    let Some(raw) = from_header.or_else(from_query) else {
-        return Err(ApiError::forbidden(
+    match credential_of(request) {
+        Some(Credential::Token(token)) => {
+            match playback.verify(&token, chrono::Utc::now().timestamp(), peer) {
+                Ok(claims) => Ok((claims.session, Some(claims))),
+                Err(error) => refuse(error.as_str(), ErrorCode::InvalidToken, error.to_string()),
+            }
+        }
+        Some(Credential::SessionId(_)) if playback.requires_token() => refuse(
+            "session_id_not_accepted",
+            ErrorCode::InvalidToken,
+            format!(
+                "media requests need a playback token (the `playbackToken` of the open or heartbeat answer): send the X-StreamGate-Token header or the `{TOKEN_PARAM}` query parameter; a session id is not accepted"
+            ),
+        ),
+        Some(Credential::SessionId(raw)) => raw
+            .parse()
+            .map(|id| (id, None))
+            .map_err(|()| ApiError::forbidden(ErrorCode::NotFound, "no such session".to_string())),
+        None => refuse(
+            "missing",
             ErrorCode::InvalidRequest,
             format!(
-                "media requests need a session: send the X-StreamGate-Session header or the `{SESSION_PARAM}` query parameter"
+                "media requests need a playback token: send the X-StreamGate-Token header or the `{TOKEN_PARAM}` query parameter"
             ),
-        ));
-    };
-    raw.parse()
-        .map_err(|()| ApiError::forbidden(ErrorCode::NotFound, "no such session".to_string()))
+        ),
+    }
 }
 
 /// Handles every request that is not part of the session API.
@@ -372,7 +473,11 @@ pub async fn forward(State(proxy): State<Arc<Proxy>>, request: Request) -> Respo
 }
 
 async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Response, ApiError> {
-    let id = session_id_of(&request)?;
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip());
+    let (id, claims) = check_credential(proxy, &request, peer)?;
     let url = proxy.upstream_url(request.uri())?;
     let session = match proxy.engine.authorize_media(id).await? {
         MediaAccess::Allowed { session, .. } => session,
@@ -386,13 +491,35 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
         }
     };
 
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(addr)| addr.ip());
+    // Who the session belongs to: the store's record, else (a degraded, unverified session)
+    // the token's claims.
+    let owner = session
+        .as_ref()
+        .map(|s| (s.account.clone(), s.stream_id.clone()))
+        .or_else(|| {
+            claims
+                .as_ref()
+                .map(|c| (c.account.clone(), c.stream_id.clone()))
+        });
+    if let (Some(peer), Some((account, _))) = (peer, &owner)
+        && proxy.engine.observe_use(id, account, peer).await
+    {
+        return Err(shared_gone(proxy, id, session.as_ref()));
+    }
     let (parts, body) = request.into_parts();
+    let playlist_path = crate::hls::looks_like_playlist(parts.uri.path());
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string);
     let mut headers = forwarded_headers(&parts.headers);
     headers.remove(HeaderName::from_static(SESSION_HEADER));
+    headers.remove(HeaderName::from_static(TOKEN_HEADER));
+    if playlist_path {
+        // Playlists are rewritten: fetch them uncompressed.
+        headers.remove(header::ACCEPT_ENCODING);
+    }
     if let Some(peer) = peer {
         append_forwarded_for(&mut headers, peer);
     }
@@ -419,7 +546,56 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
             }
         })?;
 
-    let (token, registration) = proxy.register(id);
+    let status =
+        StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let content_type = upstream
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    if status.is_success() && crate::hls::is_playlist(parts.uri.path(), content_type) {
+        if let Some((account, stream_id)) = &owner {
+            let fresh = proxy
+                .engine
+                .playback_token_for(id, account, stream_id, peer);
+            return rewrite_playlist(proxy, upstream, &fresh, host.as_deref()).await;
+        }
+    }
+    let long_lived = upstream
+        .content_length()
+        .is_none_or(|length| length >= LONG_LIVED_BYTES);
+    let (max_long_lived, dry_run) = match &owner {
+        Some((account, _)) => {
+            let policy = proxy.engine.policy_of(account);
+            (
+                Some(policy.max_media_streams_per_session),
+                policy.mode == Mode::DryRun,
+            )
+        }
+        None => (None, false),
+    };
+    let registered = match proxy.register(id, long_lived, max_long_lived) {
+        Ok(registered) => registered,
+        Err(in_flight) if dry_run => {
+            count_stream_refused(proxy, true);
+            tracing::info!(session = %fingerprint(&id.to_string()), in_flight,
+                "dry run: would refuse a second stream of one session");
+            proxy
+                .register(id, long_lived, None)
+                .expect("registration without a limit succeeds")
+        }
+        Err(in_flight) => {
+            count_stream_refused(proxy, false);
+            // The upstream answer is dropped unread: its connection is closed.
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCode::StreamInUse,
+                format!(
+                    "this session already plays {in_flight} stream(s), its limit (maxMediaStreamsPerSession); stop the other stream or open a session of its own"
+                ),
+            ));
+        }
+    };
+    let (token, registration) = registered;
     tokio::spawn(watch_expiry(
         proxy.clone(),
         id,
@@ -427,8 +603,6 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
         token.clone(),
         registration.done.clone(),
     ));
-    let status =
-        StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let response_headers = forwarded_headers(upstream.headers());
     let body = Cuttable {
         inner: upstream.bytes_stream().boxed(),
@@ -440,6 +614,89 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
     let mut response = Response::new(Body::from_stream(body));
     *response.status_mut() = status;
     *response.headers_mut() = response_headers;
+    Ok(response)
+}
+
+fn count_stream_refused(proxy: &Proxy, dry_run: bool) {
+    proxy
+        .engine
+        .metrics()
+        .playback
+        .media_streams_refused
+        .get_or_create(&crate::metrics::DryRunLabel {
+            dry_run: if dry_run { "true" } else { "false" },
+        })
+        .inc();
+}
+
+/// 403 `session_gone`, reason `shared`: sharing detection revoked the session just now.
+fn shared_gone(proxy: &Proxy, id: SessionId, session: Option<&SessionRecord>) -> ApiError {
+    match session {
+        Some(record) => {
+            let mut record = record.clone();
+            record.state = SessionState::Revoked;
+            record.reason = Some(EndReason::Shared);
+            ApiError::forbidden_gone(proxy.engine.view_of(&record))
+        }
+        None => ApiError::forbidden(
+            ErrorCode::SessionGone,
+            format!(
+                "the session {} was used from too many networks and is revoked (shared)",
+                fingerprint(&id.to_string())
+            ),
+        ),
+    }
+}
+
+/// Reads a playlist from the upstream (at most [`MAX_PLAYLIST_BYTES`], uncompressed) and
+/// answers it with `token` added to every URI that comes back here; never cached by shared
+/// caches, since it carries a credential.
+async fn rewrite_playlist(
+    proxy: &Proxy,
+    upstream: reqwest::Response,
+    token: &str,
+    host: Option<&str>,
+) -> Result<Response, ApiError> {
+    let status =
+        StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let encoded = upstream
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
+    if encoded {
+        return Err(ApiError::bad_gateway(
+            "the streaming container sent a compressed playlist, which cannot be given tokens",
+        ));
+    }
+    let mut headers = forwarded_headers(upstream.headers());
+    let mut body = Vec::new();
+    let mut chunks = upstream.bytes_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk =
+            chunk.map_err(|_| ApiError::bad_gateway("the streaming container did not answer"))?;
+        if body.len() + chunk.len() > MAX_PLAYLIST_BYTES {
+            return Err(ApiError::bad_gateway(format!(
+                "the playlist is larger than {MAX_PLAYLIST_BYTES} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(body)
+        .map_err(|_| ApiError::bad_gateway("the playlist is not UTF-8 (RFC 8216 requires it)"))?;
+    let rewritten = crate::hls::rewrite(&text, token, host);
+    for name in [header::CONTENT_LENGTH, header::ETAG, header::LAST_MODIFIED] {
+        headers.remove(name);
+    }
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-store"),
+    );
+    proxy.engine.metrics().playback.playlists_rewritten.inc();
+    proxy.engine.metrics().count_proxied();
+    let mut response = Response::new(Body::from(rewritten));
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
     Ok(response)
 }
 

@@ -448,6 +448,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         sidecar = sidecar.with_jwks_client(builder.build().context("building the JWKS client")?);
     }
+    let playback = sidecar.engine().playback().clone();
+    playback.set_bind_network(config.playback_bind_network);
+    playback.set_require_token(config.require_playback_token);
+    match &config.playback_keys_file {
+        Some(path) if path.exists() => {
+            let ring = crate::playback::KeyRing::load(path)?;
+            tracing::info!(path = %path.display(), signing = ring.signing_key_id(),
+                keys = ?ring.key_ids().collect::<Vec<_>>(), "playback keys loaded");
+            playback.set_keys(ring);
+        }
+        Some(path) => tracing::warn!(path = %path.display(),
+            "playback key file not there yet: a random key signs until it appears; tokens work on this sidecar only"),
+        None => tracing::info!(
+            "no --playback-keys-file: generated a random playback key; tokens work on this sidecar only, until it restarts"
+        ),
+    }
+    tracing::info!(
+        bind_network = config.playback_bind_network,
+        require_token = config.require_playback_token,
+        "playback tokens"
+    );
     if let Some(upstream) = &config.upstream {
         tracing::info!(%upstream, "enforcing proxy on: media requests need an active session");
         sidecar = sidecar.with_upstream(upstream.clone());
@@ -478,6 +499,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             sidecar.engine().policies().clone(),
             sidecar.engine().metrics().clone(),
             config.active_sessions_refresh,
+            stop.clone(),
+        ));
+    }
+    if let Some(path) = &config.playback_keys_file {
+        tasks.spawn(crate::playback::watch_key_file(
+            playback.clone(),
+            path.clone(),
+            config.policy_reload_interval,
             stop.clone(),
         ));
     }

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admission::OverLimit;
 use crate::policy::{Mode, OnLimitExceeded};
-use crate::session::{Revocation, SessionId, SessionRecord, SessionState};
+use crate::session::{EndReason, Revocation, SessionId, SessionRecord, SessionState};
 
 pub use memory::MemoryStore;
 pub use redis_store::{RedisStore, RedisTarget};
@@ -201,7 +201,12 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn get(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError>;
 
     /// Revokes a session, reason `kicked`.
-    async fn kick(&self, id: SessionId) -> Result<KickOutcome, StoreError>;
+    async fn kick(&self, id: SessionId) -> Result<KickOutcome, StoreError> {
+        self.revoke(id, EndReason::Kicked).await
+    }
+
+    /// Revokes a session for `reason` (`kicked`, or `shared` by sharing detection).
+    async fn revoke(&self, id: SessionId, reason: EndReason) -> Result<KickOutcome, StoreError>;
 
     /// A media request's look-up: the session `id` (active or cut within its TTL), renewed for
     /// `ttl_ms` when it is active and its last renewal is at least `renew_after_ms` old on the

@@ -240,11 +240,13 @@ impl State {
         // An expired session ended when its TTL ran out, not when we noticed.
         let ended_at = match reason {
             EndReason::Expired => record.expires_at_ms.min(now),
-            EndReason::Evicted | EndReason::Kicked | EndReason::Denied => now,
+            EndReason::Evicted | EndReason::Kicked | EndReason::Denied | EndReason::Shared => now,
         };
         record.state = match reason {
             EndReason::Expired => SessionState::Expired,
-            EndReason::Evicted | EndReason::Kicked | EndReason::Denied => SessionState::Revoked,
+            EndReason::Evicted | EndReason::Kicked | EndReason::Denied | EndReason::Shared => {
+                SessionState::Revoked
+            }
         };
         record.reason = Some(reason);
         record.expires_at_ms = ended_at;
@@ -524,7 +526,12 @@ impl State {
         (ended, cut)
     }
 
-    fn kick(&mut self, id: SessionId, now: i64) -> (KickOutcome, Vec<SessionRecord>) {
+    fn revoke(
+        &mut self,
+        id: SessionId,
+        reason: EndReason,
+        now: i64,
+    ) -> (KickOutcome, Vec<SessionRecord>) {
         let Some(entry) = self.sessions.get(&id) else {
             return (KickOutcome::NotFound, Vec::new());
         };
@@ -536,7 +543,7 @@ impl State {
         if record.state != SessionState::Active {
             return (KickOutcome::AlreadyGone(record.clone()), cut);
         }
-        let kicked = self.end_active(id, now, EndReason::Kicked);
+        let kicked = self.end_active(id, now, reason);
         cut.push(kicked.clone());
         (KickOutcome::Kicked(kicked), cut)
     }
@@ -624,9 +631,9 @@ impl SessionStore for MemoryStore {
         Ok(found)
     }
 
-    async fn kick(&self, id: SessionId) -> Result<KickOutcome, StoreError> {
+    async fn revoke(&self, id: SessionId, reason: EndReason) -> Result<KickOutcome, StoreError> {
         let now = self.now();
-        let (outcome, cut) = self.lock().kick(id, now);
+        let (outcome, cut) = self.lock().revoke(id, reason, now);
         self.publish(cut);
         Ok(outcome)
     }

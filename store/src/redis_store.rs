@@ -972,11 +972,25 @@ impl RedisStore {
         id: SessionId,
         changes: bool,
     ) -> Result<Value, StoreError> {
+        self.run_for_session_with(script, id, changes, None).await
+    }
+
+    /// [`Self::run_for_session`] with one more ARGV after the id (the kick's reason).
+    async fn run_for_session_with(
+        &self,
+        script: &Script,
+        id: SessionId,
+        changes: bool,
+        extra: Option<&str>,
+    ) -> Result<Value, StoreError> {
         let mut invocation = script.prepare_invoke();
         invocation
             .key(session_key(id))
             .arg(tag_prefix(id.tag))
             .arg(id.to_string());
+        if let Some(extra) = extra {
+            invocation.arg(extra);
+        }
         self.origin_and_channel(&mut invocation);
         if changes {
             self.run_changing(&invocation).await
@@ -1244,6 +1258,7 @@ fn parse_reason(reason: &str) -> Option<EndReason> {
     match reason {
         "evicted" => Some(EndReason::Evicted),
         "kicked" => Some(EndReason::Kicked),
+        "shared" => Some(EndReason::Shared),
         "expired" => Some(EndReason::Expired),
         _ => None,
     }
@@ -1529,9 +1544,9 @@ impl SessionStore for RedisStore {
         session(found).ok_or_else(|| malformed("get", &value))
     }
 
-    async fn kick(&self, id: SessionId) -> Result<KickOutcome, StoreError> {
+    async fn revoke(&self, id: SessionId, reason: EndReason) -> Result<KickOutcome, StoreError> {
         let value = self
-            .run_for_session(&self.inner.scripts.kick, id, true)
+            .run_for_session_with(&self.inner.scripts.kick, id, true, Some(reason.as_str()))
             .await?;
         let bad = || malformed("kick", &value);
         let (kind, fields, expired) = reply("kick", &value)?;

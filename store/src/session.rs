@@ -112,6 +112,8 @@ pub enum EndReason {
     /// Revoked on a session validator's verdict (a denial, or no answer under failurePolicy
     /// `Revoke`); `validationMessage` says why.
     Denied,
+    /// Revoked by sharing detection: used from more client networks than allowed.
+    Shared,
 }
 
 impl EndReason {
@@ -122,6 +124,7 @@ impl EndReason {
             EndReason::Kicked => "kicked",
             EndReason::Expired => "expired",
             EndReason::Denied => "denied",
+            EndReason::Shared => "shared",
         }
     }
 }

@@ -8,9 +8,9 @@
 //! with a lease): on Redis another sidecar takes over the checks of a sidecar that died before
 //! the verdict, within the lease ([`decide::lease_for`]) plus [`POLL_INTERVAL`].
 //!
-//! A revocation goes through the store's kick (so the store, the proxies and the heartbeat see a
-//! cut session at once) after the ledger records the denial; session answers report reason
-//! `denied` and the validator's message from the ledger.
+//! A revocation goes through the store (reason `denied`, so the store, the proxies and the
+//! heartbeat see a cut session at once) after the ledger records the denial; session answers
+//! report the validator's message from the ledger.
 
 pub mod decide;
 pub mod ledger;
@@ -405,13 +405,13 @@ impl Engine {
         }
     }
 
-    /// Revokes a session for its validation through the store's kick; `true` if this call cut
-    /// it (not already cut).
+    /// Revokes a session for its validation through the store (reason `denied`); `true` if this
+    /// call cut it (not already cut).
     async fn revoke_for_validation(
         &self,
         id: SessionId,
     ) -> Result<bool, crate::engine::EngineError> {
-        match self.store_kick(id).await? {
+        match self.store_deny(id).await? {
             KickOutcome::Kicked(_) => {
                 self.metrics().count_revoked(EndReason::Denied, 1);
                 Ok(true)
@@ -515,8 +515,13 @@ impl Engine {
         {
             Ok(Some(record)) => {
                 session.validation = Some(record.state);
+                // The store records `denied`; a store written by an older sidecar says
+                // `kicked`, which the recorded verdict corrects.
                 if revoked
-                    && session.reason == Some(EndReason::Kicked)
+                    && matches!(
+                        session.reason,
+                        Some(EndReason::Denied | EndReason::Kicked)
+                    )
                     && matches!(
                         record.state,
                         ValidationState::Denied | ValidationState::Failed

@@ -1,8 +1,9 @@
--- kick: revokes an active session, reason 'kicked'.
+-- kick: revokes an active session for a reason ('kicked' by an admin, 'shared' by sharing
+-- detection).
 -- KEYS[1] P..'s:'..id (the account's keys are found from it and share its slot)
--- ARGV: P, id, origin, channel
+-- ARGV: P, id, reason, origin, channel
 -- Reply: {'kicked', session, expired} | {'gone', session, expired} | {'notfound', false, expired}
-local P, id, origin, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local P, id, reason, origin, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local A = redis.call('HGET', KEYS[1], 'akey')
 if not A then
   return {'notfound', false, {}}
@@ -16,4 +17,4 @@ end
 if rec[4] ~= 'active' then
   return {'gone', rec, expired}
 end
-return {'kicked', cut(P, A, id, 'kicked', now, now, origin, channel), expired}
+return {'kicked', cut(P, A, id, reason, now, now, origin, channel), expired}
