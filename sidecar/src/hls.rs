@@ -137,8 +137,8 @@ fn comes_back_here(uri: &str, host: Option<&str>) -> bool {
         let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
         return host.is_some_and(|h| h.eq_ignore_ascii_case(authority));
     }
-    if lower.starts_with("//") {
-        let authority = lower[2..].split(['/', '?', '#']).next().unwrap_or("");
+    if let Some(rest) = lower.strip_prefix("//") {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
         return host.is_some_and(|h| h.eq_ignore_ascii_case(authority));
     }
     // Any other scheme (`data:`, `skd:`, ...) is not ours. A scheme is letters, digits, `+`,

@@ -552,13 +552,14 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    if status.is_success() && crate::hls::is_playlist(parts.uri.path(), content_type) {
-        if let Some((account, stream_id)) = &owner {
-            let fresh = proxy
-                .engine
-                .playback_token_for(id, account, stream_id, peer);
-            return rewrite_playlist(proxy, upstream, &fresh, host.as_deref()).await;
-        }
+    if status.is_success()
+        && crate::hls::is_playlist(parts.uri.path(), content_type)
+        && let Some((account, stream_id)) = &owner
+    {
+        let fresh = proxy
+            .engine
+            .playback_token_for(id, account, stream_id, peer);
+        return rewrite_playlist(proxy, upstream, &fresh, host.as_deref()).await;
     }
     let long_lived = upstream
         .content_length()

@@ -1,0 +1,791 @@
+//! Playback tokens through the enforcing proxy: a token opens media for its session only, from
+//! its network only, until it expires; refusals happen before the upstream sees anything; one
+//! session plays one stream; sharing detection revokes; playlists are rewritten; revocation
+//! reaches every sidecar over Redis; keys rotate without a restart.
+
+mod common;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderValue, header};
+use common::{SidecarProcess, default_policy, eventually, json, metric, redis_env};
+use futures::StreamExt;
+use reqwest::{Client, Method};
+use serde_json::Value;
+use streamgate_demo_origin::{self as demo_origin, OriginStats};
+use streamgate_sidecar::playback::{self, Claims, KeyRing};
+use streamgate_sidecar::policy::PolicySet;
+use streamgate_sidecar::server::Sidecar;
+use streamgate_sidecar::session::SessionId;
+use streamgate_sidecar::store::{MemoryStore, RedisStore, RedisTarget, SessionStore};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+async fn origin() -> (String, OriginStats) {
+    let stats = OriginStats::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = demo_origin::router(stats.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, stats)
+}
+
+async fn sidecar(store: Arc<dyn SessionStore>, policy: &str, upstream: &str) -> (String, Sidecar) {
+    let policies = PolicySet::from_yaml(policy, "test.yaml", "default").unwrap();
+    let sidecar = Sidecar::with_store(store, policies).with_upstream(upstream.parse().unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let serving = sidecar.clone();
+    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
+    (base, sidecar)
+}
+
+async fn memory_sidecar(policy: &str, upstream: &str) -> (String, Sidecar) {
+    sidecar(Arc::new(MemoryStore::new()), policy, upstream).await
+}
+
+/// A client whose requests come from `address` (a loopback address: 127.0.0.1 and 127.0.1.1
+/// are in different /24 networks).
+fn client_from(address: &str) -> Client {
+    Client::builder()
+        .local_address(address.parse::<IpAddr>().unwrap())
+        .build()
+        .unwrap()
+}
+
+async fn open_with(client: &Client, base: &str, account: &str, stream: &str) -> (u16, Value) {
+    common::streaming_at(client, base, Method::PUT, account, stream).await
+}
+
+fn token(answer: &Value) -> String {
+    answer["playbackToken"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no playbackToken in {answer}"))
+        .to_string()
+}
+
+fn session_id(answer: &Value) -> SessionId {
+    answer["sessionId"].as_str().unwrap().parse().unwrap()
+}
+
+async fn get_with_token(client: &Client, url: &str, token: &str) -> reqwest::Response {
+    client
+        .get(url)
+        .header("X-StreamGate-Token", token)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_token_from_the_open_answer_plays_by_header_and_by_query() {
+    let (upstream, stats) = origin().await;
+    let (base, _sidecar) =
+        memory_sidecar(&default_policy("  maxStreamsPerAccount: 2"), &upstream).await;
+    let client = Client::new();
+    let (status, opened) = open_with(&client, &base, "acct", "tv").await;
+    assert_eq!(status, 201);
+    let token = token(&opened);
+    let expires: chrono::DateTime<chrono::Utc> = opened["playbackTokenExpiresAt"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Two heartbeat intervals (30 s) from now.
+    let left = expires - chrono::Utc::now();
+    assert!(
+        left > chrono::Duration::seconds(50) && left <= chrono::Duration::seconds(60),
+        "{left}"
+    );
+
+    let by_header = get_with_token(&client, &format!("{base}/hls/segment1.ts"), &token).await;
+    assert_eq!(by_header.status(), 200);
+    assert_eq!(
+        by_header.bytes().await.unwrap(),
+        demo_origin::media::fixture_segment(1)
+    );
+    let by_query = client
+        .get(format!("{base}/hls/segment2.ts?sg={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_query.status(), 200);
+    assert_eq!(stats.requests(), 2);
+
+    // A heartbeat re-issues the token.
+    let (status, renewed) = common::streaming_at(&client, &base, Method::GET, "acct", "tv").await;
+    assert_eq!(status, 200);
+    assert!(renewed["playbackToken"].as_str().is_some());
+    assert_eq!(renewed["sessionId"], opened["sessionId"]);
+}
+
+#[tokio::test]
+async fn forged_expired_foreign_and_other_network_tokens_never_reach_the_upstream() {
+    let (upstream, stats) = origin().await;
+    let (base, sidecar) =
+        memory_sidecar(&default_policy("  maxStreamsPerAccount: 3"), &upstream).await;
+    let client = Client::new();
+    let (_, opened) = open_with(&client, &base, "acct", "tv").await;
+    let good = token(&opened);
+    let id = session_id(&opened);
+    let keys = sidecar.engine().playback().keys();
+    let now = chrono::Utc::now().timestamp();
+    let claims = |session: SessionId, expires_at: i64| Claims {
+        session,
+        account: "acct".into(),
+        stream_id: "tv".into(),
+        network: None,
+        expires_at,
+    };
+
+    let forged = playback::mint(&KeyRing::generate(), &claims(id, now + 60));
+    let other_key_id = playback::mint(
+        &KeyRing::new("other", vec![("other".into(), vec![7; 32])]).unwrap(),
+        &claims(id, now + 60),
+    );
+    let expired = playback::mint(&keys, &claims(id, now - 1));
+    let mut tampered = good.clone();
+    tampered.insert(good.rfind('.').unwrap() + 1, 'A');
+    // Validly signed, but for a session that does not exist, and for one that was ended.
+    let unknown_session = playback::mint(&keys, &claims(SessionId::for_account("acct"), now + 60));
+    let (_, ended) = open_with(&client, &base, "acct", "phone").await;
+    let ended_token = token(&ended);
+    let (status, _) = common::streaming_at(&client, &base, Method::DELETE, "acct", "phone").await;
+    assert_eq!(status, 204);
+
+    let url = format!("{base}/hls/segment1.ts");
+    for (what, token, codes) in [
+        ("forged", forged.as_str(), &["invalid_token"][..]),
+        ("unknown key id", other_key_id.as_str(), &["invalid_token"]),
+        ("expired", expired.as_str(), &["invalid_token"]),
+        ("tampered", tampered.as_str(), &["invalid_token"]),
+        ("garbage", "v1.nonsense", &["invalid_token"]),
+        ("unknown session", unknown_session.as_str(), &["not_found"]),
+        (
+            "ended session",
+            ended_token.as_str(),
+            &["not_found", "session_gone"],
+        ),
+    ] {
+        let (status, body) = json(get_with_token(&client, &url, token).await).await;
+        assert_eq!(status, 403, "{what}: {body}");
+        assert!(
+            codes.contains(&body["error"].as_str().unwrap()),
+            "{what}: {body}"
+        );
+    }
+    let (status, body) = json(
+        client
+            .get(format!("{url}?sg={expired}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("invalid_token")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("expired"),
+        "{body}"
+    );
+
+    // The good token, from another /24: refused; from its own network: fine.
+    let elsewhere = client_from("127.0.1.1");
+    let (status, body) = json(get_with_token(&elsewhere, &url, &good).await).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("invalid_token")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("network"),
+        "{body}"
+    );
+    assert_eq!(
+        stats.requests(),
+        0,
+        "no refused request reached the upstream"
+    );
+    assert_eq!(get_with_token(&client, &url, &good).await.status(), 200);
+    assert_eq!(stats.requests(), 1);
+
+    let m = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for (reason, n) in [
+        ("bad_signature", 2.0),
+        ("unknown_key", 1.0),
+        ("expired", 2.0),
+        ("malformed", 1.0),
+        ("wrong_network", 1.0),
+        ("missing", 0.0),
+    ] {
+        assert_eq!(
+            metric(
+                &m,
+                &format!(r#"streamgate_playback_token_refusals_total{{reason="{reason}"}}"#)
+            ),
+            Some(n),
+            "{reason}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn when_tokens_are_required_a_session_id_opens_nothing() {
+    let (upstream, stats) = origin().await;
+    let (base, sidecar) =
+        memory_sidecar(&default_policy("  maxStreamsPerAccount: 3"), &upstream).await;
+    let client = Client::new();
+    let (_, opened) = open_with(&client, &base, "acct", "tv").await;
+    let raw = opened["sessionId"].as_str().unwrap().to_string();
+    // Tokens not required (viewer authentication disabled): the prototype's credential works.
+    let url = format!("{base}/hls/segment1.ts");
+    let response = client
+        .get(&url)
+        .header("X-StreamGate-Session", &raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(stats.requests(), 1);
+
+    sidecar.engine().playback().set_require_token(true);
+    for request in [
+        client.get(&url).header("X-StreamGate-Session", &raw),
+        client.get(format!("{url}?session={raw}")),
+        client.get(&url),
+    ] {
+        let (status, body) = json(request.send().await.unwrap()).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("playback token"),
+            "{body}"
+        );
+    }
+    assert_eq!(stats.requests(), 1, "refused before the upstream");
+    assert_eq!(
+        get_with_token(&client, &url, &token(&opened))
+            .await
+            .status(),
+        200
+    );
+}
+
+/// A viewer pulling the live stream through the proxy with a token.
+struct Viewer {
+    bytes: tokio::sync::watch::Receiver<u64>,
+    ended: oneshot::Receiver<Instant>,
+    reading: tokio::task::JoinHandle<()>,
+}
+
+impl Viewer {
+    async fn watch(base: &str, token: &str) -> Self {
+        let response = get_with_token(
+            &Client::new(),
+            &format!("{base}/live?interval_ms=20"),
+            token,
+        )
+        .await;
+        assert_eq!(response.status(), 200);
+        let (counter, bytes) = tokio::sync::watch::channel(0u64);
+        let (tx, ended) = oneshot::channel();
+        let reading = tokio::spawn(async move {
+            let mut body = response.bytes_stream();
+            while let Some(Ok(chunk)) = body.next().await {
+                counter.send_modify(|n| *n += chunk.len() as u64);
+            }
+            let _ = tx.send(Instant::now());
+        });
+        let mut flowing = bytes.clone();
+        tokio::time::timeout(Duration::from_secs(5), flowing.wait_for(|n| *n > 0))
+            .await
+            .expect("the stream flows")
+            .unwrap();
+        Self {
+            bytes,
+            ended,
+            reading,
+        }
+    }
+
+    /// The player stops: its connection goes.
+    fn stop(self) {
+        self.reading.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_session_plays_one_stream_at_a_time() {
+    let (upstream, _) = origin().await;
+    let (base, sidecar) =
+        memory_sidecar(&default_policy("  maxStreamsPerAccount: 3"), &upstream).await;
+    let client = Client::new();
+    let (_, opened) = open_with(&client, &base, "acct", "tv").await;
+    let token = token(&opened);
+    let first = Viewer::watch(&base, &token).await;
+
+    // A second long-lived stream on the same session (the token shared with a second player).
+    let (status, body) =
+        json(get_with_token(&client, &format!("{base}/live?interval_ms=20"), &token).await).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("stream_in_use")),
+        "{body}"
+    );
+    // So is a big download; short responses (segments, playlists) are not streams.
+    let (status, _) =
+        json(get_with_token(&client, &format!("{base}/file?mib=32"), &token).await).await;
+    assert_eq!(status, 409);
+    let segment = get_with_token(&client, &format!("{base}/hls/segment1.ts"), &token).await;
+    assert_eq!(segment.status(), 200);
+    // Another session of the account streams alongside.
+    let (_, other) = open_with(&client, &base, "acct", "phone").await;
+    let second = Viewer::watch(&base, &token_of(&other)).await;
+    assert!(*first.bytes.borrow() > 0 && *second.bytes.borrow() > 0);
+    assert_eq!(sidecar.proxy().unwrap().streams_in_flight(), 2);
+
+    // The first player stops: the session may stream again.
+    first.stop();
+    let proxy = sidecar.proxy().unwrap().clone();
+    eventually("the stopped stream is unregistered", async || {
+        proxy.streams_in_flight() == 1
+    })
+    .await;
+    let _again = Viewer::watch(&base, &token).await;
+
+    let m = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            r#"streamgate_media_streams_refused_total{dry_run="false"}"#
+        ),
+        Some(2.0)
+    );
+}
+
+fn token_of(answer: &Value) -> String {
+    token(answer)
+}
+
+#[tokio::test]
+async fn a_session_used_from_too_many_networks_is_revoked_as_shared() {
+    let (upstream, stats) = origin().await;
+    let policy = default_policy(
+        "  maxStreamsPerAccount: 3\n  sharing: {maxNetworks: 2, windowSeconds: 600, action: Revoke}",
+    );
+    let (base, sidecar) = memory_sidecar(&policy, &upstream).await;
+    // Carrier-grade NAT setting: tokens are not bound, so only sharing detection stands.
+    sidecar.engine().playback().set_bind_network(false);
+    let home = Client::new();
+    let (_, opened) = open_with(&home, &base, "acct", "tv").await;
+    let token = token(&opened);
+    let url = format!("{base}/hls/segment1.ts");
+    assert_eq!(get_with_token(&home, &url, &token).await.status(), 200);
+    assert_eq!(
+        get_with_token(&client_from("127.0.1.1"), &url, &token)
+            .await
+            .status(),
+        200
+    );
+    let before = stats.requests();
+    let (status, body) = json(get_with_token(&client_from("127.0.2.1"), &url, &token).await).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        (body["error"].as_str(), body["reason"].as_str()),
+        (Some("session_gone"), Some("shared"))
+    );
+    assert_eq!(stats.requests(), before);
+    // Revoked for everyone, the owner included; its heartbeat says why.
+    assert_eq!(get_with_token(&home, &url, &token).await.status(), 403);
+    let (status, body) = common::streaming_at(&home, &base, Method::GET, "acct", "tv").await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (410, Some("shared")),
+        "{body}"
+    );
+    let m = home
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&m, r#"streamgate_sharing_detected_total{action="revoke"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, r#"streamgate_sessions_revoked_total{reason="shared"}"#),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn heartbeats_from_too_many_networks_are_sharing_too_and_report_only_revokes_nothing() {
+    let (upstream, _) = origin().await;
+    let policy = |action: &str| {
+        default_policy(&format!(
+            "  maxStreamsPerAccount: 3\n  sharing: {{maxNetworks: 1, windowSeconds: 600, action: {action}}}"
+        ))
+    };
+    // Report: counted, the session keeps working.
+    let (base, _sidecar) = memory_sidecar(&policy("Report"), &upstream).await;
+    let (status, _) = open_with(&Client::new(), &base, "acct", "tv").await;
+    assert_eq!(status, 201);
+    let (status, answer) =
+        common::streaming_at(&client_from("127.0.3.1"), &base, Method::GET, "acct", "tv").await;
+    assert_eq!(status, 200, "{answer}");
+    let m = Client::new()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&m, r#"streamgate_sharing_detected_total{action="report"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, r#"streamgate_sharing_detected_total{action="revoke"}"#),
+        Some(0.0)
+    );
+
+    // Revoke: a heartbeat (which would mint a token for the other network) is refused.
+    let (base, _sidecar) = memory_sidecar(&policy("Revoke"), &upstream).await;
+    open_with(&Client::new(), &base, "acct", "tv").await;
+    let (status, answer) =
+        common::streaming_at(&client_from("127.0.3.1"), &base, Method::GET, "acct", "tv").await;
+    assert_eq!(
+        (status, answer["reason"].as_str()),
+        (410, Some("shared")),
+        "{answer}"
+    );
+    assert!(answer.get("playbackToken").is_none());
+}
+
+/// An origin with a master playlist (renditions, I-frame playlists) and a media playlist with
+/// a key, an init section and byte ranges, next to the demo origin's real H.264 HLS.
+async fn fancy_origin() -> String {
+    use axum::routing::get;
+    let playlist = |body: &'static str| {
+        move || async move {
+            (
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/vnd.apple.mpegurl"),
+                )],
+                body,
+            )
+        }
+    };
+    let app = axum::Router::new()
+        .route(
+            "/v/master",
+            get(playlist(
+                "#EXTM3U\n#EXT-X-VERSION:7\n#EXT-X-INDEPENDENT-SEGMENTS\n\
+#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID=\"aud\",NAME=\"English\",LANGUAGE=\"en\",DEFAULT=YES,URI=\"audio/en.m3u8\"\n\
+#EXT-X-MEDIA:TYPE=SUBTITLES,GROUP-ID=\"subs\",NAME=\"Deutsch, UT\",LANGUAGE=\"de\",URI=\"subs/de.m3u8?lang=de\"\n\
+#EXT-X-STREAM-INF:BANDWIDTH=1280000,RESOLUTION=640x360,CODECS=\"avc1.4d401e,mp4a.40.2\",AUDIO=\"aud\",SUBTITLES=\"subs\"\n\
+low/media.m3u8\n\
+#EXT-X-STREAM-INF:BANDWIDTH=2560000,RESOLUTION=1280x720,AUDIO=\"aud\"\n\
+https://cdn.example.com/high/media.m3u8\n\
+#EXT-X-I-FRAME-STREAM-INF:BANDWIDTH=86000,URI=\"low/iframe.m3u8\"\n",
+            )),
+        )
+        .route(
+            "/v/low/media.m3u8",
+            get(playlist(
+                "#EXTM3U\n#EXT-X-VERSION:7\n#EXT-X-TARGETDURATION:4\n#EXT-X-MEDIA-SEQUENCE:0\n\
+#EXT-X-MAP:URI=\"init.mp4\",BYTERANGE=\"720@0\"\n\
+#EXT-X-KEY:METHOD=AES-128,URI=\"/keys/k1?v=1\",IV=0x00000000000000000000000000000001\n\
+#EXTINF:4.000,\n#EXT-X-BYTERANGE:1000@720\nmain.mp4\n\
+#EXTINF:4.000,\nseg1.m4s\n#EXT-X-ENDLIST\n",
+            )),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+fn has_token(uri: &str) -> bool {
+    let query = uri.split_once('?').map_or("", |(_, q)| q);
+    form_urlencoded::parse(query.as_bytes()).any(|(k, v)| k == "sg" && v.starts_with("v1."))
+}
+
+#[tokio::test]
+async fn playlists_carry_the_token_in_every_uri_and_a_native_player_plays_with_it() {
+    let (upstream, _) = origin().await;
+    let (base, _sidecar) =
+        memory_sidecar(&default_policy("  maxStreamsPerAccount: 3"), &upstream).await;
+    let client = Client::new();
+    let (_, opened) = open_with(&client, &base, "acct", "tv").await;
+    let token = token(&opened);
+
+    for path in ["/hls/index.m3u8", "/hls/live.m3u8"] {
+        let response = client
+            .get(format!("{base}{path}?sg={token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(
+            response.headers()[header::CACHE_CONTROL],
+            "private, no-store"
+        );
+        let text = response.text().await.unwrap();
+        let parsed = m3u8_rs::parse_media_playlist_res(text.as_bytes())
+            .unwrap_or_else(|e| panic!("{path} does not parse: {e:?}\n{text}"));
+        assert!(!parsed.segments.is_empty());
+        for segment in &parsed.segments {
+            assert!(has_token(&segment.uri), "{path}: {}", segment.uri);
+        }
+        // What a native player does: fetch the segment URI relative to the playlist, no header.
+        let first = &parsed.segments[0].uri;
+        let segment = client
+            .get(format!("{base}/hls/{first}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(segment.status(), 200, "{first}");
+        assert_eq!(segment.headers()[header::CONTENT_TYPE], "video/mp2t");
+    }
+
+    // Master playlist: variants, renditions and I-frame playlists; media playlist: key and map.
+    let fancy = fancy_origin().await;
+    let (base, _sidecar) =
+        memory_sidecar(&default_policy("  maxStreamsPerAccount: 3"), &fancy).await;
+    let (_, opened) = open_with(&client, &base, "acct", "tv").await;
+    let token = token_of(&opened);
+    let text = get_with_token(&client, &format!("{base}/v/master"), &token)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let master = m3u8_rs::parse_master_playlist_res(text.as_bytes())
+        .unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+    assert_eq!(master.variants.len(), 3);
+    assert!(has_token(&master.variants[0].uri), "{text}");
+    assert_eq!(
+        master.variants[1].uri, "https://cdn.example.com/high/media.m3u8",
+        "another host keeps its URI"
+    );
+    assert!(
+        master.variants[2].is_i_frame && has_token(&master.variants[2].uri),
+        "{text}"
+    );
+    assert_eq!(master.alternatives.len(), 2);
+    for alternative in &master.alternatives {
+        assert!(has_token(alternative.uri.as_deref().unwrap()), "{text}");
+    }
+    assert_eq!(master.alternatives[1].name, "Deutsch, UT");
+    assert!(
+        master.alternatives[1]
+            .uri
+            .as_deref()
+            .unwrap()
+            .starts_with("subs/de.m3u8?lang=de&sg=")
+    );
+
+    let text = get_with_token(&client, &format!("{base}/v/low/media.m3u8"), &token)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let media = m3u8_rs::parse_media_playlist_res(text.as_bytes())
+        .unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+    let first = &media.segments[0];
+    assert!(has_token(&first.map.as_ref().unwrap().uri), "{text}");
+    assert!(
+        has_token(first.key.as_ref().unwrap().uri.as_deref().unwrap()),
+        "{text}"
+    );
+    assert!(
+        first
+            .key
+            .as_ref()
+            .unwrap()
+            .uri
+            .as_deref()
+            .unwrap()
+            .starts_with("/keys/k1?v=1&sg=")
+    );
+    assert!(media.segments.iter().all(|s| has_token(&s.uri)), "{text}");
+    assert_eq!(
+        first.byte_range.as_ref().unwrap().length,
+        1000,
+        "other tags kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revocation_on_one_sidecar_stops_the_token_on_another_within_a_second() {
+    let url = redis_env("STREAMGATE_TEST_REDIS");
+    let (upstream, stats) = origin().await;
+    let policy = default_policy("  maxStreamsPerAccount: 2");
+    let store = |url: &str| -> Arc<dyn SessionStore> {
+        Arc::new(RedisStore::new(
+            RedisTarget::parse(url).unwrap(),
+            Duration::from_secs(2),
+        ))
+    };
+    let (a, a_sidecar) = sidecar(store(&url), &policy, &upstream).await;
+    let (b, b_sidecar) = sidecar(store(&url), &policy, &upstream).await;
+    // One namespace, one key set.
+    let keys = KeyRing::new("ns-1", vec![("ns-1".into(), vec![42; 32])]).unwrap();
+    a_sidecar.engine().playback().set_keys(keys.clone());
+    b_sidecar.engine().playback().set_keys(keys);
+    let account = format!("playback-revoke-{:08x}", rand::random::<u32>());
+    let (status, opened) = open_with(&Client::new(), &a, &account, "tv").await;
+    assert_eq!(status, 201);
+    let token = token(&opened);
+    let viewer = Viewer::watch(&b, &token).await;
+    let mut subscribed = b_sidecar.engine().subscribed();
+    tokio::time::timeout(Duration::from_secs(10), subscribed.wait_for(|up| *up))
+        .await
+        .expect("b subscribes to revocations")
+        .unwrap();
+
+    let kicked_at = Instant::now();
+    a_sidecar.engine().kick(session_id(&opened)).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(1), viewer.ended)
+        .await
+        .expect("the stream on the other sidecar was cut within a second")
+        .unwrap();
+    let cut_after = ended - kicked_at;
+    let hits = stats.requests();
+    let (status, body) =
+        json(get_with_token(&Client::new(), &format!("{b}/hls/segment1.ts"), &token).await).await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (403, Some("kicked")),
+        "{body}"
+    );
+    assert!(
+        kicked_at.elapsed() < Duration::from_secs(1),
+        "refused within a second"
+    );
+    assert_eq!(
+        stats.requests(),
+        hits,
+        "the refused request did not reach the upstream"
+    );
+    eprintln!("stream cut {cut_after:?} after the kick on the other sidecar");
+}
+
+#[tokio::test]
+async fn keys_rotate_without_a_restart() {
+    let (upstream, _) = origin().await;
+    let (base, sidecar) =
+        memory_sidecar(&default_policy("  maxStreamsPerAccount: 3"), &upstream).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let write = |signing: &str, keys: &[(&str, u8)]| {
+        let keys: Vec<Value> = keys
+            .iter()
+            .map(|(id, byte)| {
+                use base64::Engine as _;
+                serde_json::json!({"id": id, "secret": base64::engine::general_purpose::STANDARD.encode([*byte; 32])})
+            })
+            .collect();
+        // Written beside and renamed over, as the kubelet swaps a mounted Secret.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::json!({"signing": signing, "keys": keys}).to_string(),
+        )
+        .unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    write("old", &[("old", 1)]);
+    let playback = sidecar.engine().playback().clone();
+    playback.set_keys(KeyRing::load(&path).unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(playback::watch_key_file(
+        playback.clone(),
+        path.clone(),
+        Duration::from_millis(50),
+        stop.clone(),
+    ));
+    let client = Client::new();
+    let url = format!("{base}/hls/segment1.ts");
+    let (_, opened) = open_with(&client, &base, "acct", "tv").await;
+    let old_token = token(&opened);
+    assert!(old_token.starts_with("v1.old."));
+
+    // Rotation: both keys verify, the new one signs.
+    write("new", &[("old", 1), ("new", 2)]);
+    let heartbeat = async || {
+        common::streaming_at(&client, &base, Method::GET, "acct", "tv")
+            .await
+            .1
+    };
+    eventually("the new key signs", async || {
+        token(&heartbeat().await).starts_with("v1.new.")
+    })
+    .await;
+    let new_token = token(&heartbeat().await);
+    assert_eq!(
+        get_with_token(&client, &url, &old_token).await.status(),
+        200
+    );
+    assert_eq!(
+        get_with_token(&client, &url, &new_token).await.status(),
+        200
+    );
+
+    // The old key removed: its tokens stop working, the new ones keep working.
+    write("new", &[("new", 2)]);
+    eventually("the old key is gone", async || {
+        get_with_token(&client, &url, &old_token).await.status() == 403
+    })
+    .await;
+    let (status, body) = json(get_with_token(&client, &url, &old_token).await).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("invalid_token"))
+    );
+    assert!(body["message"].as_str().unwrap().contains("key"), "{body}");
+    assert_eq!(
+        get_with_token(&client, &url, &new_token).await.status(),
+        200
+    );
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_standalone_sidecar_generates_a_key_and_says_so() {
+    let sidecar = SidecarProcess::start_logging(&[], "warn,streamgate_sidecar::server=info").await;
+    sidecar.wait_ready().await;
+    let (status, opened) = open_with(&Client::new(), &sidecar.base, "acct", "tv").await;
+    assert_eq!(status, 201);
+    assert!(token(&opened).starts_with("v1.local."));
+    assert!(
+        sidecar
+            .log_text()
+            .contains("generated a random playback key"),
+        "{}",
+        sidecar.log_text()
+    );
+}
