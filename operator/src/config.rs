@@ -200,6 +200,11 @@ pub struct Config {
         default_values_t = DEFAULT_EXCLUDED_NAMESPACES.map(String::from)
     )]
     pub injection_excluded_namespaces: Vec<String>,
+
+    /// How long a namespace's playback token key signs before it is replaced (the new key
+    /// verifies for five minutes first, the old one for two hours after).
+    #[arg(long, env = "STREAMGATE_PLAYBACK_KEY_ROTATION", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub playback_key_rotation: Duration,
 }
 
 /// Namespaces never injected by default: Kubernetes' own.
@@ -207,6 +212,17 @@ pub const DEFAULT_EXCLUDED_NAMESPACES: [&str; 3] =
     ["kube-system", "kube-public", "kube-node-lease"];
 
 impl Config {
+    /// The playback key rotation these flags describe.
+    pub fn playback_key_schedule(&self) -> streamgate_policy::playback_keys::RotationSchedule {
+        let default = streamgate_policy::playback_keys::RotationSchedule::default();
+        streamgate_policy::playback_keys::RotationSchedule {
+            rotate_after: chrono::Duration::from_std(self.playback_key_rotation)
+                .unwrap_or(default.rotate_after)
+                .max(chrono::Duration::hours(1)),
+            ..default
+        }
+    }
+
     /// The injection settings these flags describe, validated.
     pub fn sidecar(&self) -> Result<SidecarConfig, String> {
         let optional = |v: &str| (!v.trim().is_empty()).then(|| v.trim().to_string());

@@ -10,6 +10,7 @@ pub mod crd;
 pub mod inject;
 pub mod liveapi;
 pub mod metrics;
+pub mod playback_keys;
 pub mod reconcile;
 pub mod render;
 pub mod viewer_auth;
@@ -61,16 +62,25 @@ pub async fn run_controller(
     metrics: Arc<Metrics>,
     excluded_namespaces: BTreeSet<String>,
 ) {
-    run_controller_with(client, metrics, excluded_namespaces, reqwest::Client::new()).await
+    run_controller_with(
+        client,
+        metrics,
+        excluded_namespaces,
+        reqwest::Client::new(),
+        streamgate_policy::playback_keys::RotationSchedule::default(),
+    )
+    .await
 }
 
 /// [`run_controller`], fetching ViewerAuthentication `jwksUri` key sets with `jwks_client`
-/// (e.g. one that also trusts a private CA, `--jwks-ca-file`).
+/// (e.g. one that also trusts a private CA, `--jwks-ca-file`), and rotating each namespace's
+/// playback keys on `playback_key_schedule`.
 pub async fn run_controller_with(
     client: Client,
     metrics: Arc<Metrics>,
     excluded_namespaces: BTreeSet<String>,
     jwks_client: reqwest::Client,
+    playback_key_schedule: streamgate_policy::playback_keys::RotationSchedule,
 ) {
     let (policy_cache, policy_writer) = reflector::store::<StreamingPolicy>();
     let (auth_cache, mut auth_writer) = reflector::store::<ViewerAuthentication>();
@@ -130,6 +140,7 @@ pub async fn run_controller_with(
         config_maps: config_map_cache,
         viewer_auths: auth_cache,
         jwks: Arc::new(viewer_auth::JwksCache::new(jwks_client)),
+        playback_keys: Some(playback_key_schedule),
     });
     // `watches_stream` (kube's unstable stream control) is what lets the caches above be the
     // reconciler's and the trigger's at once, instead of a second watch per kind.
@@ -267,7 +278,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let resolver = liveapi::resolver(client.clone(), &config)?;
     let counting = liveapi::active::run(client.clone(), resolver, liveapi::active::INTERVAL);
     let result = tokio::select! {
-        () = run_controller_with(client, metrics.clone(), config.excluded_namespaces(), jwks_client) => Ok(()),
+        () = run_controller_with(
+            client,
+            metrics.clone(),
+            config.excluded_namespaces(),
+            jwks_client,
+            config.playback_key_schedule(),
+        ) => Ok(()),
         () = counting => Ok(()),
         () = async {
             loop {

@@ -87,6 +87,8 @@ pub struct Context {
     pub viewer_auths: Store<ViewerAuthentication>,
     /// `jwksUri` key sets, as last fetched.
     pub jwks: Arc<crate::viewer_auth::JwksCache>,
+    /// Playback key rotation; `None`: the operator does not manage playback keys.
+    pub playback_keys: Option<streamgate_policy::playback_keys::RotationSchedule>,
 }
 
 /// Reconciles one namespace: renders its policies, writes what changed, and asks to be called
@@ -119,11 +121,27 @@ pub async fn reconcile(namespace: Arc<Namespace>, ctx: Arc<Context>) -> Result<A
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
     let now = Utc::now();
-    let result = sync_namespace(&namespace.name_any(), &ctx, now).await;
+    let name = namespace.name_any();
+    let result = sync_namespace(&name, &ctx, now).await;
+    let keys_due = match (&result, &ctx.playback_keys) {
+        (Ok(_), Some(schedule)) => {
+            let has_policies = !ctx
+                .policies
+                .state_filter(|p| p.namespace().as_deref() == Some(name.as_str()))
+                .is_empty();
+            if crate::playback_keys::wants_keys(&namespace, has_policies) {
+                crate::playback_keys::ensure_keys(&ctx.client, &name, now, schedule).await?
+            } else {
+                None
+            }
+        }
+        _ => None,
+    };
     ctx.metrics
         .duration
         .observe(started.elapsed().as_secs_f64());
-    Ok(next_action(result?, now))
+    let next = [result?, keys_due].into_iter().flatten().min();
+    Ok(next_action(next, now))
 }
 
 /// When to come back: at the next window boundary if it is before the resync.
@@ -673,6 +691,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             policies: policy_cache,
             config_maps: config_map_cache,
+            playback_keys: None,
         })
     }
 

@@ -101,6 +101,7 @@ async fn setup() -> Result<(&'static ControlPlane, Client)> {
                         Arc::new(Metrics::new()),
                         excluded,
                         https_client(&ca),
+                        Default::default(),
                     )
                     .await;
                     drop(server);

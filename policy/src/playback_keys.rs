@@ -149,6 +149,35 @@ pub fn plan_rotation(
     (next != *current).then_some(next)
 }
 
+/// When [`plan_rotation`] will next change `set` by itself (a key due for rotation, a waiting
+/// key due to sign, a retired key due to go), so the operator comes back then.
+pub fn next_rotation_after(
+    set: &PlaybackKeySet,
+    schedule: &RotationSchedule,
+) -> Option<DateTime<Utc>> {
+    let waiting = set
+        .keys
+        .iter()
+        .filter(|k| k.id != set.signing && k.retired_at.is_none())
+        .filter_map(|k| k.created_at)
+        .map(|at| at + schedule.propagation)
+        .min();
+    let signing = set
+        .keys
+        .iter()
+        .find(|k| k.id == set.signing)
+        .and_then(|k| k.created_at)
+        .map(|at| at + schedule.rotate_after);
+    let retired = set
+        .keys
+        .iter()
+        .filter_map(|k| k.retired_at)
+        .map(|at| at + schedule.retire_grace)
+        .min();
+    // While a key waits, the signing key's own rotation is not what comes next.
+    [waiting.or(signing), retired].into_iter().flatten().min()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +224,19 @@ mod tests {
         // Grace over: the old key is gone.
         let pruned = plan_rotation(Some(&promoted), at(75), &s, keygen("x")).unwrap();
         assert_eq!((pruned.signing.as_str(), ids(&pruned)), ("b", vec!["b"]));
+    }
+
+    #[test]
+    fn the_next_change_is_foreseen() {
+        let s = schedule();
+        let first = plan_rotation(None, at(0), &s, keygen("a")).unwrap();
+        assert_eq!(next_rotation_after(&first, &s), Some(at(60)));
+        let added = plan_rotation(Some(&first), at(60), &s, keygen("b")).unwrap();
+        assert_eq!(next_rotation_after(&added, &s), Some(at(65)));
+        let promoted = plan_rotation(Some(&added), at(65), &s, keygen("x")).unwrap();
+        assert_eq!(next_rotation_after(&promoted, &s), Some(at(75)));
+        let pruned = plan_rotation(Some(&promoted), at(75), &s, keygen("x")).unwrap();
+        assert_eq!(next_rotation_after(&pruned, &s), Some(at(120)));
     }
 
     #[test]
