@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, ObjectFieldSelector, Pod, Probe, ResourceRequirements, SeccompProfile,
-    SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -23,6 +23,11 @@ pub const POLICY_VOLUME: &str = "streamgate-policies";
 /// Where the policy ConfigMap is mounted. A directory mount, not subPath: only directory
 /// mounts see ConfigMap updates, and the sidecar hot-reloads the file.
 pub const POLICY_DIR: &str = "/etc/streamgate/policies";
+/// Name of the volume holding the namespace's playback token keys (the operator's Secret).
+pub const KEYS_VOLUME: &str = "streamgate-playback-keys";
+/// Where the playback key Secret is mounted: a directory mount, so the kubelet's updates (key
+/// rotation) reach the sidecar, which reloads the file.
+pub const KEYS_DIR: &str = "/etc/streamgate/playback-keys";
 /// Name of the sidecar's container port (probes refer to it).
 pub const PORT_NAME: &str = "streamgate";
 /// Name of the sidecar's metrics port: the chart's PodMonitor scrapes it by this name.
@@ -51,6 +56,9 @@ pub mod annotations {
     pub const MEMORY_LIMIT: &str = "streamgate.dev/sidecar-memory-limit";
     /// Port of the application in the pod: the sidecar proxies to `http://127.0.0.1:PORT`.
     pub const UPSTREAM_PORT: &str = "streamgate.dev/upstream-port";
+    /// `"false"` stops binding playback tokens to the viewer's network (IPv4 /24, IPv6 /64),
+    /// for viewers behind carrier-grade NAT; `"true"` (the default) binds them.
+    pub const PLAYBACK_BIND_NETWORK: &str = "streamgate.dev/playback-bind-network";
 }
 
 /// Value of the `streamgate.dev/inject` label/annotation that opts in.
@@ -247,17 +255,39 @@ pub fn plan(pod: &Pod, ctx: &PodContext, config: &SidecarConfig) -> Plan {
         Ok(port) => port,
         Err(message) => return Plan::Reject(message),
     };
-    if spec
-        .and_then(|s| s.volumes.as_ref())
-        .is_some_and(|volumes| volumes.iter().any(|v| v.name == POLICY_VOLUME))
+    let bind_network = match pod_annotations
+        .get(annotations::PLAYBACK_BIND_NETWORK)
+        .map(|v| v.trim())
     {
-        return Plan::Reject(format!(
-            "the pod already has a volume named {POLICY_VOLUME:?}, which the StreamGate sidecar needs; rename it or opt out with {}: {DISABLED}",
-            annotations::INJECT
-        ));
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(other) => {
+            return Plan::Reject(format!(
+                "annotation {}: {other:?} is neither \"true\" nor \"false\"",
+                annotations::PLAYBACK_BIND_NETWORK
+            ));
+        }
+    };
+    for name in [POLICY_VOLUME, KEYS_VOLUME] {
+        if spec
+            .and_then(|s| s.volumes.as_ref())
+            .is_some_and(|volumes| volumes.iter().any(|v| v.name == name))
+        {
+            return Plan::Reject(format!(
+                "the pod already has a volume named {name:?}, which the StreamGate sidecar needs; rename it or opt out with {}: {DISABLED}",
+                annotations::INJECT
+            ));
+        }
     }
 
-    let container = sidecar_container(config, resources, upstream);
+    let mut container = sidecar_container(config, resources, upstream);
+    if let Some(bind) = bind_network {
+        container
+            .env
+            .get_or_insert_with(Vec::new)
+            .push(env("STREAMGATE_PLAYBACK_BIND_NETWORK", bind.to_string()));
+    }
     let volume = policy_volume();
     let mut ops = Vec::new();
     match &pod.metadata.annotations {
@@ -288,6 +318,7 @@ pub fn plan(pod: &Pod, ctx: &PodContext, config: &SidecarConfig) -> Plan {
         None => ops.push(json!({"op": "add", "path": "/spec/volumes", "value": [volume]})),
         Some(_) => ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": volume})),
     }
+    ops.push(json!({"op": "add", "path": "/spec/volumes/-", "value": keys_volume()}));
     // First among the init containers, so later init containers can already use it.
     match spec.and_then(|s| s.init_containers.as_ref()) {
         None => {
@@ -426,6 +457,20 @@ fn policy_volume() -> Volume {
     }
 }
 
+fn keys_volume() -> Volume {
+    Volume {
+        name: KEYS_VOLUME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(streamgate_policy::playback_keys::SECRET_NAME.into()),
+            // The operator creates the Secret when it reconciles the namespace; a pod created
+            // first starts with a key of its own and picks the Secret up when it appears.
+            optional: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -493,6 +538,13 @@ fn sidecar_container(
         // The ConfigMap appears only once the namespace has a StreamingPolicy; until then the
         // sidecar enforces the built-in default and picks the file up when it arrives.
         env("STREAMGATE_POLICY_FILE_OPTIONAL", "true".to_string()),
+        env(
+            "STREAMGATE_PLAYBACK_KEYS_FILE",
+            format!(
+                "{KEYS_DIR}/{}",
+                streamgate_policy::playback_keys::SECRET_KEY
+            ),
+        ),
     ];
     if let Some(port) = upstream {
         env_vars.push(env(
@@ -560,12 +612,20 @@ fn sidecar_container(
             }),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: POLICY_VOLUME.into(),
-            mount_path: POLICY_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: POLICY_VOLUME.into(),
+                mount_path: POLICY_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: KEYS_VOLUME.into(),
+                mount_path: KEYS_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
         ..Default::default()
     }
 }
@@ -687,8 +747,19 @@ mod tests {
         assert!(c["volumeMounts"][0].get("subPath").is_none());
         assert_eq!(
             doc["spec"]["volumes"],
-            json!([{"name": "streamgate-policies", "configMap": {"name": "streamgate-policies", "optional": true}}])
+            json!([
+                {"name": "streamgate-policies", "configMap": {"name": "streamgate-policies", "optional": true}},
+                {"name": "streamgate-playback-keys", "secret": {"secretName": "streamgate-playback-keys", "optional": true}},
+            ])
         );
+        // The playback keys: the operator's Secret, a directory mount the kubelet updates.
+        assert_eq!(c["volumeMounts"][1]["mountPath"], KEYS_DIR);
+        assert!(c["volumeMounts"][1].get("subPath").is_none());
+        assert_eq!(
+            env_of(c, "STREAMGATE_PLAYBACK_KEYS_FILE").unwrap()["value"],
+            "/etc/streamgate/playback-keys/keys.json"
+        );
+        assert!(env_of(c, "STREAMGATE_PLAYBACK_BIND_NETWORK").is_none());
         assert_eq!(
             doc["metadata"]["annotations"]["streamgate.dev/injected"],
             "0.1.0"
@@ -730,9 +801,10 @@ mod tests {
         assert_eq!(inits[0]["name"], SIDECAR_NAME, "sidecar first");
         assert_eq!(inits[1]["name"], "setup");
         let volumes = doc["spec"]["volumes"].as_array().unwrap();
-        assert_eq!(volumes.len(), 2);
+        assert_eq!(volumes.len(), 3);
         assert_eq!(volumes[0]["name"], "data");
         assert_eq!(volumes[1]["name"], POLICY_VOLUME);
+        assert_eq!(volumes[2]["name"], KEYS_VOLUME);
         assert_eq!(doc["metadata"]["annotations"]["a/b"], "c");
         assert_eq!(
             doc["metadata"]["annotations"]["streamgate.dev/injected"],
@@ -743,6 +815,34 @@ mod tests {
             doc["metadata"]["labels"],
             json!({"app": "player", "streamgate.dev/injected": "true"})
         );
+    }
+
+    #[test]
+    fn the_network_binding_annotation_is_passed_on_or_refused() {
+        let with = |value: &str| {
+            pod(json!({
+                "metadata": {"name": "p", "annotations": {"streamgate.dev/playback-bind-network": value}},
+                "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+            }))
+        };
+        let doc = injected(&with("false"), &ctx(true), &config());
+        assert_eq!(
+            env_of(sidecar(&doc), "STREAMGATE_PLAYBACK_BIND_NETWORK").unwrap()["value"],
+            "false"
+        );
+        assert!(matches!(
+            plan(&with("no"), &ctx(true), &config()),
+            Plan::Reject(m) if m.contains("streamgate.dev/playback-bind-network") && m.contains("\"no\"")
+        ));
+        let clash = pod(json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "app", "image": "app:1"}],
+                     "volumes": [{"name": "streamgate-playback-keys", "emptyDir": {}}]}
+        }));
+        assert!(matches!(
+            plan(&clash, &ctx(true), &config()),
+            Plan::Reject(m) if m.contains(KEYS_VOLUME)
+        ));
     }
 
     #[test]
