@@ -680,6 +680,16 @@ async fn helm_install_creates_crd_rbac_and_webhook_and_uninstall_removes_them() 
             false,
         ),
         ("list", "", "secrets", nsr, None, false),
+        // The playback key Secret of any namespace, by name only.
+        (
+            "patch",
+            "",
+            "secrets",
+            Some("default"),
+            Some("streamgate-playback-keys"),
+            true,
+        ),
+        ("get", "", "secrets", Some("default"), Some("other"), false),
         // Pods: listed and watched (metadata) for the pods-without-sidecar count; nothing else.
         ("list", "", "pods", None, None, true),
         ("get", "", "pods", Some("default"), Some("any"), false),
