@@ -35,11 +35,8 @@ async fn origin() -> (String, OriginStats) {
 async fn sidecar(store: Arc<dyn SessionStore>, policy: &str, upstream: &str) -> (String, Sidecar) {
     let policies = PolicySet::from_yaml(policy, "test.yaml", "default").unwrap();
     let sidecar = Sidecar::with_store(store, policies).with_upstream(upstream.parse().unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let serving = sidecar.clone();
-    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
-    (base, sidecar)
+    let served = common::serve_in_background(sidecar.clone()).await;
+    (served.base, sidecar)
 }
 
 async fn memory_sidecar(policy: &str, upstream: &str) -> (String, Sidecar) {
@@ -214,14 +211,7 @@ async fn forged_expired_foreign_and_other_network_tokens_never_reach_the_upstrea
     assert_eq!(get_with_token(&client, &url, &good).await.status(), 200);
     assert_eq!(stats.requests(), 1);
 
-    let m = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = sidecar.engine().render_metrics().await;
     for (reason, n) in [
         ("bad_signature", 2.0),
         ("unknown_key", 1.0),
@@ -364,14 +354,7 @@ async fn one_session_plays_one_stream_at_a_time() {
     .await;
     let _again = Viewer::watch(&base, &token).await;
 
-    let m = client
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = sidecar.engine().render_metrics().await;
     assert_eq!(
         metric(
             &m,
@@ -421,14 +404,7 @@ async fn a_session_used_from_too_many_networks_is_revoked_as_shared() {
         (410, Some("shared")),
         "{body}"
     );
-    let m = home
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = sidecar.engine().render_metrics().await;
     assert_eq!(
         metric(&m, r#"streamgate_sharing_detected_total{action="revoke"}"#),
         Some(1.0)
@@ -448,20 +424,13 @@ async fn heartbeats_from_too_many_networks_are_sharing_too_and_report_only_revok
         ))
     };
     // Report: counted, the session keeps working.
-    let (base, _sidecar) = memory_sidecar(&policy("Report"), &upstream).await;
+    let (base, sidecar) = memory_sidecar(&policy("Report"), &upstream).await;
     let (status, _) = open_with(&Client::new(), &base, "acct", "tv").await;
     assert_eq!(status, 201);
     let (status, answer) =
         common::streaming_at(&client_from("127.0.3.1"), &base, Method::GET, "acct", "tv").await;
     assert_eq!(status, 200, "{answer}");
-    let m = Client::new()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = sidecar.engine().render_metrics().await;
     assert_eq!(
         metric(&m, r#"streamgate_sharing_detected_total{action="report"}"#),
         Some(1.0)
