@@ -758,3 +758,26 @@ async fn a_standalone_sidecar_generates_a_key_and_says_so() {
         sidecar.log_text()
     );
 }
+
+#[test]
+fn the_openapi_document_describes_the_token_fields() {
+    let doc = serde_json::to_value(streamgate_sidecar::api::openapi()).unwrap();
+    let schema = &doc["components"]["schemas"]["PlaybackSession"];
+    let text = schema.to_string();
+    for field in ["playbackToken", "playbackTokenExpiresAt"] {
+        assert!(
+            schema["required"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|f| f == field))
+                || text.contains(&format!("\"{field}\"")),
+            "{field} missing from {schema}"
+        );
+    }
+    for method in ["put", "get"] {
+        let content = doc["paths"]["/streaming"][method]["responses"]["200"]["content"]
+            ["application/json"]["schema"]["$ref"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(content.ends_with("/PlaybackSession"), "{method}: {content}");
+    }
+}

@@ -23,6 +23,8 @@ export interface Session {
   activeSessions?: number;
   /** Short-lived token for media requests, when the sidecar issues one. */
   playbackToken?: string;
+  /** When `playbackToken` stops working (RFC 3339): two heartbeat intervals after issue. */
+  playbackTokenExpiresAt?: string;
 }
 
 /** The sidecar's JSON error body. */
