@@ -66,6 +66,8 @@ pub const LONG_LIVED_BYTES: u64 = 16 * 1024 * 1024;
 pub const MAX_PLAYLIST_BYTES: usize = 4 * 1024 * 1024;
 /// Query parameter carrying the session id, for players that cannot set headers.
 pub const SESSION_PARAM: &str = "session";
+/// How often a stream in flight re-checks its session while revocation notices are not heard.
+const UNSUBSCRIBED_RECHECK: Duration = Duration::from_secs(1);
 /// Shortest wait between two checks of a session's expiry, so a skewed clock cannot spin.
 const MIN_RECHECK: Duration = Duration::from_millis(250);
 
@@ -314,8 +316,13 @@ async fn watch_expiry(
     );
     loop {
         let now = chrono::Utc::now().timestamp_millis();
-        let wait =
+        let mut wait =
             Duration::from_millis(expires_at_ms.saturating_sub(now).max(0) as u64).max(MIN_RECHECK);
+        // Other sidecars' revocations are not heard while the subscription is down: ask the
+        // store every second instead, so a stream cut elsewhere still ends within a second.
+        if !*proxy.engine.subscribed().borrow() {
+            wait = wait.min(UNSUBSCRIBED_RECHECK);
+        }
         tokio::select! {
             () = done.cancelled() => return,
             () = token.cancelled() => return,
