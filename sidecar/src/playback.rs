@@ -353,6 +353,16 @@ pub fn verify(
     })
 }
 
+/// The playback token an `Authorization` header carries as its bearer credential, if it carries
+/// one (GET and DELETE `/streaming` accept it, so a player need not refresh its identity token
+/// mid-stream). `None` for anything else, a viewer's JWT included: a JWT's first part is
+/// base64url JSON (`eyJ...`), never `v1`.
+pub fn playback_bearer(authorization: &str) -> Option<&str> {
+    let (scheme, credential) = authorization.trim().split_once(' ')?;
+    let credential = credential.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && credential.starts_with("v1.")).then_some(credential)
+}
+
 /// How long a token lives: two heartbeat intervals, so one missed heartbeat does not stop
 /// playback, and a cut viewer's leaked token dies soon.
 pub fn lifetime_seconds(heartbeat_interval_seconds: u32) -> i64 {
@@ -773,6 +783,25 @@ mod tests {
         assert_eq!(tracker.observe(a, home, 1_025, 1_000), 2);
         tracker.forget(a);
         assert_eq!(tracker.observe(a, phone, 1_030, 1_000), 1);
+    }
+
+    #[test]
+    fn a_playback_token_is_told_from_a_jwt_in_the_authorization_header() {
+        let token = mint(&ring("k1", 1), &claims(None));
+        assert_eq!(
+            playback_bearer(&format!("Bearer {token}")),
+            Some(token.as_str())
+        );
+        assert_eq!(
+            playback_bearer(&format!("bearer  {token} ")),
+            Some(token.as_str())
+        );
+        assert_eq!(
+            playback_bearer("Bearer eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"),
+            None
+        );
+        assert_eq!(playback_bearer(&format!("Basic {token}")), None);
+        assert_eq!(playback_bearer("Bearer"), None);
     }
 
     #[test]
