@@ -781,3 +781,17 @@ fn the_openapi_document_describes_the_token_fields() {
         assert!(content.ends_with("/PlaybackSession"), "{method}: {content}");
     }
 }
+
+#[test]
+fn rewriting_a_real_playlist_changes_nothing_but_the_uris() {
+    let token = "v1.k.payload.tag";
+    for playlist in [
+        demo_origin::media::vod_playlist(),
+        demo_origin::media::live_playlist(Duration::from_secs(3600)),
+    ] {
+        let rewritten = streamgate_sidecar::hls::rewrite(&playlist, token, Some("edge:8080"));
+        assert_ne!(rewritten, playlist);
+        // Taking the parameter out again gives back the origin's bytes.
+        assert_eq!(rewritten.replace(&format!("?sg={token}"), ""), playlist);
+    }
+}
