@@ -152,6 +152,9 @@ async fn forged_expired_foreign_and_other_network_tokens_never_reach_the_upstrea
     let (status, _) = common::streaming_at(&client, &base, Method::DELETE, "acct", "phone").await;
     assert_eq!(status, 204);
 
+    // Viewers authenticated: tokens required, so expiry is enforced. (Without that, an authentic
+    // token is worth the session id inside it, expired or not: see below.)
+    sidecar.engine().playback().set_require_token(true);
     let url = format!("{base}/hls/segment1.ts");
     for (what, token, codes) in [
         ("forged", forged.as_str(), &["invalid_token"][..]),
@@ -211,9 +214,20 @@ async fn forged_expired_foreign_and_other_network_tokens_never_reach_the_upstrea
     assert_eq!(get_with_token(&client, &url, &good).await.status(), 200);
     assert_eq!(stats.requests(), 1);
 
+    // Tokens not required (viewer authentication disabled): the expired token still carries
+    // an authentic session id, which would be accepted by itself.
+    sidecar.engine().playback().set_require_token(false);
+    assert_eq!(get_with_token(&client, &url, &expired).await.status(), 200);
+    let (status, body) = json(get_with_token(&client, &url, &forged).await).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("invalid_token"))
+    );
+    assert_eq!(stats.requests(), 2);
+
     let m = sidecar.engine().render_metrics().await;
     for (reason, n) in [
-        ("bad_signature", 2.0),
+        ("bad_signature", 3.0),
         ("unknown_key", 1.0),
         ("expired", 2.0),
         ("malformed", 1.0),
