@@ -9,8 +9,8 @@
 #![forbid(unsafe_code)]
 
 pub mod id;
-pub mod validators;
 pub mod playback_keys;
+pub mod validators;
 pub mod viewer_auth;
 
 pub use validators::{

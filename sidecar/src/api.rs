@@ -345,13 +345,8 @@ async fn open_stream(
                 .validate_admission(session, facts)
                 .await
                 .map_err(|denied| ApiError::denied(&denied.message, denied.session))?;
-            let mut response = playback_response(
-                &engine,
-                StatusCode::CREATED,
-                session,
-                peer_ip,
-            )
-            .await?;
+            let mut response =
+                playback_response(&engine, StatusCode::CREATED, session, peer_ip).await?;
             if let Some(would) = dry_run {
                 let value = match would {
                     OverLimit::Refuse => "would-refuse",

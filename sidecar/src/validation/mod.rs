@@ -518,10 +518,7 @@ impl Engine {
                 // The store records `denied`; a store written by an older sidecar says
                 // `kicked`, which the recorded verdict corrects.
                 if revoked
-                    && matches!(
-                        session.reason,
-                        Some(EndReason::Denied | EndReason::Kicked)
-                    )
+                    && matches!(session.reason, Some(EndReason::Denied | EndReason::Kicked))
                     && matches!(
                         record.state,
                         ValidationState::Denied | ValidationState::Failed
