@@ -228,30 +228,37 @@ pub async fn kick_revokes_and_stays_answerable(store: Arc<dyn SessionStore>, _cl
     );
 }
 
-/// Sharing detection revokes with its own reason, which every store keeps and announces.
+/// Sharing detection (`shared`) and session validators (`denied`) revoke with their own reason,
+/// which every store keeps and announces.
 pub async fn revoke_keeps_its_reason(store: Arc<dyn SessionStore>, _clock: ManualClock) {
-    let a = account("shared");
-    let id = admit(store.as_ref(), &a, "s1", 1).await;
-    let mut notices = store.revocations();
-    assert!(
-        matches!(store.revoke(id, EndReason::Shared).await.unwrap(), KickOutcome::Kicked(ref k) if k.id == id && k.reason == Some(EndReason::Shared))
-    );
-    let got = store.get(id).await.unwrap().expect("answerable");
-    assert_eq!(
-        (got.state, got.reason),
-        (SessionState::Revoked, Some(EndReason::Shared))
-    );
-    assert!(
-        matches!(store.heartbeat(&a, "s1", TTL_MS).await.unwrap(), HeartbeatOutcome::Gone(ref g) if g.reason == Some(EndReason::Shared))
-    );
-    let notice = tokio::time::timeout(Duration::from_secs(5), notices.recv())
-        .await
-        .expect("a revocation notice")
-        .unwrap();
-    assert_eq!(
-        (notice.session.id, notice.session.reason),
-        (id, Some(EndReason::Shared))
-    );
+    for (name, reason) in [("shared", EndReason::Shared), ("denied", EndReason::Denied)] {
+        let a = account(name);
+        let id = admit(store.as_ref(), &a, "s1", 1).await;
+        let mut notices = store.revocations();
+        assert!(
+            matches!(store.revoke(id, reason).await.unwrap(), KickOutcome::Kicked(ref k) if k.id == id && k.reason == Some(reason)),
+            "{name}"
+        );
+        let got = store.get(id).await.unwrap().expect("answerable");
+        assert_eq!(
+            (got.state, got.reason),
+            (SessionState::Revoked, Some(reason)),
+            "{name}"
+        );
+        assert!(
+            matches!(store.heartbeat(&a, "s1", TTL_MS).await.unwrap(), HeartbeatOutcome::Gone(ref g) if g.reason == Some(reason)),
+            "{name}"
+        );
+        let notice = tokio::time::timeout(Duration::from_secs(5), notices.recv())
+            .await
+            .expect("a revocation notice")
+            .unwrap();
+        assert_eq!(
+            (notice.session.id, notice.session.reason),
+            (id, Some(reason)),
+            "{name}"
+        );
+    }
 }
 
 pub async fn sessions_expire_after_their_ttl(store: Arc<dyn SessionStore>, clock: ManualClock) {

@@ -19,7 +19,8 @@ use serde_json::{Value, json};
 use streamgate_demo_origin as demo_origin;
 use streamgate_sidecar::policy::PolicySet;
 use streamgate_sidecar::server::Sidecar;
-use streamgate_sidecar::store::MemoryStore;
+use streamgate_sidecar::session::{EndReason, SessionId};
+use streamgate_sidecar::store::{MemoryStore, SessionStore};
 use tokio::sync::{oneshot, watch};
 
 /// How the test validator answers one account.
@@ -160,9 +161,13 @@ async fn origin() -> String {
 
 /// A sidecar on the embedded store in front of `upstream`; its viewer port and admin listener.
 async fn served(policy: &str, upstream: &str) -> common::Served {
+    served_on(Arc::new(MemoryStore::new()), policy, upstream).await
+}
+
+/// [`served`] on `store`.
+async fn served_on(store: Arc<MemoryStore>, policy: &str, upstream: &str) -> common::Served {
     let policies = PolicySet::from_yaml(policy, "test.yaml", "default").unwrap();
-    let sidecar = Sidecar::with_store(Arc::new(MemoryStore::new()), policies)
-        .with_upstream(upstream.parse().unwrap());
+    let sidecar = Sidecar::with_store(store, policies).with_upstream(upstream.parse().unwrap());
     common::serve_in_background(sidecar).await
 }
 
@@ -252,7 +257,9 @@ async fn async_open_answers_at_once_and_a_later_denial_cuts_the_stream_within_a_
             Box::new(Rule::Deny("no rights in your region")),
         ),
     );
-    let common::Served { base, admin } = served(
+    let store = Arc::new(MemoryStore::new());
+    let common::Served { base, admin } = served_on(
+        store.clone(),
         &policy(&format!("  - {{name: geo, url: '{}'}}", validator.url)),
         &origin().await,
     )
@@ -292,6 +299,13 @@ async fn async_open_answers_at_once_and_a_later_denial_cuts_the_stream_within_a_
         body["session"]["validationMessage"],
         "no rights in your region"
     );
+    // The store itself (what the fleet-wide listing reads) records the reason too.
+    let stored = store
+        .get(id(&session).parse::<SessionId>().unwrap())
+        .await
+        .unwrap()
+        .expect("the cut session is kept for a TTL");
+    assert_eq!(stored.reason, Some(EndReason::Denied));
     // The slot is free: the account (limit 1) opens again.
     validator.set("blocked", Rule::Allow);
     let (status, _) = call(&base, Method::PUT, "blocked", "phone").await;

@@ -205,7 +205,8 @@ pub trait SessionStore: Send + Sync + 'static {
         self.revoke(id, EndReason::Kicked).await
     }
 
-    /// Revokes a session for `reason` (`kicked`, or `shared` by sharing detection).
+    /// Revokes a session for `reason` (`kicked`, `shared` by sharing detection, `denied` by a
+    /// session validator).
     async fn revoke(&self, id: SessionId, reason: EndReason) -> Result<KickOutcome, StoreError>;
 
     /// A media request's look-up: the session `id` (active or cut within its TTL), renewed for

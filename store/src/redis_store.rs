@@ -1259,6 +1259,7 @@ fn parse_reason(reason: &str) -> Option<EndReason> {
         "evicted" => Some(EndReason::Evicted),
         "kicked" => Some(EndReason::Kicked),
         "shared" => Some(EndReason::Shared),
+        "denied" => Some(EndReason::Denied),
         "expired" => Some(EndReason::Expired),
         _ => None,
     }

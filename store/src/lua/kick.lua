@@ -1,5 +1,5 @@
 -- kick: revokes an active session for a reason ('kicked' by an admin, 'shared' by sharing
--- detection).
+-- detection, 'denied' by a session validator).
 -- KEYS[1] P..'s:'..id (the account's keys are found from it and share its slot)
 -- ARGV: P, id, reason, origin, channel
 -- Reply: {'kicked', session, expired} | {'gone', session, expired} | {'notfound', false, expired}
