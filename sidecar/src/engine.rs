@@ -889,9 +889,15 @@ impl Engine {
         Ok(match outcome {
             KickOutcome::Kicked(record) => {
                 self.metrics.count_revoked(reason, 1);
-                tracing::info!(account = %fingerprint(&record.account),
-                    session = %fingerprint(&record.id.to_string()), reason = reason.as_str(),
-                    "session revoked");
+                let (account, session) = (
+                    fingerprint(&record.account),
+                    fingerprint(&record.id.to_string()),
+                );
+                if reason == EndReason::Kicked {
+                    tracing::info!(%account, %session, "session kicked");
+                } else {
+                    tracing::info!(%account, %session, reason = reason.as_str(), "session revoked");
+                }
                 let policy = self.policy_for(&record.account);
                 Kicked::Kicked(self.view(&record, &policy, 0))
             }
