@@ -47,9 +47,9 @@ export type SessionState =
 /** Where the client learned that its session is over. */
 export type RevocationSource = "heartbeat" | "media" | "open";
 
-/** A session cut by the sidecar (evicted, kicked, expired, denied) or refused on reopen. */
+/** A session cut by the sidecar (evicted, kicked, expired, denied, shared) or refused on reopen. */
 export interface RevokedEvent {
-  /** `evicted`, `kicked`, `expired`, `denied`, or the error code of a refusal. */
+  /** `evicted`, `kicked`, `expired`, `denied`, `shared`, or the error code of a refusal. */
   reason: string;
   /** The sidecar's message, for people. */
   message: string;
