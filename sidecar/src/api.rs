@@ -176,6 +176,40 @@ impl FromRequestParts<Engine> for ViewerStream {
                 ))
             })?),
         };
+        // A heartbeat or end may carry the session's playback token instead of the viewer's
+        // JWT, so a player need not refresh its identity token mid-stream.
+        if matches!(parts.method, Method::GET | Method::DELETE)
+            && let Some(token) = authorization.and_then(crate::playback::playback_bearer)
+        {
+            let peer = parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0.ip());
+            let unauthenticated =
+                |message: String| refusal_response(Refusal::Unauthenticated(message));
+            let claims = engine
+                .playback()
+                .verify(token, chrono::Utc::now().timestamp(), peer)
+                .map_err(|error| unauthenticated(format!("token check failed: {error}")))?;
+            if claims.stream_id != stream_id {
+                return Err(unauthenticated(
+                    "token check failed: the playback token is for another streamId".into(),
+                ));
+            }
+            if account
+                .as_ref()
+                .is_some_and(|account| *account != claims.account)
+            {
+                return Err(unauthenticated(
+                    "token check failed: the playback token is for another account".into(),
+                ));
+            }
+            return Ok(Self {
+                account: claims.account,
+                stream_id,
+                identity: None,
+            });
+        }
         let viewer = engine
             .identity()
             .decide(authorization, account.as_deref())

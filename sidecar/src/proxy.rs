@@ -4,9 +4,9 @@
 //! A request carries a playback token ([`crate::playback`]) in the `X-StreamGate-Token` header
 //! or, for players that cannot set headers, the `sg` query parameter. Its signature, expiry and
 //! client network are checked before anything else happens; nothing reaches the upstream for a
-//! refused token. Unless tokens are required ([`crate::playback::Playback::set_require_token`],
-//! driven by viewer authentication), the session id itself is accepted too, as in the
-//! prototype: the `X-StreamGate-Session` header or the `session` query parameter.
+//! refused token. Unless tokens are required (`--require-playback-token`, or a
+//! ViewerAuthentication whose mode is not `Disabled`), the session id itself is accepted too, as
+//! in the prototype: the `X-StreamGate-Session` header or the `session` query parameter.
 //!
 //! One session plays one stream: at most the policy's `maxMediaStreamsPerSession` long-lived
 //! responses (no `Content-Length`, or at least [`LONG_LIVED_BYTES`]) are in flight per session;
@@ -50,6 +50,7 @@ use crate::engine::{Engine, MediaAccess, fingerprint};
 use crate::error::{ApiError, ErrorCode};
 use crate::playback::{Claims, TokenError};
 use crate::policy::Mode;
+use crate::policy::viewer_auth::AuthMode;
 use crate::session::{EndReason, SessionId, SessionRecord, SessionState};
 
 /// Header carrying the session id of a media request.
@@ -436,6 +437,14 @@ fn check_credential(
     peer: Option<std::net::IpAddr>,
 ) -> Result<(SessionId, Option<Claims>), ApiError> {
     let playback = proxy.engine.playback();
+    // Where viewers prove who they are, a leaked session id must not play without that proof:
+    // with a ViewerAuthentication in force, media needs the token too.
+    let required = playback.requires_token()
+        || proxy
+            .engine
+            .identity()
+            .verifier()
+            .is_some_and(|verifier| verifier.mode() != AuthMode::Disabled);
     let refuse = |reason: &'static str, code: ErrorCode, message: String| {
         proxy.engine.metrics().playback.count_token_refusal(reason);
         Err(ApiError::forbidden(code, message))
@@ -448,7 +457,7 @@ fn check_credential(
                 // which is accepted anyway, so its expiry adds nothing there. A player that only
                 // fetches media (a hidden tab, whose heartbeat timers do not fire) keeps playing
                 // on the token it has, renewing its session as with the session id.
-                Err(TokenError::Expired) if !playback.requires_token() => {
+                Err(TokenError::Expired) if !required => {
                     let claims = playback.verify(&token, i64::MIN, peer).map_err(|error| {
                         ApiError::forbidden(ErrorCode::InvalidToken, error.to_string())
                     })?;
@@ -457,7 +466,7 @@ fn check_credential(
                 Err(error) => refuse(error.as_str(), ErrorCode::InvalidToken, error.to_string()),
             }
         }
-        Some(Credential::SessionId(_)) if playback.requires_token() => refuse(
+        Some(Credential::SessionId(_)) if required => refuse(
             "session_id_not_accepted",
             ErrorCode::InvalidToken,
             format!(

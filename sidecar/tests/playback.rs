@@ -119,6 +119,64 @@ async fn a_token_from_the_open_answer_plays_by_header_and_by_query() {
 }
 
 #[tokio::test]
+async fn heartbeat_and_end_accept_the_playback_token_as_bearer_for_its_own_stream_only() {
+    let (upstream, _stats) = origin().await;
+    let (base, _sidecar) =
+        memory_sidecar(&default_policy("  maxStreamsPerAccount: 2"), &upstream).await;
+    let client = Client::new();
+    let (status, opened) = open_with(&client, &base, "acct", "tv").await;
+    assert_eq!(status, 201);
+    let token = token(&opened);
+    // One character of the signature changed.
+    let mut forged = token.clone().into_bytes();
+    let at = forged.len() - 5;
+    forged[at] = if forged[at] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    let streaming = |method: Method, query: &str, credential: &str| {
+        client
+            .request(method, format!("{base}/streaming?{query}"))
+            .header(header::AUTHORIZATION, format!("Bearer {credential}"))
+            .send()
+    };
+
+    // No account in the query: it comes from the token.
+    let (status, renewed) =
+        json(streaming(Method::GET, "streamId=tv", &token).await.unwrap()).await;
+    assert_eq!(status, 200, "{renewed}");
+    assert_eq!(renewed["sessionId"], opened["sessionId"]);
+    assert_eq!(renewed["account"], "acct");
+
+    // Another stream, another account, a forged token: 401, and the session stays.
+    for (query, credential) in [
+        ("streamId=radio", token.clone()),
+        ("account=other&streamId=tv", token.clone()),
+        ("streamId=tv", forged),
+    ] {
+        let (status, body) = json(streaming(Method::GET, query, &credential).await.unwrap()).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("unauthenticated")),
+            "{query}: {body}"
+        );
+        let (status, body) =
+            json(streaming(Method::DELETE, query, &credential).await.unwrap()).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (401, Some("unauthenticated")),
+            "{query}: {body}"
+        );
+    }
+
+    // The token ends its own session.
+    let ended = streaming(Method::DELETE, "streamId=tv", &token)
+        .await
+        .unwrap();
+    assert!(ended.status().is_success(), "{}", ended.status());
+    let (status, gone) = common::streaming_at(&client, &base, Method::GET, "acct", "tv").await;
+    assert!(matches!(status, 404 | 410), "{status} {gone}");
+}
+
+#[tokio::test]
 async fn forged_expired_foreign_and_other_network_tokens_never_reach_the_upstream() {
     let (upstream, stats) = origin().await;
     let (base, sidecar) =
@@ -278,6 +336,40 @@ async fn when_tokens_are_required_a_session_id_opens_nothing() {
         );
     }
     assert_eq!(stats.requests(), 1, "refused before the upstream");
+    assert_eq!(
+        get_with_token(&client, &url, &token(&opened))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn with_viewer_authentication_in_force_a_session_id_opens_nothing() {
+    let (upstream, stats) = origin().await;
+    let key = streamctl::token::TestKey::generate(streamctl::token::KeyAlg::Es256, "k1").unwrap();
+    // Optional: the open may still name its account in the query, but media needs the token.
+    let file = format!(
+        "{}---\napiVersion: streamgate.dev/v1alpha1\nkind: ViewerAuthentication\nmetadata: {{name: viewers}}\nspec:\n  mode: Optional\n  jwtRules:\n  - issuer: https://id.streamgate.test\n    jwks: '{}'\n",
+        default_policy("  maxStreamsPerAccount: 3"),
+        streamctl::token::jwks(&[&key])
+    );
+    let (base, sidecar) = memory_sidecar(&file, &upstream).await;
+    assert!(!sidecar.engine().playback().requires_token(), "no flag set");
+    let client = Client::new();
+    let (status, opened) = open_with(&client, &base, "acct", "tv").await;
+    assert_eq!(status, 201, "{opened}");
+    let raw = opened["sessionId"].as_str().unwrap().to_string();
+    let url = format!("{base}/hls/segment1.ts");
+    for request in [
+        client.get(&url).header("X-StreamGate-Session", &raw),
+        client.get(format!("{url}?session={raw}")),
+    ] {
+        let (status, body) = json(request.send().await.unwrap()).await;
+        assert_eq!(status, 403, "{body}");
+        assert_eq!(body["error"], "invalid_token", "{body}");
+    }
+    assert_eq!(stats.requests(), 0, "refused before the upstream");
     assert_eq!(
         get_with_token(&client, &url, &token(&opened))
             .await
