@@ -721,28 +721,7 @@ impl PolicySet {
                 }
                 continue;
             }
-            // serde_path_to_error names the field (`spec.onLimitExceeded`) that serde alone omits;
-            // serde_ignored finds misspelt spec fields, which would otherwise be silently dropped.
-            // (The spec is not `deny_unknown_fields`: the CRD embeds it with `flatten`.)
-            let mut unknown = Vec::new();
-            let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
-            let ignoring = serde_ignored::Deserializer::new(value, &mut note_unknown);
-            let doc: PolicyDocument =
-                serde_path_to_error::deserialize(ignoring).map_err(|e| PolicyError::Parse {
-                    path: path.to_string(),
-                    document: number,
-                    message: match e.path().to_string().as_str() {
-                        "." => e.inner().to_string(),
-                        field => format!("{field}: {}", e.inner()),
-                    },
-                })?;
-            if let Some(field) = unknown.iter().find(|p| p.starts_with("spec.")) {
-                return Err(PolicyError::Parse {
-                    path: path.to_string(),
-                    document: number,
-                    message: format!("{field}: unknown field"),
-                });
-            }
+            let doc: PolicyDocument = deserialize_strict(value, path, number)?;
             let invalid = |error: FieldError| PolicyError::Invalid {
                 path: path.to_string(),
                 document: number,
@@ -817,6 +796,36 @@ pub struct ViewerAuthDocument {
     pub resolved_jwks: Option<Vec<String>>,
 }
 
+/// Deserializes document `number` of `path`, naming the field of a type error and refusing
+/// unknown `spec` fields. serde_path_to_error names the field (`spec.onLimitExceeded`) that serde
+/// alone omits; serde_ignored finds misspelt spec fields, which would otherwise be silently
+/// dropped (specs are not `deny_unknown_fields`: the CRDs embed them with `flatten`).
+fn deserialize_strict<T: serde::de::DeserializeOwned>(
+    value: serde_yaml::Value,
+    path: &str,
+    number: usize,
+) -> Result<T, PolicyError> {
+    let mut unknown = Vec::new();
+    let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let ignoring = serde_ignored::Deserializer::new(value, &mut note_unknown);
+    let doc = serde_path_to_error::deserialize(ignoring).map_err(|e| PolicyError::Parse {
+        path: path.to_string(),
+        document: number,
+        message: match e.path().to_string().as_str() {
+            "." => e.inner().to_string(),
+            field => format!("{field}: {}", e.inner()),
+        },
+    })?;
+    if let Some(field) = unknown.iter().find(|p| p.starts_with("spec.")) {
+        return Err(PolicyError::Parse {
+            path: path.to_string(),
+            document: number,
+            message: format!("{field}: unknown field"),
+        });
+    }
+    Ok(doc)
+}
+
 /// Parses and validates one ViewerAuthentication document; `None` when it is another
 /// namespace's.
 fn parse_viewer_auth(
@@ -825,25 +834,7 @@ fn parse_viewer_auth(
     number: usize,
     namespace: &str,
 ) -> Result<Option<viewer_auth::ViewerAuth>, PolicyError> {
-    let mut unknown = Vec::new();
-    let mut note_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
-    let ignoring = serde_ignored::Deserializer::new(value, &mut note_unknown);
-    let doc: ViewerAuthDocument =
-        serde_path_to_error::deserialize(ignoring).map_err(|e| PolicyError::Parse {
-            path: path.to_string(),
-            document: number,
-            message: match e.path().to_string().as_str() {
-                "." => e.inner().to_string(),
-                field => format!("{field}: {}", e.inner()),
-            },
-        })?;
-    if let Some(field) = unknown.iter().find(|p| p.starts_with("spec.")) {
-        return Err(PolicyError::Parse {
-            path: path.to_string(),
-            document: number,
-            message: format!("{field}: unknown field"),
-        });
-    }
+    let doc: ViewerAuthDocument = deserialize_strict(value, path, number)?;
     let invalid = |error: FieldError| PolicyError::Invalid {
         path: path.to_string(),
         document: number,
