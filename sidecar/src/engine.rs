@@ -1000,8 +1000,13 @@ impl Engine {
     }
 
     /// Writes a degraded admission back to the store. `false` when its stream has another
-    /// session by now (the degraded one is then forgotten).
+    /// session by now, when it was ended through another sidecar, or when it expired here
+    /// (nobody renewed it): the degraded one is then forgotten.
     async fn adopt(&self, record: &SessionRecord) -> Result<bool, EngineError> {
+        if record.expires_at_ms <= chrono::Utc::now().timestamp_millis() {
+            self.lock_degraded().forget(record.id);
+            return Ok(false);
+        }
         let adopted = self
             .store
             .adopt(record)

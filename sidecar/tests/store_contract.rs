@@ -428,7 +428,7 @@ pub async fn touch_renews_only_an_active_session_renewed_long_enough_ago(
     assert_eq!(store.touch(unknown, TTL_MS, 0).await.unwrap(), None);
 }
 
-pub async fn adopt_writes_back_a_session_unless_its_stream_moved_on(
+pub async fn adopt_writes_back_a_session_unless_its_stream_moved_on_or_it_ended(
     store: Arc<dyn SessionStore>,
     clock: ManualClock,
 ) {
@@ -462,6 +462,18 @@ pub async fn adopt_writes_back_a_session_unless_its_stream_moved_on(
     let late = degraded("s1");
     assert!(!store.adopt(&late).await.unwrap());
     assert_eq!(store.touch(late.id, TTL_MS, 0).await.unwrap(), None);
+    // A session its player ended (through any sidecar) stays ended: a sidecar that admitted it
+    // without the store, under an id the store admitted after all, cannot bring it back.
+    assert!(store.end(&a, "tv").await.unwrap().is_some());
+    assert!(
+        !store.adopt(&tv).await.unwrap(),
+        "an ended session came back"
+    );
+    let listed: Vec<SessionId> = store.list(&a).await.unwrap().iter().map(|s| s.id).collect();
+    assert!(!listed.contains(&tv.id), "{listed:?}");
+    // For one TTL: a later write-back of that id is an admission like any other.
+    clock.advance(TTL_MS + 1);
+    assert!(store.adopt(&tv).await.unwrap());
 }
 
 /// Instantiates every contract case for one store.
@@ -588,9 +600,12 @@ macro_rules! store_contract {
             }
 
             #[tokio::test]
-            async fn adopt_writes_back_a_session_unless_its_stream_moved_on() {
+            async fn adopt_writes_back_a_session_unless_its_stream_moved_on_or_it_ended() {
                 let (store, clock) = store();
-                super::adopt_writes_back_a_session_unless_its_stream_moved_on(store, clock).await;
+                super::adopt_writes_back_a_session_unless_its_stream_moved_on_or_it_ended(
+                    store, clock,
+                )
+                .await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

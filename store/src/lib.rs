@@ -221,8 +221,10 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Writes back a session admitted without the store (failurePolicy Open during an outage),
     /// with its id and creation time, renewed from now. Admitted whatever the account's count
-    /// (it was admitted already); refused (`false`) only when its stream has another active
-    /// session by now, which then wins. `true` also when the session is already stored.
+    /// (it was admitted already); refused (`false`) when its stream has another active session
+    /// by now, which then wins, or when the session was ended within its TTL (its id may have
+    /// reached the store after all and been ended through another sidecar: it stays ended).
+    /// `true` also when the session is already stored.
     async fn adopt(&self, session: &SessionRecord) -> Result<bool, StoreError>;
 
     /// Checks that the store answers.

@@ -63,6 +63,9 @@ struct State {
     /// Admission order, to break ties between sessions created in the same millisecond.
     next_seq: u64,
     active_total: u64,
+    /// Sessions their players ended -> until when a write-back ([`SessionStore::adopt`]) of them
+    /// is refused (one TTL). Filed in the wheel too, so they are forgotten on time.
+    ended: HashMap<SessionId, i64>,
 }
 
 struct Entry {
@@ -195,6 +198,12 @@ impl State {
         self.wheel.entry(tick).or_default().insert(id);
     }
 
+    /// Files an ended session's marker under `until_ms` (see [`State::ended`]).
+    fn file_ended(&mut self, id: SessionId, until_ms: i64) {
+        let tick = (until_ms + WHEEL_TICK_MS - 1).div_euclid(WHEEL_TICK_MS);
+        self.wheel.entry(tick).or_default().insert(id);
+    }
+
     fn unfile(&mut self, id: SessionId, tick: i64) {
         if let Some(bucket) = self.wheel.get_mut(&tick) {
             bucket.remove(&id);
@@ -215,6 +224,13 @@ impl State {
             let ids = self.wheel.remove(&tick).unwrap_or_default();
             for id in ids {
                 let Some(entry) = self.sessions.get(&id) else {
+                    if let Some(&until) = self.ended.get(&id) {
+                        if until > now {
+                            self.file_ended(id, until);
+                        } else {
+                            self.ended.remove(&id);
+                        }
+                    }
                     continue;
                 };
                 if entry.deadline() > now {
@@ -459,6 +475,13 @@ impl State {
         if self.sessions.contains_key(&session.id) {
             return (true, cut);
         }
+        if self
+            .ended
+            .get(&session.id)
+            .is_some_and(|until| *until > now)
+        {
+            return (false, cut);
+        }
         let taken = self
             .accounts
             .get(&session.account)
@@ -523,6 +546,11 @@ impl State {
             self.unfile(id, e.tick);
             e.record
         });
+        if let Some(record) = &ended {
+            let until = now.saturating_add(record.ttl_ms);
+            self.ended.insert(id, until);
+            self.file_ended(id, until);
+        }
         (ended, cut)
     }
 

@@ -1611,7 +1611,7 @@ impl SessionStore for RedisStore {
         self.publish_local(expired);
         match kind.as_str() {
             "adopted" | "present" => Ok(true),
-            "taken" => Ok(false),
+            "taken" | "ended" => Ok(false),
             _ => Err(malformed("adopt", &value)),
         }
     }

@@ -11,6 +11,9 @@
 --   A..'exp'      ZSET  sessionId -> expiresAt (ms): finds overdue sessions without a scan
 --   A..'cut'      HASH  streamId -> sessionId most recently cut, so a heartbeat can answer 410
 --   P..'s:'..id   HASH  the session: account, stream, state, reason, created, expires, ttl, akey
+--   P..'e:'..id   STRING until when (ms) a session its player ended stays ended (one TTL), so a
+--                       sidecar that admitted it without the store (and may hold it still)
+--                       cannot write it back
 -- Every key of an account and of its sessions carries the tag, so a script touches one slot even
 -- where it builds session keys from ids it reads. Keys expire by themselves (PEXPIREAT) one TTL
 -- after they stop mattering, so nothing needs a global sweep.
