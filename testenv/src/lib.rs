@@ -278,10 +278,17 @@ where
 
 /// The workspace root (the directory holding `crds/` and `examples/`).
 pub fn workspace_root() -> PathBuf {
-    // Lexical parent of this crate's directory: testenv/ sits at the workspace root.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // Every crate sits one level below the workspace root. The directory cargo names when it
+    // runs a test comes first: Cargo reuses compiled workspace crates across checkouts at other
+    // paths (its hashes are relative to the workspace), so the path compiled into this library
+    // can be another checkout's.
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|dir| dir.join("Cargo.toml").is_file())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    crate_dir
         .parent()
-        .expect("testenv has a parent directory")
+        .expect("a crate has a parent directory")
         .to_path_buf()
 }
 

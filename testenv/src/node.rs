@@ -132,7 +132,7 @@ impl std::fmt::Debug for Node {
 
 /// `testenv/node-run` in this source tree.
 fn node_run_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("node-run")
+    crate::workspace_root().join("testenv/node-run")
 }
 
 impl Node {
