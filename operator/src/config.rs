@@ -167,6 +167,15 @@ pub struct Config {
     )]
     pub sidecar_store_secret_key: String,
 
+    /// Replicas that must acknowledge every store change before a sidecar answers (Redis WAIT;
+    /// see the sidecar's --store-wait-replicas). 0: none.
+    #[arg(
+        long,
+        env = "STREAMGATE_SIDECAR_STORE_WAIT_REPLICAS",
+        default_value_t = 0
+    )]
+    pub sidecar_store_wait_replicas: u32,
+
     /// Sidecar CPU request (empty: none). Pods may override it with an annotation.
     #[arg(long, env = "STREAMGATE_SIDECAR_CPU_REQUEST", default_value = "50m")]
     pub sidecar_cpu_request: String,
@@ -239,6 +248,7 @@ impl Config {
                 },
                 None => StoreSource::Url(self.sidecar_store.clone()),
             },
+            store_wait_replicas: self.sidecar_store_wait_replicas,
             resources: SidecarResources {
                 cpu_request: optional(&self.sidecar_cpu_request),
                 cpu_limit: optional(&self.sidecar_cpu_limit),

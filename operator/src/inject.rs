@@ -109,6 +109,8 @@ pub struct SidecarConfig {
     pub port: u16,
     /// Store URL or where to read it.
     pub store: StoreSource,
+    /// Replicas every store change waits for before a sidecar answers (Redis WAIT); 0: none.
+    pub store_wait_replicas: u32,
     /// Default resources; pod annotations may override each.
     pub resources: SidecarResources,
     /// UID (and GID) the sidecar runs as; non-zero so `runAsNonRoot` can be verified.
@@ -546,6 +548,12 @@ fn sidecar_container(
             ),
         ),
     ];
+    if config.store_wait_replicas > 0 {
+        env_vars.push(env(
+            "STREAMGATE_STORE_WAIT_REPLICAS",
+            config.store_wait_replicas.to_string(),
+        ));
+    }
     if let Some(port) = upstream {
         env_vars.push(env(
             "STREAMGATE_UPSTREAM",
@@ -645,6 +653,7 @@ mod tests {
             image_pull_policy: "IfNotPresent".into(),
             port: 8080,
             store: StoreSource::Url("redis://redis:6379".into()),
+            store_wait_replicas: 0,
             resources: SidecarResources {
                 cpu_request: Some("50m".into()),
                 cpu_limit: Some("1".into()),
@@ -1010,6 +1019,19 @@ mod tests {
         assert_eq!(
             store["valueFrom"]["secretKeyRef"],
             json!({"name": "streamgate-store", "key": "url", "optional": false})
+        );
+    }
+
+    #[test]
+    fn store_wait_replicas_reach_the_sidecar_only_when_set() {
+        let doc = injected(&bare_pod(), &ctx(true), &config());
+        assert!(env_of(sidecar(&doc), "STREAMGATE_STORE_WAIT_REPLICAS").is_none());
+        let mut c = config();
+        c.store_wait_replicas = 1;
+        let doc = injected(&bare_pod(), &ctx(true), &c);
+        assert_eq!(
+            env_of(sidecar(&doc), "STREAMGATE_STORE_WAIT_REPLICAS").unwrap()["value"],
+            "1"
         );
     }
 

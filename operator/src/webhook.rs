@@ -244,6 +244,7 @@ mod tests {
                 image_pull_policy: "IfNotPresent".into(),
                 port: 8080,
                 store: StoreSource::Url("memory".into()),
+                store_wait_replicas: 0,
                 resources: SidecarResources::default(),
                 run_as_user: 65532,
                 version: "test".into(),

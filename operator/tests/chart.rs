@@ -11,6 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use clap::Parser as _;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::{
@@ -48,6 +49,7 @@ const VALUE_SETS: &[&[&str]] = &[
     &[],
     &[
         "redis.enabled=true",
+        "sidecar.store.waitReplicas=1",
         "webhook.failurePolicy=Fail",
         "webhook.timeoutSeconds=5",
     ],
@@ -155,6 +157,31 @@ async fn rendered_manifests_pass_the_api_servers_schema_validation() -> Result<(
                 "{values:?}: no {expected} in {kinds:?}"
             );
         }
+        // Every flag the chart passes is one the operator binary knows, with a valid value.
+        let (_, _, deployment) = docs
+            .iter()
+            .find(|(kind, _, _)| kind == "Deployment")
+            .context("no Deployment")?;
+        let deployment: serde_yaml::Value = serde_yaml::from_str(deployment)?;
+        let args: Vec<String> = serde_yaml::from_value(
+            deployment["spec"]["template"]["spec"]["containers"][0]["args"].clone(),
+        )
+        .context("the operator container's args")?;
+        let config = streamgate_operator::config::Config::try_parse_from(
+            std::iter::once("streamgate-operator".to_string()).chain(args.iter().cloned()),
+        )
+        .with_context(|| {
+            format!("{values:?}: the operator refuses the chart's arguments {args:?}")
+        })?;
+        let sidecar = config
+            .sidecar()
+            .map_err(|e| anyhow::anyhow!("{values:?}: {e}"))?;
+        ensure!(
+            sidecar.store_wait_replicas
+                == u32::from(values.contains(&"sidecar.store.waitReplicas=1")),
+            "{values:?}: store_wait_replicas {}",
+            sidecar.store_wait_replicas
+        );
         // cert-manager's kinds cannot be validated here (its CRDs are not installed): check they
         // are rendered, and send everything else to the server.
         let cert_manager = values

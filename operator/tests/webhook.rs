@@ -58,6 +58,7 @@ fn sidecar_config(operator_ns: &str) -> SidecarConfig {
         image_pull_policy: "IfNotPresent".into(),
         port: 8080,
         store: StoreSource::Url("redis://redis.streamgate-system.svc:6379".into()),
+        store_wait_replicas: 0,
         resources: SidecarResources {
             cpu_request: Some("50m".into()),
             cpu_limit: Some("1".into()),
