@@ -6,25 +6,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{SidecarProcess, json, redis_env};
+use common::{SidecarProcess, demo_origin, json, redis_env, unique};
 use futures::StreamExt;
 use reqwest::Client;
-use streamgate_demo_origin as demo_origin;
 use streamgate_sidecar::session::{SessionId, SessionState};
 use streamgate_sidecar::store::redis_store::REVOCATION_CHANNEL;
 use streamgate_sidecar::store::{RedisStore, RedisTarget, SessionStore};
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:016x}", rand::random::<u64>())
-}
-
-async fn origin() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = demo_origin::router(demo_origin::OriginStats::default());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    url
-}
 
 async fn open(base: &str, account: &str) -> String {
     let (status, body) = json(
@@ -42,7 +29,7 @@ async fn open(base: &str, account: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_streams_as_shutdown_and_keeps_every_session() {
     let redis_url = redis_env("STREAMGATE_TEST_REDIS");
-    let upstream = origin().await;
+    let upstream = demo_origin().await.0;
     let sidecar = SidecarProcess::start(&[
         "--store",
         &redis_url,

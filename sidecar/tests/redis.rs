@@ -12,17 +12,13 @@ use std::time::Duration;
 use chrono::DateTime;
 use common::{
     OwnRedis, SidecarProcess, default_policy, eventually, json, max_concurrent, redis_env,
-    streaming_at,
+    streaming_at, unique,
 };
 use futures::future::join_all;
 use reqwest::{Client, Method};
 use streamgate_sidecar::policy::{Mode, OnLimitExceeded};
 use streamgate_sidecar::session::account_tag;
 use streamgate_sidecar::store::{OpenOutcome, OpenRequest, RedisStore, RedisTarget, SessionStore};
-
-fn unique(name: &str) -> String {
-    format!("{name}-{:08x}", rand::random::<u32>())
-}
 
 fn write_policy(dir: &Path, spec: &str) -> PathBuf {
     let path = dir.join(format!("{}.yaml", unique("policy")));

@@ -10,27 +10,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{SidecarProcess, json, redis_env};
+use common::{SidecarProcess, demo_origin, json, redis_env, unique};
 use rand::Rng as _;
 use reqwest::{Client, Method};
-use streamgate_demo_origin as demo_origin;
 use tokio_util::sync::CancellationToken;
 
 /// The default policy's limit.
 const LIMIT: usize = 3;
 const VIEWERS: usize = 8;
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:016x}", rand::random::<u64>())
-}
-
-async fn origin() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = demo_origin::router(demo_origin::OriginStats::default());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    url
-}
 
 /// The viewer ports a load balancer sends traffic to: the sidecars in service.
 type Endpoints = Arc<Mutex<Vec<String>>>;
@@ -209,7 +196,7 @@ async fn start_sidecar(redis: &str, upstream: &str) -> SidecarProcess {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_load_refuses_no_viewer_under_its_limit_and_loses_no_session() {
     let redis = redis_env("STREAMGATE_TEST_REDIS");
-    let upstream = origin().await;
+    let upstream = demo_origin().await.0;
     let mut sidecars = Vec::new();
     for _ in 0..3 {
         sidecars.push(start_sidecar(&redis, &upstream).await);

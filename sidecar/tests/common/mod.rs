@@ -585,3 +585,18 @@ pub fn max_concurrent(intervals: &[(i64, i64)]) -> usize {
     }
     peak as usize
 }
+
+/// `prefix` made unique per run (accounts and keys of a shared Redis never collide).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+/// The demo origin served on a loopback port: its URL and the requests it counts.
+pub async fn demo_origin() -> (String, streamgate_demo_origin::OriginStats) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stats = streamgate_demo_origin::OriginStats::default();
+    let app = streamgate_demo_origin::router(stats.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, stats)
+}
