@@ -40,6 +40,7 @@ use streamgate_policy::PolicySpec;
     printcolumn = r#"{"name":"Active-Until","type":"string","jsonPath":".spec.activeUntil"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Validators","type":"string","description":"ValidatorsHealthy: False when a session validator has been failing (see the condition's message)","jsonPath":".status.conditions[?(@.type==\"ValidatorsHealthy\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 pub struct StreamingPolicySpec {
@@ -56,7 +57,11 @@ pub struct StreamingPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready`: the policy is rendered into the namespace's sidecar configuration.
+    /// `ValidatorsHealthy` (policies with validators): whether the session validators have been
+    /// answering the sidecars, naming any that has been failing. One entry per type, each
+    /// written by its own field manager.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<PolicyCondition>,
     /// Live sessions of accounts this policy applies to, counted from the namespace's session
     /// store every 30 s (a snapshot, not a transaction: absent on the embedded memory store).

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod playback_keys;
 pub mod reconcile;
 pub mod render;
+pub mod validator_health;
 pub mod viewer_auth;
 pub mod webhook;
 

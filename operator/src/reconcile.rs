@@ -527,8 +527,15 @@ async fn update_status(
 ) -> Result<(), Error> {
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let desired = desired_status(policy, verdict, &now);
+    // Compared with what this manager writes: the live-session count and other conditions
+    // (ValidatorsHealthy) have managers of their own.
     let current = policy.status.clone().map(|status| StreamingPolicyStatus {
         active_sessions: None,
+        conditions: status
+            .conditions
+            .into_iter()
+            .filter(|c| c.type_ == "Ready")
+            .collect(),
         ..status
     });
     if current.as_ref() == Some(&desired) {
@@ -549,7 +556,7 @@ async fn update_status(
     let was = policy
         .status
         .as_ref()
-        .and_then(|s| s.conditions.first())
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()));
     let is = desired
         .conditions

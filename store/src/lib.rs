@@ -15,6 +15,7 @@ pub mod redis_store;
 pub mod session;
 pub mod validate;
 pub mod validation_record;
+pub mod validator_health;
 
 /// The policy types, from the `streamgate-policy` crate.
 pub use streamgate_policy as policy;

@@ -168,6 +168,73 @@ impl ValidationReader {
     }
 }
 
+impl ValidationReader {
+    /// How each `(policy, validator)` of `namespace` has been answering lately, in order (see
+    /// [`crate::validator_health`]); one script run, the keys share a slot.
+    pub async fn validator_health(
+        &self,
+        namespace: &str,
+        validators: &[(String, String)],
+    ) -> Result<Vec<crate::validator_health::ValidatorStats>, StoreError> {
+        use crate::validator_health::{READ_LUA, stats_from_fields, validator_health_key};
+        if validators.is_empty() {
+            return Ok(Vec::new());
+        }
+        let connection = self.connection().await?;
+        let script = redis::Script::new(READ_LUA);
+        let mut invocation = script.prepare_invoke();
+        for (policy, validator) in validators {
+            invocation.key(validator_health_key(namespace, policy, validator));
+        }
+        let call = async {
+            match connection {
+                ReaderConnection::Standalone(mut c) => {
+                    invocation.invoke_async::<redis::Value>(&mut c).await
+                }
+                ReaderConnection::Cluster(mut c) => {
+                    invocation.invoke_async::<redis::Value>(&mut c).await
+                }
+            }
+        };
+        let value = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => value,
+            Ok(Err(e)) => {
+                let error = classify(&e);
+                if matches!(self.target, RedisTarget::Sentinel(_))
+                    && matches!(error, StoreError::Unavailable(_))
+                {
+                    *self.connection.lock().await = None;
+                }
+                return Err(error);
+            }
+            Err(_) => {
+                return Err(StoreError::TimedOut(format!(
+                    "Redis did not answer within {:?}",
+                    self.timeout
+                )));
+            }
+        };
+        let malformed = || StoreError::Fatal("validator health: malformed reply".into());
+        let redis::Value::Array(items) = value else {
+            return Err(malformed());
+        };
+        let mut items = items.into_iter();
+        let Some(redis::Value::Int(now_ms)) = items.next() else {
+            return Err(malformed());
+        };
+        let mut stats = Vec::with_capacity(validators.len());
+        for item in items {
+            let fields: std::collections::HashMap<String, String> =
+                redis::FromRedisValue::from_redis_value(item).map_err(|_| malformed())?;
+            stats.push(stats_from_fields(&fields, now_ms));
+        }
+        if stats.len() != validators.len() {
+            return Err(malformed());
+        }
+        Ok(stats)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

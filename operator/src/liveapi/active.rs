@@ -6,6 +6,11 @@
 //! up to one interval old (30 s). Each session counts for the policy that resolves for its
 //! account at count time. Namespaces on the embedded memory store have no shared count: the
 //! field stays unset there. Namespaces whose sidecars share one store URL share its sessions.
+//!
+//! The same refresh sets the `ValidatorsHealthy` condition of policies with session validators
+//! from the validator call counts the sidecars keep in the store ([`crate::validator_health`]),
+//! under a field manager of its own. A store that cannot be read leaves the condition as it was:
+//! an outage says nothing about the validators.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,12 +23,16 @@ use serde_json::json;
 use super::object::LiveSession;
 use super::sessions::{Sessions, SessionsResolver, SourceError};
 use crate::crd::StreamingPolicy;
+use crate::validator_health::{self, Reading};
 
 /// How often the counts are refreshed.
 pub const INTERVAL: Duration = Duration::from_secs(30);
 
 /// The field manager of `status.activeSessions` (the reconciler owns the rest of the status).
 pub const FIELD_MANAGER: &str = "streamgate-operator-live-sessions";
+
+/// The field manager of the `ValidatorsHealthy` condition.
+pub const VALIDATOR_HEALTH_MANAGER: &str = "streamgate-operator-validator-health";
 
 /// Page size of the walk.
 const PAGE: usize = 500;
@@ -70,13 +79,42 @@ pub async fn refresh_once(client: &Client, resolver: &dyn SessionsResolver) -> a
         }
     }
     for (namespace, policies) in by_namespace {
+        let api: Api<StreamingPolicy> = Api::namespaced(client.clone(), &namespace);
         let sessions = match resolver.for_namespace(&namespace).await {
             Ok(sessions) => sessions,
             Err(problem) => {
                 tracing::debug!(%namespace, problem = %problem.message, "no session count");
+                // The resolver refuses the embedded memory store with 400; other problems
+                // (a missing Secret, a store that cannot be opened) say nothing.
+                if problem.code == axum::http::StatusCode::BAD_REQUEST {
+                    write_validator_health(&api, &policies, |_| Some(Reading::NoSharedStore)).await;
+                }
                 continue;
             }
         };
+        let pairs = validator_health::validators_of(&policies);
+        if pairs.is_empty() {
+            write_validator_health(&api, &policies, |_| None).await;
+        } else {
+            match sessions.validator_health(&namespace, &pairs).await {
+                Ok(stats) => {
+                    let mut by_policy: BTreeMap<String, Vec<(String, _)>> = BTreeMap::new();
+                    for ((policy, validator), stats) in pairs.into_iter().zip(stats) {
+                        by_policy
+                            .entry(policy)
+                            .or_default()
+                            .push((validator, stats));
+                    }
+                    write_validator_health(&api, &policies, |name| {
+                        by_policy.remove(name).map(Reading::Stats)
+                    })
+                    .await;
+                }
+                Err(error) => {
+                    tracing::warn!(%namespace, %error, "cannot read validator health; the condition stays");
+                }
+            }
+        }
         let live = match all_sessions(sessions.as_ref()).await {
             Ok(live) => live,
             Err(error) => {
@@ -85,7 +123,6 @@ pub async fn refresh_once(client: &Client, resolver: &dyn SessionsResolver) -> a
             }
         };
         let counts = count_by_policy(&policies, &live);
-        let api: Api<StreamingPolicy> = Api::namespaced(client.clone(), &namespace);
         for policy in &policies {
             let name = policy.name_any();
             let count = counts.get(&name).copied().unwrap_or(0);
@@ -110,6 +147,55 @@ pub async fn refresh_once(client: &Client, resolver: &dyn SessionsResolver) -> a
         }
     }
     Ok(())
+}
+
+/// Sets the `ValidatorsHealthy` condition of each of `policies` from `reading` (by policy name;
+/// `None`: no validators, the condition is removed), writing only those that change.
+async fn write_validator_health(
+    api: &Api<StreamingPolicy>,
+    policies: &[StreamingPolicy],
+    mut reading: impl FnMut(&str) -> Option<Reading>,
+) {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    for policy in policies {
+        let name = policy.name_any();
+        let reading = if policy.spec.policy.validators.is_empty() {
+            None
+        } else {
+            reading(&name)
+        };
+        let conditions = match reading {
+            Some(reading) => {
+                let desired = validator_health::desired_condition(
+                    policy,
+                    &validator_health::verdict(&reading),
+                    &now,
+                );
+                if !validator_health::changes(policy, &desired) {
+                    continue;
+                }
+                vec![desired]
+            }
+            // Validators removed: the condition goes (this manager owns only it).
+            None if validator_health::current_condition(policy).is_some() => Vec::new(),
+            None => continue,
+        };
+        let patch = json!({
+            "apiVersion": StreamingPolicy::api_version(&()),
+            "kind": StreamingPolicy::kind(&()),
+            "status": {"conditions": conditions},
+        });
+        if let Err(error) = api
+            .patch_status(
+                &name,
+                &PatchParams::apply(VALIDATOR_HEALTH_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            tracing::warn!(policy = %name, %error, "cannot write the ValidatorsHealthy condition");
+        }
+    }
 }
 
 /// Refreshes the counts every `interval`, forever (the leader runs it).

@@ -63,6 +63,17 @@ pub trait Sessions: Send + Sync {
     ) -> Result<Vec<Option<String>>, SourceError> {
         Ok(vec![None; ids.len()])
     }
+
+    /// How each `(policy, validator)` of `namespace` has been answering lately, in order (the
+    /// counts the sidecars keep next to the validation records). Stores without a validation
+    /// ledger cannot say.
+    async fn validator_health(
+        &self,
+        _namespace: &str,
+        _validators: &[(String, String)],
+    ) -> Result<Vec<streamgate_store::validator_health::ValidatorStats>, SourceError> {
+        Err(SourceError("this store keeps no validator health".into()))
+    }
 }
 
 /// Why a namespace's sessions cannot be read, as a `metav1.Status`.
@@ -304,5 +315,16 @@ impl Sessions for StoreSessions {
             .into_iter()
             .map(|state| state.map(|s| s.as_str().to_string()))
             .collect())
+    }
+
+    async fn validator_health(
+        &self,
+        namespace: &str,
+        validators: &[(String, String)],
+    ) -> Result<Vec<streamgate_store::validator_health::ValidatorStats>, SourceError> {
+        self.validation
+            .validator_health(namespace, validators)
+            .await
+            .map_err(store_error)
     }
 }

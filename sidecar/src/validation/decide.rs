@@ -48,6 +48,62 @@ pub fn classify(status: u16, body: &[u8]) -> Attempt {
     }
 }
 
+/// Why a call to a validator got no verdict, as recorded for the validator's health (the
+/// StreamingPolicy's `ValidatorsHealthy` condition names it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// No answer within the validator's timeout.
+    Timeout,
+    /// Nothing listens at the endpoint.
+    ConnectionRefused,
+    /// Another connection or TLS problem (name resolution, reset, certificate).
+    Connection,
+    /// An HTTP status that is not an answer (5xx, 429, other 4xx).
+    Http(u16),
+    /// A 2xx whose body is not a SessionReview answer (or is too large).
+    MalformedAnswer,
+    /// The validator cannot be called as configured (e.g. an unusable caBundle).
+    Configuration,
+}
+
+impl FailureKind {
+    /// The kind of an HTTP answer that gave no verdict.
+    pub fn of_status(status: u16) -> Self {
+        if (200..=299).contains(&status) {
+            Self::MalformedAnswer
+        } else {
+            Self::Http(status)
+        }
+    }
+
+    /// The kind as stored and shown: `timeout`, `connection refused`, `HTTP 503`, ...
+    pub fn label(self) -> String {
+        match self {
+            Self::Timeout => "timeout".into(),
+            Self::ConnectionRefused => "connection refused".into(),
+            Self::Connection => "connection error".into(),
+            Self::Http(status) => format!("HTTP {status}"),
+            Self::MalformedAnswer => "malformed answer".into(),
+            Self::Configuration => "configuration error".into(),
+        }
+    }
+}
+
+/// A call that got no verdict: its kind, and what happened (for logs and the session's message).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallFailure {
+    /// What kind of failure (of the last attempt).
+    pub kind: FailureKind,
+    /// What happened.
+    pub problem: String,
+}
+
+impl std::fmt::Display for CallFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.problem)
+    }
+}
+
 /// First retry delay; doubled after each attempt up to [`MAX_RETRY_DELAY`].
 pub const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// Longest delay between two attempts.
@@ -204,6 +260,15 @@ mod tests {
     }
 
     use ValidatorFailurePolicy::{Allow, Revoke};
+
+    #[test]
+    fn a_call_without_verdict_is_labelled_by_its_kind() {
+        assert_eq!(FailureKind::of_status(503).label(), "HTTP 503");
+        assert_eq!(FailureKind::of_status(403).label(), "HTTP 403");
+        assert_eq!(FailureKind::of_status(200).label(), "malformed answer");
+        assert_eq!(FailureKind::Timeout.label(), "timeout");
+        assert_eq!(FailureKind::ConnectionRefused.label(), "connection refused");
+    }
 
     #[test]
     fn a_denial_revokes_with_the_validators_message() {

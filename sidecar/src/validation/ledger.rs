@@ -16,7 +16,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 use serde::{Deserialize, Serialize};
 
-use super::decide::ValidationState;
+use super::decide::{FailureKind, ValidationState};
 use super::review::RequestFacts;
 use crate::clock::{Clock, SystemClock};
 use crate::session::SessionId;
@@ -74,6 +74,18 @@ pub trait ValidationLedger: Send + Sync + 'static {
 
     /// Checks scheduled, due or not (for metrics and tests).
     async fn scheduled(&self) -> Result<u64, StoreError>;
+
+    /// Counts one call of `validator` of `policy`: answered (`None`, allow or deny alike) or
+    /// failed with `failure`'s kind. Shared ledgers keep the counts for the operator (see
+    /// `streamgate_store::validator_health`); the in-memory one has no reader and keeps none.
+    async fn record_call(
+        &self,
+        _policy: &str,
+        _validator: &str,
+        _failure: Option<FailureKind>,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// The in-process ledger, for the embedded store.
@@ -210,6 +222,7 @@ pub struct RedisLedger {
     connection: tokio::sync::Mutex<Option<LedgerConnection>>,
     schedule: Script,
     claim: Script,
+    record_call: Script,
 }
 
 #[derive(Clone)]
@@ -248,6 +261,7 @@ impl RedisLedger {
             connection: tokio::sync::Mutex::new(None),
             schedule: Script::new(SCHEDULE_LUA),
             claim: Script::new(CLAIM_LUA),
+            record_call: Script::new(streamgate_store::validator_health::RECORD_LUA),
         }
     }
 
@@ -430,6 +444,26 @@ impl ValidationLedger for RedisLedger {
         let mut cmd = redis::cmd("ZREM");
         cmd.arg(self.due_key()).arg(id.to_string());
         self.query(Command::Plain(cmd)).await.map(|_| ())
+    }
+
+    async fn record_call(
+        &self,
+        policy: &str,
+        validator: &str,
+        failure: Option<FailureKind>,
+    ) -> Result<(), StoreError> {
+        use streamgate_store::validator_health::{
+            TTL, WINDOW, WINDOW_MINUTES, validator_health_key,
+        };
+        let mut invocation = self.record_call.prepare_invoke();
+        invocation
+            .key(validator_health_key(&self.namespace, policy, validator))
+            .arg(if failure.is_some() { "1" } else { "0" })
+            .arg(failure.map(FailureKind::label).unwrap_or_default())
+            .arg(ms(WINDOW))
+            .arg(ms(TTL))
+            .arg(WINDOW_MINUTES);
+        self.query(Command::Script(invocation)).await.map(|_| ())
     }
 
     async fn scheduled(&self) -> Result<u64, StoreError> {

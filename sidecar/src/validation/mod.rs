@@ -24,7 +24,9 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use decide::{Decision, ReviewAnswer, ValidationState, ValidatorOutcome};
+pub use decide::{
+    CallFailure, Decision, FailureKind, ReviewAnswer, ValidationState, ValidatorOutcome,
+};
 pub use ledger::{MemoryLedger, RedisLedger, ValidationLedger, ValidationRecord};
 pub use review::{RequestFacts, SessionReview};
 
@@ -96,8 +98,13 @@ impl Validations {
         &self,
         validator: &ValidatorSpec,
         review: &SessionReview,
-    ) -> Result<ReviewAnswer, String> {
-        let client = self.client(validator.ca_bundle.as_deref())?;
+    ) -> Result<ReviewAnswer, CallFailure> {
+        let client = self
+            .client(validator.ca_bundle.as_deref())
+            .map_err(|problem| CallFailure {
+                kind: FailureKind::Configuration,
+                problem,
+            })?;
         let budget = Duration::from_secs(u64::from(validator.timeout_seconds));
         let started = Instant::now();
         let url = validator.endpoint();
@@ -111,43 +118,64 @@ impl Validations {
                     .json(review)
                     .send()
                     .await
-                    .map_err(|e| without_url(&e))?;
+                    .map_err(|e| (network_kind(&e), without_url(&e)))?;
                 let status = response.status().as_u16();
                 let mut body = Vec::new();
                 let mut chunks = response.bytes_stream();
                 while let Some(chunk) = chunks.next().await {
-                    let chunk = chunk.map_err(|e| without_url(&e))?;
+                    let chunk = chunk.map_err(|e| (network_kind(&e), without_url(&e)))?;
                     if body.len() + chunk.len() > MAX_ANSWER_BYTES {
                         return Ok((status, b"answer too large".to_vec()));
                     }
                     body.extend_from_slice(&chunk);
                 }
-                Ok::<_, String>((status, body))
+                Ok::<_, (FailureKind, String)>((status, body))
             };
-            let outcome = match tokio::time::timeout(remaining, send).await {
-                Err(_) => {
-                    Attempt::Retry(format!("no answer within {}s", validator.timeout_seconds))
-                }
-                Ok(Err(error)) => Attempt::Retry(error),
-                Ok(Ok((status, body))) => classify(status, &body),
+            let (outcome, kind) = match tokio::time::timeout(remaining, send).await {
+                Err(_) => (
+                    Attempt::Retry(format!("no answer within {}s", validator.timeout_seconds)),
+                    FailureKind::Timeout,
+                ),
+                Ok(Err((kind, error))) => (Attempt::Retry(error), kind),
+                Ok(Ok((status, body))) => (classify(status, &body), FailureKind::of_status(status)),
             };
             match outcome {
                 Attempt::Answered(answer) => return Ok(answer),
-                Attempt::GiveUp(problem) => return Err(problem),
+                Attempt::GiveUp(problem) => return Err(CallFailure { kind, problem }),
                 Attempt::Retry(problem) => match retry_delay(attempt, started.elapsed(), budget) {
                     Some(delay) => tokio::time::sleep(delay).await,
                     None => {
-                        return Err(format!(
-                            "{problem} (after {} attempts within {}s)",
-                            attempt + 1,
-                            validator.timeout_seconds
-                        ));
+                        return Err(CallFailure {
+                            kind,
+                            problem: format!(
+                                "{problem} (after {} attempts within {}s)",
+                                attempt + 1,
+                                validator.timeout_seconds
+                            ),
+                        });
                     }
                 },
             }
             attempt += 1;
         }
     }
+}
+
+/// The kind of a network error: a refused connection is told apart (nothing listens there).
+fn network_kind(error: &reqwest::Error) -> FailureKind {
+    if error.is_timeout() {
+        return FailureKind::Timeout;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return FailureKind::ConnectionRefused;
+        }
+        source = cause.source();
+    }
+    FailureKind::Connection
 }
 
 /// A reqwest error without its URL (which may carry credentials).
@@ -230,7 +258,7 @@ impl Engine {
         if !blocking.is_empty() {
             let reviewed = reviewed_session(&session);
             let outcomes = self
-                .run_validators(&blocking, &reviewed, &record, false)
+                .run_validators(&policy.source, &blocking, &reviewed, &record, false)
                 .await;
             let decision = decide::decide(&outcomes);
             self.observe_verdict(&record, &decision);
@@ -274,6 +302,7 @@ impl Engine {
     /// Calls `validators` about `session` concurrently and counts each call.
     async fn run_validators(
         &self,
+        policy: &str,
         validators: &[&ValidatorSpec],
         session: &ReviewedSession,
         record: &ValidationRecord,
@@ -290,10 +319,15 @@ impl Engine {
             });
             let started = Instant::now();
             let result = validations.call(validator, &review).await;
+            self.record_call(
+                policy,
+                &validator.name,
+                result.as_ref().err().map(|f| f.kind),
+            );
             let outcome = ValidatorOutcome {
                 validator: validator.name.clone(),
                 failure_policy: validator.failure_policy,
-                result,
+                result: result.map_err(|failure| failure.problem),
             };
             self.metrics().count_validation(
                 &validator.name,
@@ -307,6 +341,18 @@ impl Engine {
             outcome
         });
         futures::future::join_all(calls).await
+    }
+
+    /// Counts a call for the validator's health in the ledger, in the background: the verdict
+    /// does not wait for it, and a ledger that cannot be written loses the count only.
+    fn record_call(&self, policy: &str, validator: &str, failure: Option<FailureKind>) {
+        let ledger = self.validations().ledger().clone();
+        let (policy, validator) = (policy.to_string(), validator.to_string());
+        self.validations().checks.spawn(async move {
+            if let Err(error) = ledger.record_call(&policy, &validator, failure).await {
+                tracing::debug!(%error, "validation ledger: cannot count a validator call");
+            }
+        });
     }
 
     fn observe_verdict(&self, record: &ValidationRecord, decision: &Decision) {
@@ -488,7 +534,7 @@ impl Engine {
         }
         let reviewed = reviewed_record(&session);
         let outcomes = self
-            .run_validators(&validators, &reviewed, &record, !first)
+            .run_validators(&policy.source, &validators, &reviewed, &record, !first)
             .await;
         let decision = decide::decide(&outcomes);
         self.observe_verdict(&record, &decision);
