@@ -159,3 +159,66 @@ async fn the_operators_reader_sees_the_ledgers_records_without_renewing_them() {
         .await;
     }
 }
+
+/// Each validator call is one script run on the namespace's slot; the operator's reader sees
+/// the counts (a denial is an answer, not a failure), and old counters do not pile up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validator_calls_are_counted_for_the_operator_and_old_counters_go() {
+    use streamgate_sidecar::validation::FailureKind;
+    use streamgate_store::validation_record::ValidationReader;
+    use streamgate_store::validator_health::{TTL, validator_health_key};
+    for env in ["STREAMGATE_TEST_REDIS", "STREAMGATE_TEST_REDIS_CLUSTER"] {
+        let namespace = format!("health-{:08x}", rand::random::<u32>());
+        let target = RedisTarget::parse(&common::redis_env(env)).unwrap();
+        let ledger = RedisLedger::new(target.clone(), &namespace, Duration::from_secs(2));
+        // Counters of long-gone minutes, as a validator called an hour ago would have left.
+        let key = validator_health_key(&namespace, "vip", "geo");
+        let url = common::redis_env("STREAMGATE_TEST_REDIS");
+        if env == "STREAMGATE_TEST_REDIS" {
+            let mut c = redis::Client::open(url.as_str())
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            for minute in 1..40 {
+                let _: () = redis::cmd("HSET")
+                    .arg(&key)
+                    .arg(format!("ok:{minute}"))
+                    .arg(1)
+                    .query(&mut c)
+                    .unwrap();
+            }
+        }
+        for failure in [
+            None,
+            None,
+            Some(FailureKind::Timeout),
+            Some(FailureKind::Http(503)),
+        ] {
+            ledger.record_call("vip", "geo", failure).await.unwrap();
+        }
+        let reader = ValidationReader::new(target, Duration::from_secs(2));
+        let pairs = [
+            ("vip".to_string(), "geo".to_string()),
+            ("vip".to_string(), "never-called".to_string()),
+        ];
+        let stats = reader.validator_health(&namespace, &pairs).await.unwrap();
+        assert_eq!((stats[0].answered, stats[0].failed), (2, 2), "{env}");
+        assert_eq!(
+            stats[0].last_failure.as_ref().unwrap().1,
+            "HTTP 503",
+            "{env}"
+        );
+        assert!(stats[0].failing_since <= stats[0].last_failure.as_ref().map(|f| f.0));
+        assert!(!stats[1].called(), "{env}");
+        if env == "STREAMGATE_TEST_REDIS" {
+            let mut c = redis::Client::open(url.as_str())
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            let fields: usize = redis::cmd("HLEN").arg(&key).query(&mut c).unwrap();
+            assert!(fields <= 8, "old counters dropped: {fields} fields left");
+            let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut c).unwrap();
+            assert!(ttl > 0 && ttl <= TTL.as_millis() as i64, "expires: {ttl}");
+        }
+    }
+}
