@@ -1,11 +1,12 @@
-//! The `ValidatorsHealthy` condition on a real kube-apiserver: sidecars on a real redis-server
-//! count their session validators' calls, the operator's periodic refresh reads the counts and
+//! The `ValidatorsHealthy` condition on a real kube-apiserver: a `streamgate-sidecar` process on
+//! a real redis-server counts its session validators' calls, the operator's periodic refresh reads the counts and
 //! names the validator that has been failing on its StreamingPolicy, and clears it once the
 //! validator answers again.
 //!
 //! Needs `testenv/build` (the control plane) and `redis-server`/`redis-cli`. Without them the
 //! test fails.
 
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -19,9 +20,6 @@ use serde_json::{Value, json};
 use streamgate_operator::crd::{PolicyCondition, StreamingPolicy};
 use streamgate_operator::liveapi;
 use streamgate_operator::validator_health::{CONDITION, MAX_MESSAGE_CHARS};
-use streamgate_sidecar::server::Sidecar;
-use streamgate_sidecar::store::{RedisStore, RedisTarget};
-use streamgate_sidecar::validation::RedisLedger;
 use streamgate_testenv::{ControlPlane, FIELD_MANAGER, create_namespace, wait_until};
 
 /// A redis-server of the test's own: pausing it is the store outage.
@@ -189,17 +187,104 @@ async fn store_secret(client: &Client, namespace: &str, url: &str) -> Result<()>
     .await
 }
 
-/// A sidecar of `namespace` on `redis_url` with `yaml`'s policies; returns its base URL.
-async fn start_sidecar(redis_url: &str, namespace: &str, yaml: &str) -> Result<String> {
-    let target = RedisTarget::parse(redis_url).map_err(anyhow::Error::msg)?;
-    let store = Arc::new(RedisStore::new(target.clone(), Duration::from_secs(2)));
-    let policies = streamgate_sidecar::policy::PolicySet::from_yaml(yaml, "test", namespace)?;
-    let ledger = Arc::new(RedisLedger::new(target, namespace, Duration::from_secs(2)));
-    let sidecar = Sidecar::with_store(store, policies).with_validation_ledger(ledger);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move { sidecar.serve(listener, std::future::pending()).await });
-    Ok(base)
+/// The `streamgate-sidecar` binary, built (or found up to date) by the cargo running this test:
+/// another package's binary has no `CARGO_BIN_EXE_*`.
+fn sidecar_binary() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    // What cargo sets for this test binary is not the sidecar's: build scripts that watch such
+    // variables (CARGO_MANIFEST_DIR...) would rebuild, and rebuild again on the next plain build.
+    for (name, _) in std::env::vars() {
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+            || ["CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"].contains(&name.as_str())
+        {
+            build.env_remove(name);
+        }
+    }
+    build
+        .current_dir(streamgate_testenv::workspace_root())
+        .args(["build", "--locked", "-p", "streamgate-sidecar"])
+        .args(["--bin", "streamgate-sidecar", "--message-format=json"]);
+    if !cfg!(debug_assertions) {
+        build.arg("--release");
+    }
+    let out = build.output().context("running cargo build")?;
+    ensure!(
+        out.status.success(),
+        "cargo build -p streamgate-sidecar: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .find_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .context("cargo build names the sidecar's executable")
+}
+
+/// A `streamgate-sidecar` process, killed on drop.
+struct SidecarProcess {
+    child: Child,
+    base: String,
+    _policies: tempfile::NamedTempFile,
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A sidecar process of `namespace` on `redis_url` with `yaml`'s policies, as the operator
+/// injects it; learns its port from its start-up log line.
+fn start_sidecar(redis_url: &str, namespace: &str, yaml: &str) -> Result<SidecarProcess> {
+    use std::io::{BufRead as _, Write as _};
+    let mut policies = tempfile::NamedTempFile::new()?;
+    policies.write_all(yaml.as_bytes())?;
+    let mut child = Command::new(sidecar_binary()?)
+        .env("RUST_LOG", "warn,streamgate_sidecar::server=info")
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0", "--log-format", "json"])
+        .args([
+            "--store",
+            redis_url,
+            "--store-timeout",
+            "2s",
+            "--namespace",
+            namespace,
+        ])
+        .arg("--policy-file")
+        .arg(policies.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting streamgate-sidecar")?;
+    let stdout = child.stdout.take().context("the sidecar's stdout")?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let base = loop {
+        let Some(line) = lines.next() else {
+            let _ = child.kill();
+            bail!("the sidecar exited before serving: {:?}", child.wait());
+        };
+        let entry: Value = serde_json::from_str(&line?).unwrap_or_default();
+        if entry["fields"]["message"] == "serving the session API" {
+            let listen = entry["fields"]["listen"].as_str().context("its address")?;
+            break format!("http://{listen}");
+        }
+    };
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(SidecarProcess {
+        child,
+        base,
+        _policies: policies,
+    })
 }
 
 /// Opens a session (the sidecar answers at once; its Async validator is called behind it).
@@ -360,7 +445,8 @@ async fn the_status_names_a_failing_validator_and_clears_when_it_answers_again()
     );
 
     // Sessions opened through a sidecar on Redis: entitlement answers 503, geo refuses.
-    let sidecar = start_sidecar(&redis.url(), &ns, &yaml).await?;
+    let process = tokio::task::block_in_place(|| start_sidecar(&redis.url(), &ns, &yaml))?;
+    let sidecar = process.base.clone();
     let http = reqwest::Client::new();
     for account in ["acct-1", "acct-2", "acct-3", "acct-4"] {
         open(&http, &sidecar, account, "tv").await?;
