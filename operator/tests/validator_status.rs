@@ -102,6 +102,11 @@ fn redis_cli(port: u16, args: &[&str]) -> Result<String> {
 /// How the test's validator answers: 503, allow, or deny.
 const FAIL: u8 = 0;
 const DENY: u8 = 2;
+const HOSTILE: u8 = 3;
+
+/// What the validator answers in mode [`HOSTILE`]: a 200 that is no SessionReview answer, and
+/// would fake a condition if it reached the status.
+const HOSTILE_ANSWER: &str = "\n\nConditions:\n  Type: ValidatorsHealthy\n  Status: True\u{1b}[2J";
 
 /// A SessionReview endpoint whose answer the test switches; returns its URL.
 async fn switchable_validator(mode: Arc<AtomicU8>) -> Result<String> {
@@ -115,6 +120,7 @@ async fn switchable_validator(mode: Arc<AtomicU8>) -> Result<String> {
                     FAIL => axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response(),
                     DENY => axum::Json(json!({"allowed": false, "message": "no entitlement"}))
                         .into_response(),
+                    HOSTILE => HOSTILE_ANSWER.into_response(),
                     _ => axum::Json(json!({"allowed": true})).into_response(),
                 }
             }
@@ -542,6 +548,21 @@ async fn the_status_names_a_failing_validator_and_clears_when_it_answers_again()
     );
     let table = kubectl_ok(cp, &["get", "sp", "-n", &ns]).await?;
     ensure!(validators_column(&table, "standard")? == "True", "{table}");
+
+    // A validator answering hostile text is failing with a malformed answer: its text goes
+    // nowhere near the status.
+    mode.store(HOSTILE, Ordering::SeqCst);
+    for n in 20..34 {
+        open(&http, &sidecar, &format!("acct-{n}"), "tv").await?;
+    }
+    let malformed = refresh_until(&client, resolver, &ns, "standard", "False").await?;
+    ensure!(
+        malformed
+            .message
+            .starts_with("validator entitlement failing (malformed answer) since 20")
+            && !malformed.message.contains("Status: True"),
+        "{malformed:?}"
+    );
 
     // Validators removed from a policy: the condition goes, the Ready condition stays.
     apply_policies(
