@@ -275,7 +275,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!(%identity, "leading: starting the controller");
     metrics.leader.set(1);
-    // The ACTIVE column of StreamingPolicies, counted from the sidecars' stores.
+    // The ACTIVE column of StreamingPolicies, counted from the sidecars' stores, and their
+    // ValidatorsHealthy condition, read from the same stores.
     let resolver = liveapi::resolver(client.clone(), &config)?;
     let counting = liveapi::active::run(client.clone(), resolver, liveapi::active::INTERVAL);
     let result = tokio::select! {
