@@ -209,6 +209,22 @@ pub fn changes(policy: &StreamingPolicy, desired: &PolicyCondition) -> bool {
     current_condition(policy) != Some(desired)
 }
 
+/// Whether writing the condition dropped other managers' conditions (`before` had one that
+/// `after` lacks): the installed CRD predates `status.conditions` being a list keyed by type, so
+/// each write replaces the whole list and the reconciler's `Ready` would fight this one.
+pub fn dropped_other_conditions(before: &StreamingPolicy, after: &StreamingPolicy) -> bool {
+    let types = |p: &StreamingPolicy| -> Vec<String> {
+        p.status
+            .iter()
+            .flat_map(|s| s.conditions.iter().map(|c| c.type_.clone()))
+            .collect()
+    };
+    let kept = types(after);
+    types(before)
+        .iter()
+        .any(|t| t != CONDITION && !kept.contains(t))
+}
+
 /// `text` made safe for a condition message: control characters (newlines, escape sequences)
 /// become spaces, runs of spaces one, at most `max` characters.
 pub fn sanitize(text: &str, max: usize) -> String {
@@ -363,6 +379,36 @@ mod tests {
         );
         assert_eq!(sanitize("a\u{0}b\u{7f}\u{85}c  d", 10), "a b c d");
         assert_eq!(sanitize("abcdef", 3), "abc…");
+    }
+
+    #[test]
+    fn an_outdated_crd_shows_as_a_dropped_ready_condition() {
+        let with = |types: &[&str]| {
+            let mut policy = StreamingPolicy::new("vip", StreamingPolicySpec::default());
+            policy.status = Some(StreamingPolicyStatus {
+                conditions: types
+                    .iter()
+                    .map(|t| PolicyCondition {
+                        type_: t.to_string(),
+                        status: "True".into(),
+                        reason: "R".into(),
+                        message: String::new(),
+                        last_transition_time: "t".into(),
+                        observed_generation: None,
+                    })
+                    .collect(),
+                ..Default::default()
+            });
+            policy
+        };
+        let ready = with(&["Ready"]);
+        assert!(!dropped_other_conditions(
+            &ready,
+            &with(&["Ready", CONDITION])
+        ));
+        assert!(dropped_other_conditions(&ready, &with(&[CONDITION])));
+        assert!(!dropped_other_conditions(&with(&[CONDITION]), &with(&[])));
+        assert!(!dropped_other_conditions(&with(&[]), &with(&[CONDITION])));
     }
 
     #[test]

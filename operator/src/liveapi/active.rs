@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kube::api::{Patch, PatchParams};
@@ -149,6 +150,10 @@ pub async fn refresh_once(client: &Client, resolver: &dyn SessionsResolver) -> a
     Ok(())
 }
 
+/// Set once a write of the condition dropped the reconciler's (an outdated CRD): no more writes
+/// from this process, so the two do not take turns replacing each other.
+static OUTDATED_CRD: AtomicBool = AtomicBool::new(false);
+
 /// Sets the `ValidatorsHealthy` condition of each of `policies` from `reading` (by policy name;
 /// `None`: no validators, the condition is removed), writing only those that change.
 async fn write_validator_health(
@@ -156,6 +161,9 @@ async fn write_validator_health(
     policies: &[StreamingPolicy],
     mut reading: impl FnMut(&str) -> Option<Reading>,
 ) {
+    if OUTDATED_CRD.load(Ordering::Relaxed) {
+        return;
+    }
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     for policy in policies {
         let name = policy.name_any();
@@ -185,7 +193,7 @@ async fn write_validator_health(
             "kind": StreamingPolicy::kind(&()),
             "status": {"conditions": conditions},
         });
-        if let Err(error) = api
+        match api
             .patch_status(
                 &name,
                 &PatchParams::apply(VALIDATOR_HEALTH_MANAGER).force(),
@@ -193,7 +201,20 @@ async fn write_validator_health(
             )
             .await
         {
-            tracing::warn!(policy = %name, %error, "cannot write the ValidatorsHealthy condition");
+            Ok(written) if validator_health::dropped_other_conditions(policy, &written) => {
+                OUTDATED_CRD.store(true, Ordering::Relaxed);
+                tracing::error!(
+                    policy = %name,
+                    "the installed StreamingPolicy CRD predates the ValidatorsHealthy condition \
+                     (its status.conditions is not keyed by type): apply this release's CRD; \
+                     the condition is not written until the operator restarts"
+                );
+                return;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(policy = %name, %error, "cannot write the ValidatorsHealthy condition");
+            }
         }
     }
 }
