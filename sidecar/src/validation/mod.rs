@@ -11,6 +11,10 @@
 //! A revocation goes through the store (reason `denied`, so the store, the proxies and the
 //! heartbeat see a cut session at once) after the ledger records the denial; session answers
 //! report the validator's message from the ledger.
+//!
+//! Every call is also counted in the ledger, answered or failed with its [`FailureKind`]
+//! ([`ValidationLedger::record_call`]): on Redis the operator reads the counts and names a
+//! failing validator on its StreamingPolicy's status (the sidecars have no Kubernetes API access).
 
 pub mod decide;
 pub mod ledger;
