@@ -151,6 +151,13 @@ pub struct Config {
     #[arg(long, env = "STREAMGATE_REQUIRE_PLAYBACK_TOKEN", default_value_t = false, action = clap::ArgAction::Set)]
     pub require_playback_token: bool,
 
+    /// Longest lifetime of a playback token the proxy writes into a playlist a player does not
+    /// fetch again: a master playlist (its variants may be fetched much later), an ended (VOD)
+    /// one (twice its duration, capped by this). Such a token still stops working the moment
+    /// its session is not active.
+    #[arg(long, env = "STREAMGATE_PLAYLIST_TOKEN_MAX_LIFETIME", default_value = "6h", value_parser = humantime::parse_duration)]
+    pub playlist_token_max_lifetime: Duration,
+
     /// Log format.
     #[arg(
         long,

@@ -28,10 +28,11 @@ pub const ALLOWED_HEADERS: [&str; 5] = [
 ];
 
 /// Headers a page may read: StreamGate's own answers' headers and `Retry-After` for backoff.
-pub const EXPOSED_HEADERS: [&str; 5] = [
+pub const EXPOSED_HEADERS: [&str; 6] = [
     "x-streamgate-dry-run",
     "x-streamgate-degraded",
     "x-streamgate-token",
+    "x-streamgate-token-expires-at",
     "x-streamgate-session",
     "retry-after",
 ];

@@ -41,6 +41,61 @@ pub fn looks_like_playlist(path: &str) -> bool {
     lower.ends_with(".m3u8") || lower.ends_with(".m3u")
 }
 
+/// What a playlist is, for how long the tokens written into it must live.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PlaylistKind {
+    /// A master (multivariant) playlist: its variant and rendition playlists are fetched with
+    /// the token written here, possibly much later (a switch of quality or language), and a
+    /// live variant is re-fetched with it for as long as the viewer watches.
+    Master,
+    /// A media playlist with `#EXT-X-ENDLIST` (VOD, or a live event that ended): a player loads
+    /// it once and fetches its segments with the token written here until the end.
+    Ended {
+        /// The sum of its segments' `#EXTINF` durations, in seconds.
+        duration_seconds: f64,
+    },
+    /// A live media playlist: the player re-fetches it every target duration and so gets fresh
+    /// tokens as it goes.
+    Live,
+}
+
+/// Classifies `playlist` (RFC 8216 section 4): master if it has a tag only master playlists
+/// have, else ended if it has `#EXT-X-ENDLIST`, else live.
+pub fn classify(playlist: &str) -> PlaylistKind {
+    const MASTER_TAGS: [&str; 5] = [
+        "#EXT-X-STREAM-INF",
+        "#EXT-X-I-FRAME-STREAM-INF",
+        "#EXT-X-MEDIA:",
+        "#EXT-X-SESSION-DATA",
+        "#EXT-X-SESSION-KEY",
+    ];
+    let mut ended = false;
+    let mut duration_seconds = 0.0_f64;
+    for line in playlist.lines() {
+        let line = line.trim();
+        if MASTER_TAGS.iter().any(|tag| line.starts_with(tag)) {
+            return PlaylistKind::Master;
+        }
+        if line.starts_with("#EXT-X-ENDLIST") {
+            ended = true;
+        } else if let Some(rest) = line.strip_prefix("#EXTINF:") {
+            let seconds = rest.split(',').next().unwrap_or("").trim();
+            // A malformed or absurd duration adds nothing; the lifetime is capped anyway.
+            if let Ok(seconds) = seconds.parse::<f64>()
+                && seconds.is_finite()
+                && seconds > 0.0
+            {
+                duration_seconds += seconds;
+            }
+        }
+    }
+    if ended {
+        PlaylistKind::Ended { duration_seconds }
+    } else {
+        PlaylistKind::Live
+    }
+}
+
 /// `playlist` with `token` added to every URI that comes back through this proxy (see the
 /// module docs). `host` is the `Host` the playlist was requested with.
 pub fn rewrite(playlist: &str, token: &str, host: Option<&str>) -> String {
@@ -222,6 +277,43 @@ mod tests {
     fn an_old_token_is_replaced_and_fragments_and_comments_kept() {
         let out = rewrite("# a comment: seg.ts\nseg.ts?sg=old&a=b#t=1\n", T, None);
         assert_eq!(out, "# a comment: seg.ts\nseg.ts?a=b&sg=v1.k.p.s#t=1\n");
+    }
+
+    #[test]
+    fn playlists_are_classified_master_ended_or_live() {
+        let master = "#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nlow.m3u8\n";
+        assert_eq!(classify(master), PlaylistKind::Master);
+        let renditions_only =
+            "#EXTM3U\n#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID=\"a\",NAME=\"x\",URI=\"a.m3u8\"\n";
+        assert_eq!(classify(renditions_only), PlaylistKind::Master);
+        let vod = "#EXTM3U\r\n#EXT-X-TARGETDURATION:4\r\n#EXTINF:4.0,\r\na.ts\r\n#EXTINF:2.5,title, with comma\r\nb.ts\r\n#EXTINF:nonsense,\r\nc.ts\r\n#EXT-X-ENDLIST\r\n";
+        assert_eq!(
+            classify(vod),
+            PlaylistKind::Ended {
+                duration_seconds: 6.5
+            }
+        );
+        let live = "#EXTM3U\n#EXT-X-MEDIA-SEQUENCE:7\n#EXTINF:2.0,\nlive7.ts\n";
+        assert_eq!(classify(live), PlaylistKind::Live);
+        // A VOD type without the end tag is still being written: reloaded like live.
+        assert_eq!(
+            classify("#EXTM3U\n#EXT-X-PLAYLIST-TYPE:EVENT\n#EXTINF:2,\na.ts\n"),
+            PlaylistKind::Live
+        );
+        assert_eq!(
+            classify(&six_two_second_segments()),
+            PlaylistKind::Ended {
+                duration_seconds: 12.0
+            }
+        );
+    }
+
+    fn six_two_second_segments() -> String {
+        let mut text = String::from("#EXTM3U\n#EXT-X-PLAYLIST-TYPE:VOD\n");
+        for n in 0..6 {
+            text.push_str(&format!("#EXTINF:2.000,\nsegment{n}.ts\n"));
+        }
+        text + "#EXT-X-ENDLIST\n"
     }
 
     #[test]

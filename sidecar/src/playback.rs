@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -369,6 +369,39 @@ pub fn lifetime_seconds(heartbeat_interval_seconds: u32) -> i64 {
     2 * i64::from(heartbeat_interval_seconds.max(1))
 }
 
+/// Default of the longest lifetime a token written into a playlist may have
+/// (`--playlist-token-max-lifetime`): a long film, with room for pauses.
+pub const DEFAULT_PLAYLIST_TOKEN_MAX_LIFETIME_SECONDS: i64 = 6 * 3600;
+
+/// How long the token written into a playlist of `kind` lives, in seconds.
+///
+/// A player re-fetches a live media playlist every target duration and gets a fresh token each
+/// time: the usual two heartbeat intervals do. It does not re-fetch what it loaded once: an
+/// ended (VOD) media playlist, whose segments it fetches until the end, and a master playlist,
+/// whose variants it may switch to (or, live, re-fetch) at any later time. Tokens written there
+/// live for the content: twice an ended playlist's duration (room for pauses and seeking back)
+/// on top of the usual lifetime, and a master playlist's for `max_lifetime_seconds`, which also
+/// caps the former. Never shorter than the usual lifetime. What keeps such a token from
+/// outliving its session is not its expiry but the store: every media request checks that the
+/// session is active (see the proxy).
+pub fn playlist_token_lifetime_seconds(
+    kind: crate::hls::PlaylistKind,
+    heartbeat_interval_seconds: u32,
+    max_lifetime_seconds: i64,
+) -> i64 {
+    let usual = lifetime_seconds(heartbeat_interval_seconds);
+    let cap = max_lifetime_seconds.max(usual);
+    match kind {
+        crate::hls::PlaylistKind::Live => usual,
+        crate::hls::PlaylistKind::Master => cap,
+        crate::hls::PlaylistKind::Ended { duration_seconds } => {
+            // `as` saturates: an absurd duration becomes the cap, never a wrap.
+            let content = (duration_seconds.max(0.0).ceil() as i64).saturating_mul(2);
+            usual.saturating_add(content).min(cap)
+        }
+    }
+}
+
 /// Every reason a media request's credential is refused, as metric labels.
 pub const REFUSAL_REASONS: [&str; 7] = [
     "missing",
@@ -449,6 +482,7 @@ pub struct Playback {
     keys: ArcSwap<KeyRing>,
     bind_network: AtomicBool,
     require_token: AtomicBool,
+    playlist_token_max_lifetime_seconds: AtomicI64,
     sharing: Mutex<SharingTracker>,
 }
 
@@ -470,6 +504,9 @@ impl Playback {
             keys: ArcSwap::from_pointee(keys),
             bind_network: AtomicBool::new(true),
             require_token: AtomicBool::new(false),
+            playlist_token_max_lifetime_seconds: AtomicI64::new(
+                DEFAULT_PLAYLIST_TOKEN_MAX_LIFETIME_SECONDS,
+            ),
             sharing: Mutex::default(),
         }
     }
@@ -507,6 +544,19 @@ impl Playback {
         self.require_token.store(require, Ordering::Relaxed);
     }
 
+    /// The longest lifetime of a token written into a playlist, in seconds (see
+    /// [`playlist_token_lifetime_seconds`]).
+    pub fn playlist_token_max_lifetime_seconds(&self) -> i64 {
+        self.playlist_token_max_lifetime_seconds
+            .load(Ordering::Relaxed)
+    }
+
+    /// Sets the longest lifetime of a token written into a playlist (`--playlist-token-max-lifetime`).
+    pub fn set_playlist_token_max_lifetime_seconds(&self, seconds: i64) {
+        self.playlist_token_max_lifetime_seconds
+            .store(seconds.max(0), Ordering::Relaxed);
+    }
+
     /// A token for `session` of `account`/`stream_id`, for a client at `client`, valid for two
     /// heartbeat intervals from `now` (seconds). Returns the token and its expiry (seconds).
     pub fn mint_for(
@@ -518,7 +568,27 @@ impl Playback {
         client: Option<IpAddr>,
         now: i64,
     ) -> (String, i64) {
-        let expires_at = now + lifetime_seconds(heartbeat_interval_seconds);
+        self.mint_lasting(
+            session,
+            account,
+            stream_id,
+            lifetime_seconds(heartbeat_interval_seconds),
+            client,
+            now,
+        )
+    }
+
+    /// Like [`Playback::mint_for`], valid for `lifetime_seconds` from `now`.
+    pub fn mint_lasting(
+        &self,
+        session: SessionId,
+        account: &str,
+        stream_id: &str,
+        lifetime_seconds: i64,
+        client: Option<IpAddr>,
+        now: i64,
+    ) -> (String, i64) {
+        let expires_at = now.saturating_add(lifetime_seconds);
         let claims = Claims {
             session,
             account: account.to_string(),
@@ -802,6 +872,53 @@ mod tests {
         );
         assert_eq!(playback_bearer(&format!("Basic {token}")), None);
         assert_eq!(playback_bearer("Bearer"), None);
+    }
+
+    #[test]
+    fn playlist_tokens_live_for_what_the_player_will_not_fetch_again() {
+        use crate::hls::PlaylistKind::{Ended, Live, Master};
+        let six_hours = DEFAULT_PLAYLIST_TOKEN_MAX_LIFETIME_SECONDS;
+        // Heartbeat every 30 s: the usual lifetime is 60 s.
+        assert_eq!(playlist_token_lifetime_seconds(Live, 30, six_hours), 60);
+        assert_eq!(
+            playlist_token_lifetime_seconds(Master, 30, six_hours),
+            six_hours
+        );
+        // A 4-minute VOD: the usual lifetime plus twice its duration.
+        let vod = Ended {
+            duration_seconds: 240.0,
+        };
+        assert_eq!(
+            playlist_token_lifetime_seconds(vod, 30, six_hours),
+            60 + 480
+        );
+        // Fractions round up.
+        let short = Ended {
+            duration_seconds: 0.2,
+        };
+        assert_eq!(playlist_token_lifetime_seconds(short, 1, six_hours), 2 + 2);
+        // A film longer than the cap: the cap.
+        let long = Ended {
+            duration_seconds: 5.0 * 3600.0,
+        };
+        assert_eq!(
+            playlist_token_lifetime_seconds(long, 30, six_hours),
+            six_hours
+        );
+        assert_eq!(
+            playlist_token_lifetime_seconds(
+                Ended {
+                    duration_seconds: f64::MAX
+                },
+                30,
+                600
+            ),
+            600
+        );
+        // A cap below the usual lifetime never shortens a token.
+        for kind in [Live, Master, vod] {
+            assert_eq!(playlist_token_lifetime_seconds(kind, 30, 0), 60, "{kind:?}");
+        }
     }
 
     #[test]

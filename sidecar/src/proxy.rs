@@ -12,7 +12,12 @@
 //! responses (no `Content-Length`, or at least [`LONG_LIVED_BYTES`]) are in flight per session;
 //! segments, playlists and keys are short and not counted. Every use feeds sharing detection
 //! ([`crate::engine::Engine::observe_use`]). HLS playlists are rewritten so that every URI
-//! carries a fresh token ([`crate::hls`]). Each response body is registered under its
+//! carries a fresh token ([`crate::hls`]); one written into a playlist the player will not
+//! fetch again (a master or an ended one) lives for the content
+//! ([`crate::playback::playlist_token_lifetime_seconds`]). Every response to a request that
+//! carried a token hands back a fresh one ([`TOKEN_HEADER`], [`TOKEN_EXPIRES_HEADER`]): the
+//! request renewed the session, so a player that only plays keeps a working token. No token
+//! outlives its session: every request asks the store whether the session is active. Each response body is registered under its
 //! session; revocation notices (this sidecar's own and, on a shared store, every other sidecar's)
 //! cancel the registered bodies, which ends them with an error so the connection is dropped
 //! rather than finished cleanly. Expiry is noticed by re-checking the session when its last known
@@ -48,15 +53,18 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::engine::{Engine, MediaAccess, fingerprint};
 use crate::error::{ApiError, ErrorCode};
-use crate::playback::{Claims, TokenError};
+use crate::playback::{self, Claims, TokenError};
 use crate::policy::Mode;
 use crate::policy::viewer_auth::AuthMode;
 use crate::session::{EndReason, SessionId, SessionRecord, SessionState};
 
 /// Header carrying the session id of a media request.
 pub const SESSION_HEADER: &str = "x-streamgate-session";
-/// Header carrying the playback token of a media request.
+/// Header carrying the playback token of a media request, and, on a response to a request
+/// that carried one, a fresh token for the next requests.
 pub const TOKEN_HEADER: &str = "x-streamgate-token";
+/// Response header: when the fresh token of [`TOKEN_HEADER`] expires (RFC 3339).
+pub const TOKEN_EXPIRES_HEADER: &str = "x-streamgate-token-expires-at";
 /// Query parameter carrying the playback token.
 pub const TOKEN_PARAM: &str = crate::hls::TOKEN_PARAM;
 /// A response at least this long (`Content-Length`) counts as long-lived, like one without a
@@ -315,19 +323,24 @@ async fn watch_expiry(
         || chrono::Utc::now().timestamp_millis() + 1000,
         |s| s.expires_at_ms,
     );
+    let mut subscribed = proxy.engine.subscribed();
     loop {
         let now = chrono::Utc::now().timestamp_millis();
         let mut wait =
             Duration::from_millis(expires_at_ms.saturating_sub(now).max(0) as u64).max(MIN_RECHECK);
         // Other sidecars' revocations are not heard while the subscription is down: ask the
         // store every second instead, so a stream cut elsewhere still ends within a second.
-        if !*proxy.engine.subscribed().borrow() {
+        if !*subscribed.borrow_and_update() {
             wait = wait.min(UNSUBSCRIBED_RECHECK);
         }
         tokio::select! {
             () = done.cancelled() => return,
             () = token.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
+            // The subscription went down (from now on, ask every second) or came back (notices
+            // sent meanwhile were missed): either way, ask the store now. A stream in flight
+            // may be waiting for an expiry far off when it happens.
+            Ok(()) = subscribed.changed() => {}
         }
         match proxy.engine.session_now(id).await {
             Ok(Some(current)) if current.state == SessionState::Active => {
@@ -578,14 +591,27 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
+    // The request carried a token and passed: it renewed the session, so the answer hands back
+    // a fresh token (a player that cannot heartbeat keeps one that works).
+    let renewal = match (&claims, &owner) {
+        (Some(_), Some(owner)) => Some(mint(proxy, id, owner, peer, playback::lifetime_seconds)),
+        _ => None,
+    };
     if status.is_success()
         && crate::hls::is_playlist(parts.uri.path(), content_type)
-        && let Some((account, stream_id)) = &owner
+        && let Some(owner) = &owner
     {
-        let fresh = proxy
-            .engine
-            .playback_token_for(id, account, stream_id, peer);
-        return rewrite_playlist(proxy, upstream, &fresh, host.as_deref()).await;
+        let for_playlist = |kind| {
+            let max = proxy
+                .engine
+                .playback()
+                .playlist_token_max_lifetime_seconds();
+            mint(proxy, id, owner, peer, |heartbeat| {
+                playback::playlist_token_lifetime_seconds(kind, heartbeat, max)
+            })
+            .0
+        };
+        return rewrite_playlist(proxy, upstream, for_playlist, host.as_deref(), renewal).await;
     }
     let long_lived = upstream
         .content_length()
@@ -630,7 +656,8 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
         token.clone(),
         registration.done.clone(),
     ));
-    let response_headers = forwarded_headers(upstream.headers());
+    let mut response_headers = forwarded_headers(upstream.headers());
+    set_token_headers(&mut response_headers, renewal.as_ref());
     let body = Cuttable {
         inner: upstream.bytes_stream().boxed(),
         cut: Box::pin(token.cancelled_owned()),
@@ -675,14 +702,99 @@ fn shared_gone(proxy: &Proxy, id: SessionId, session: Option<&SessionRecord>) ->
     }
 }
 
+/// A token for session `id` of `owner` (account, stream id), for `peer`, living for what
+/// `lifetime_seconds` makes of the account's heartbeat interval. Returns it and its expiry.
+fn mint(
+    proxy: &Proxy,
+    id: SessionId,
+    (account, stream_id): &(String, String),
+    peer: Option<std::net::IpAddr>,
+    lifetime_seconds: impl FnOnce(u32) -> i64,
+) -> (String, i64) {
+    let heartbeat = proxy.engine.policy_of(account).heartbeat_interval_seconds;
+    let minted = proxy.engine.playback().mint_lasting(
+        id,
+        account,
+        stream_id,
+        lifetime_seconds(heartbeat),
+        peer,
+        chrono::Utc::now().timestamp(),
+    );
+    proxy.engine.metrics().playback.tokens_issued.inc();
+    minted
+}
+
+/// Puts the fresh token of `renewal` (token, expiry in seconds) into a response's headers,
+/// after removing any the upstream sent (only the sidecar hands out tokens). A response with
+/// a token is one viewer's: shared caches must not keep it.
+fn set_token_headers(headers: &mut HeaderMap, renewal: Option<&(String, i64)>) {
+    headers.remove(TOKEN_HEADER);
+    headers.remove(TOKEN_EXPIRES_HEADER);
+    let Some((token, expires_at)) = renewal else {
+        return;
+    };
+    let (Ok(token), Ok(expires)) = (
+        HeaderValue::from_str(token),
+        HeaderValue::from_str(&crate::session::rfc3339(expires_at.saturating_mul(1000))),
+    ) else {
+        return;
+    };
+    headers.insert(TOKEN_HEADER, token);
+    headers.insert(TOKEN_EXPIRES_HEADER, expires);
+    let cache_control = headers
+        .get(header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok());
+    if let Some(value) =
+        private_cache_control(cache_control).and_then(|value| HeaderValue::from_str(&value).ok())
+    {
+        headers.insert(header::CACHE_CONTROL, value);
+    }
+}
+
+/// The `Cache-Control` for a response that carries one viewer's credential, given the
+/// upstream's: `private` added (and `public`, `s-maxage` dropped) so shared caches do not keep
+/// it; `None` when the upstream's already keeps it out of them.
+fn private_cache_control(upstream: Option<&str>) -> Option<String> {
+    let directives: Vec<&str> = upstream
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let name = |d: &str| {
+        d.split('=')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    };
+    if directives
+        .iter()
+        .any(|d| matches!(name(d).as_str(), "private" | "no-store"))
+    {
+        return None;
+    }
+    let kept = directives
+        .into_iter()
+        .filter(|d| !matches!(name(d).as_str(), "public" | "s-maxage"));
+    Some(
+        std::iter::once("private")
+            .chain(kept)
+            .collect::<Vec<_>>()
+            .join(", "),
+    )
+}
+
 /// Reads a playlist from the upstream (at most [`MAX_PLAYLIST_BYTES`], uncompressed) and
-/// answers it with `token` added to every URI that comes back here; never cached by shared
+/// answers it with a token (minted by `token_for` for the kind of playlist it is) added to
+/// every URI that comes back here, and `renewal` in the headers; never cached by shared
 /// caches, since it carries a credential.
 async fn rewrite_playlist(
     proxy: &Proxy,
     upstream: reqwest::Response,
-    token: &str,
+    token_for: impl FnOnce(crate::hls::PlaylistKind) -> String,
     host: Option<&str>,
+    renewal: Option<(String, i64)>,
 ) -> Result<Response, ApiError> {
     let status =
         StatusCode::from_u16(upstream.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -711,10 +823,12 @@ async fn rewrite_playlist(
     }
     let text = String::from_utf8(body)
         .map_err(|_| ApiError::bad_gateway("the playlist is not UTF-8 (RFC 8216 requires it)"))?;
-    let rewritten = crate::hls::rewrite(&text, token, host);
+    let token = token_for(crate::hls::classify(&text));
+    let rewritten = crate::hls::rewrite(&text, &token, host);
     for name in [header::CONTENT_LENGTH, header::ETAG, header::LAST_MODIFIED] {
         headers.remove(name);
     }
+    set_token_headers(&mut headers, renewal.as_ref());
     headers.insert(
         header::CACHE_CONTROL,
         HeaderValue::from_static("private, no-store"),
@@ -801,6 +915,17 @@ mod tests {
         ] {
             assert!(!has_dot_segment(path), "{path}");
         }
+    }
+
+    #[test]
+    fn responses_with_a_token_are_kept_out_of_shared_caches() {
+        assert_eq!(private_cache_control(None).as_deref(), Some("private"));
+        assert_eq!(
+            private_cache_control(Some("public, max-age=60, s-maxage=600")).as_deref(),
+            Some("private, max-age=60")
+        );
+        assert_eq!(private_cache_control(Some("no-store")), None);
+        assert_eq!(private_cache_control(Some("max-age=5, Private")), None);
     }
 
     #[test]

@@ -451,6 +451,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let playback = sidecar.engine().playback().clone();
     playback.set_bind_network(config.playback_bind_network);
     playback.set_require_token(config.require_playback_token);
+    playback.set_playlist_token_max_lifetime_seconds(
+        i64::try_from(config.playlist_token_max_lifetime.as_secs()).unwrap_or(i64::MAX),
+    );
     match &config.playback_keys_file {
         Some(path) if path.exists() => {
             let ring = crate::playback::KeyRing::load(path)?;

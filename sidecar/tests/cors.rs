@@ -152,6 +152,7 @@ async fn answers_and_errors_carry_cors_headers_and_expose_streamgate_headers() {
         "x-streamgate-dry-run",
         "x-streamgate-degraded",
         "x-streamgate-token",
+        "x-streamgate-token-expires-at",
         "retry-after",
     ] {
         assert!(exposed.contains(&h.to_string()), "{exposed:?}");

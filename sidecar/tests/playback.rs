@@ -901,3 +901,472 @@ fn rewriting_a_real_playlist_changes_nothing_but_the_uris() {
         assert_eq!(rewritten.replace(&format!("?sg={token}"), ""), playlist);
     }
 }
+
+/// The fresh token a media response hands back, and its expiry header.
+fn handed_back(response: &reqwest::Response) -> (String, chrono::DateTime<chrono::Utc>) {
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} on {:?}", response.headers()))
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let expires = header("x-streamgate-token-expires-at").parse().unwrap();
+    (header("x-streamgate-token"), expires)
+}
+
+/// The expiry (seconds) of the token in the query of `uri`.
+fn expiry_in(sidecar: &Sidecar, uri: &str) -> i64 {
+    let query = uri.split_once('?').map_or("", |(_, q)| q);
+    let token = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "sg")
+        .unwrap_or_else(|| panic!("no token in {uri}"))
+        .1
+        .into_owned();
+    // Bound to the loopback network the test's requests come from.
+    sidecar
+        .engine()
+        .playback()
+        .verify(
+            &token,
+            chrono::Utc::now().timestamp(),
+            Some("127.0.0.1".parse().unwrap()),
+        )
+        .map(|claims| claims.expires_at)
+        .unwrap_or_else(|e| panic!("{uri}: {e}"))
+}
+
+/// `actual` is `expected` seconds from `issued` (a second either way for the clock's tick).
+fn lasts(actual: i64, issued: i64, expected: i64, what: &str) {
+    let lifetime = actual - issued;
+    assert!(
+        (expected - 1..=expected + 1).contains(&lifetime),
+        "{what}: lives {lifetime} s, expected {expected} s"
+    );
+}
+
+#[tokio::test]
+async fn every_media_response_to_a_token_hands_back_a_fresh_one() {
+    let (upstream, _) = origin().await;
+    let (base, sidecar) = memory_sidecar(
+        &default_policy("  maxStreamsPerAccount: 3\n  heartbeatIntervalSeconds: 10"),
+        &upstream,
+    )
+    .await;
+    sidecar.engine().playback().set_require_token(true);
+    let client = Client::new();
+    let (_, opened) = open_with(&client, &base, "acct", "tv").await;
+    let first = token(&opened);
+    let id = session_id(&opened);
+
+    for path in [
+        "/hls/segment1.ts",
+        "/hls/index.m3u8",
+        "/live?interval_ms=20",
+    ] {
+        let issued = chrono::Utc::now().timestamp();
+        let response = get_with_token(&client, &format!("{base}{path}"), &first).await;
+        assert_eq!(response.status(), 200, "{path}");
+        let (fresh, expires) = handed_back(&response);
+        let cache_control = response.headers()[header::CACHE_CONTROL].to_str().unwrap();
+        assert!(
+            cache_control.starts_with("private"),
+            "{path}: {cache_control}"
+        );
+        // The usual lifetime, two heartbeat intervals; bound to the same session, stream and
+        // network as the token it renews.
+        let claims = sidecar
+            .engine()
+            .playback()
+            .verify(&fresh, issued, Some("127.0.0.1".parse().unwrap()))
+            .unwrap();
+        assert_eq!(
+            (
+                claims.session,
+                claims.account.as_str(),
+                claims.stream_id.as_str()
+            ),
+            (id, "acct", "tv")
+        );
+        assert_eq!(claims.network.unwrap().to_string(), "127.0.0.0/24");
+        assert_eq!(claims.expires_at, expires.timestamp(), "{path}");
+        lasts(claims.expires_at, issued, 20, path);
+        // It works, and is refused from another network like any token.
+        let again = get_with_token(&client, &format!("{base}/hls/segment2.ts"), &fresh).await;
+        assert_eq!(again.status(), 200);
+        let (status, _) = json(
+            get_with_token(
+                &client_from("127.0.1.1"),
+                &format!("{base}/hls/segment2.ts"),
+                &fresh,
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(status, 403);
+    }
+
+    // The session id (accepted when tokens are not required) gets no token back, nor does a
+    // refusal; an upstream cannot hand out tokens of its own.
+    sidecar.engine().playback().set_require_token(false);
+    let by_id = client
+        .get(format!("{base}/hls/segment1.ts"))
+        .header(
+            "X-StreamGate-Session",
+            opened["sessionId"].as_str().unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_id.status(), 200);
+    assert!(by_id.headers().get("x-streamgate-token").is_none());
+    let refused = get_with_token(&client, &format!("{base}/hls/segment1.ts"), "v1.x.y.z").await;
+    assert_eq!(refused.status(), 403);
+    assert!(refused.headers().get("x-streamgate-token").is_none());
+}
+
+#[tokio::test]
+async fn playlist_tokens_live_for_what_the_player_will_not_fetch_again() {
+    let (upstream, _) = origin().await;
+    let policy = default_policy("  maxStreamsPerAccount: 3\n  heartbeatIntervalSeconds: 10");
+    let (base, sidecar) = memory_sidecar(&policy, &upstream).await;
+    sidecar.engine().playback().set_require_token(true);
+    sidecar
+        .engine()
+        .playback()
+        .set_playlist_token_max_lifetime_seconds(3600);
+    let client = Client::new();
+    let (_, opened) = open_with(&client, &base, "acct", "tv").await;
+    let first = token(&opened);
+
+    let playlist = async |base: &str, path: &str| {
+        let response = get_with_token(&client, &format!("{base}{path}"), &first).await;
+        assert_eq!(response.status(), 200, "{path}");
+        response.text().await.unwrap()
+    };
+    // The demo VOD: 120 segments of 2 s. Its segment tokens live the usual 20 s plus twice
+    // its 240 s.
+    let issued = chrono::Utc::now().timestamp();
+    let vod = playlist(&base, "/hls/index.m3u8").await;
+    let vod = m3u8_rs::parse_media_playlist_res(vod.as_bytes()).unwrap();
+    assert_eq!(vod.segments.len(), 120);
+    lasts(
+        expiry_in(&sidecar, &vod.segments[119].uri),
+        issued,
+        20 + 480,
+        "VOD",
+    );
+    // Live: re-fetched every target duration, so the usual lifetime.
+    let live = playlist(&base, "/hls/live.m3u8").await;
+    let live = m3u8_rs::parse_media_playlist_res(live.as_bytes()).unwrap();
+    lasts(
+        expiry_in(&sidecar, &live.segments[0].uri),
+        issued,
+        20,
+        "live",
+    );
+
+    // A master playlist: its variants may be fetched at any later time: the cap.
+    let fancy = fancy_origin().await;
+    let (fancy_base, fancy_sidecar) = memory_sidecar(&policy, &fancy).await;
+    fancy_sidecar
+        .engine()
+        .playback()
+        .set_playlist_token_max_lifetime_seconds(3600);
+    let (_, opened) = open_with(&client, &fancy_base, "acct", "tv").await;
+    let first = token(&opened);
+    let issued = chrono::Utc::now().timestamp();
+    let text = get_with_token(&client, &format!("{fancy_base}/v/master"), &first)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let master = m3u8_rs::parse_master_playlist_res(text.as_bytes()).unwrap();
+    lasts(
+        expiry_in(&fancy_sidecar, &master.variants[0].uri),
+        issued,
+        3600,
+        "master",
+    );
+    lasts(
+        expiry_in(
+            &fancy_sidecar,
+            master.alternatives[0].uri.as_deref().unwrap(),
+        ),
+        issued,
+        3600,
+        "rendition",
+    );
+    // The ended media playlist of 8 s: 20 + 16 s.
+    let text = get_with_token(&client, &format!("{fancy_base}/v/low/media.m3u8"), &first)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let media = m3u8_rs::parse_media_playlist_res(text.as_bytes()).unwrap();
+    lasts(
+        expiry_in(&fancy_sidecar, &media.segments[1].uri),
+        issued,
+        36,
+        "ended media",
+    );
+}
+
+#[tokio::test]
+async fn a_long_lived_playlist_token_dies_with_its_session_and_works_from_its_network_only() {
+    let (upstream, stats) = origin().await;
+    let t = common::TestSidecar::start_with(
+        &default_policy(
+            "  maxStreamsPerAccount: 3\n  heartbeatIntervalSeconds: 10\n  sessionTTLSeconds: 30",
+        ),
+        Some(&upstream),
+    )
+    .await;
+    t.sidecar.engine().playback().set_require_token(true);
+    let client = Client::new();
+    // A VOD's segment URI, as a native player holds it for the whole film.
+    let segment_uri = async |stream: &str| {
+        let (status, opened) = t.open("acct", stream).await;
+        assert_eq!(status, 201, "{opened}");
+        let text = get_with_token(
+            &client,
+            &format!("{}/hls/index.m3u8", t.base),
+            &token(&opened),
+        )
+        .await
+        .text()
+        .await
+        .unwrap();
+        let vod = m3u8_rs::parse_media_playlist_res(text.as_bytes()).unwrap();
+        let uri = format!("{}/hls/{}", t.base, vod.segments[100].uri);
+        // Long-lived: far past the usual 20 s.
+        assert!(expiry_in(&t.sidecar, &uri) > chrono::Utc::now().timestamp() + 400);
+        (session_id(&opened), uri)
+    };
+    let get = async |client: &Client, uri: &str| json(client.get(uri).send().await.unwrap()).await;
+
+    let (_, tv) = segment_uri("tv").await;
+    let (_, phone) = segment_uri("phone").await;
+    let (kicked_id, tablet) = segment_uri("tablet").await;
+    for uri in [&tv, &phone, &tablet] {
+        assert_eq!(client.get(uri).send().await.unwrap().status(), 200);
+    }
+    let served = stats.requests();
+
+    // From another network: refused.
+    let (status, body) = get(&client_from("127.0.1.1"), &tv).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (403, Some("invalid_token")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("network"),
+        "{body}"
+    );
+
+    // Ended by the viewer, and kicked by an operator: refused at once.
+    let (status, _) = t.end("acct", "phone").await;
+    assert_eq!(status, 204);
+    let (status, body) = get(&client, &phone).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        ["session_gone", "not_found"].contains(&body["error"].as_str().unwrap()),
+        "{body}"
+    );
+    t.sidecar.engine().kick(kicked_id).await.unwrap();
+    let (status, body) = get(&client, &tablet).await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (403, Some("kicked")),
+        "{body}"
+    );
+
+    // Expired: nothing renewed the session for longer than its TTL (the store's clock).
+    t.clock.advance(31_000);
+    let (status, body) = get(&client, &tv).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["reason"].as_str() == Some("expired") || body["error"] == "not_found",
+        "{body}"
+    );
+    assert_eq!(
+        stats.requests(),
+        served,
+        "no refused request reached the upstream"
+    );
+}
+
+/// A store that has lost its revocation subscription: it still answers every question, but
+/// other sidecars' notices never arrive, and it says so through `subscribed()` once `down` is
+/// sent `false`.
+struct DeafStore {
+    inner: MemoryStore,
+    silent: tokio::sync::broadcast::Sender<streamgate_sidecar::session::Revocation>,
+    subscribed: tokio::sync::watch::Sender<bool>,
+}
+
+#[async_trait::async_trait]
+impl SessionStore for DeafStore {
+    async fn open(
+        &self,
+        request: &streamgate_sidecar::store::OpenRequest<'_>,
+    ) -> Result<streamgate_sidecar::store::OpenOutcome, streamgate_sidecar::store::StoreError> {
+        self.inner.open(request).await
+    }
+    async fn heartbeat(
+        &self,
+        account: &str,
+        stream_id: &str,
+        ttl_ms: i64,
+    ) -> Result<streamgate_sidecar::store::HeartbeatOutcome, streamgate_sidecar::store::StoreError>
+    {
+        self.inner.heartbeat(account, stream_id, ttl_ms).await
+    }
+    async fn end(
+        &self,
+        account: &str,
+        stream_id: &str,
+    ) -> Result<
+        Option<streamgate_sidecar::session::SessionRecord>,
+        streamgate_sidecar::store::StoreError,
+    > {
+        self.inner.end(account, stream_id).await
+    }
+    async fn list(
+        &self,
+        account: &str,
+    ) -> Result<
+        Vec<streamgate_sidecar::session::SessionRecord>,
+        streamgate_sidecar::store::StoreError,
+    > {
+        self.inner.list(account).await
+    }
+    async fn get(
+        &self,
+        id: SessionId,
+    ) -> Result<
+        Option<streamgate_sidecar::session::SessionRecord>,
+        streamgate_sidecar::store::StoreError,
+    > {
+        self.inner.get(id).await
+    }
+    async fn revoke(
+        &self,
+        id: SessionId,
+        reason: streamgate_sidecar::session::EndReason,
+    ) -> Result<streamgate_sidecar::store::KickOutcome, streamgate_sidecar::store::StoreError> {
+        self.inner.revoke(id, reason).await
+    }
+    async fn touch(
+        &self,
+        id: SessionId,
+        ttl_ms: i64,
+        renew_after_ms: i64,
+    ) -> Result<Option<streamgate_sidecar::store::Touched>, streamgate_sidecar::store::StoreError>
+    {
+        self.inner.touch(id, ttl_ms, renew_after_ms).await
+    }
+    async fn adopt(
+        &self,
+        session: &streamgate_sidecar::session::SessionRecord,
+    ) -> Result<bool, streamgate_sidecar::store::StoreError> {
+        self.inner.adopt(session).await
+    }
+    async fn ping(&self) -> Result<(), streamgate_sidecar::store::StoreError> {
+        self.inner.ping().await
+    }
+    async fn active_sessions(&self) -> Result<Option<u64>, streamgate_sidecar::store::StoreError> {
+        self.inner.active_sessions().await
+    }
+    async fn list_all(
+        &self,
+        after: Option<SessionId>,
+        limit: usize,
+    ) -> Result<streamgate_sidecar::store::SessionPage, streamgate_sidecar::store::StoreError> {
+        self.inner.list_all(after, limit).await
+    }
+    fn revocations(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<streamgate_sidecar::session::Revocation> {
+        self.silent.subscribe()
+    }
+    fn background(
+        &self,
+        shutdown: CancellationToken,
+    ) -> Option<futures::future::BoxFuture<'static, ()>> {
+        self.inner.background(shutdown)
+    }
+    fn subscribed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.subscribed.subscribe()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_the_revocation_subscription_down_a_stream_cut_elsewhere_ends_within_a_second() {
+    let (upstream, stats) = origin().await;
+    // The store other sidecars write to; this sidecar reaches it, but hears none of its
+    // revocation notices.
+    let shared = MemoryStore::new();
+    let deaf = Arc::new(DeafStore {
+        inner: shared.clone(),
+        silent: tokio::sync::broadcast::channel(16).0,
+        subscribed: tokio::sync::watch::channel(true).0,
+    });
+    let (base, sidecar) = sidecar(
+        deaf.clone(),
+        &default_policy("  maxStreamsPerAccount: 3\n  heartbeatIntervalSeconds: 30"),
+        &upstream,
+    )
+    .await;
+    let client = Client::new();
+    let (_, opened) = open_with(&client, &base, "acct", "tv").await;
+    let token = token(&opened);
+    // A stream in flight while the subscription is up: it waits for its session's expiry,
+    // 90 s away, relying on notices.
+    let viewer = Viewer::watch(&base, &token).await;
+
+    // The subscription goes down; then another sidecar kicks the session in the store.
+    deaf.subscribed.send_replace(false);
+    assert!(!*sidecar.engine().subscribed().borrow());
+    let kicked_at = Instant::now();
+    shared.kick(session_id(&opened)).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(3), viewer.ended)
+        .await
+        .expect("the stream is cut by the once-a-second store check")
+        .unwrap();
+    let cut_after = ended - kicked_at;
+    eprintln!("with the subscription down, the stream was cut {cut_after:?} after the kick");
+    assert!(
+        cut_after < Duration::from_millis(1500),
+        "cut {cut_after:?} after the kick: the store check runs every second"
+    );
+    // The next request asks the store too: refused at once, before the upstream.
+    let hits = stats.requests();
+    let (status, body) =
+        json(get_with_token(&client, &format!("{base}/hls/segment1.ts"), &token).await).await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (403, Some("kicked")),
+        "{body}"
+    );
+    assert_eq!(stats.requests(), hits);
+
+    // A stream that starts while the subscription is down is watched every second from the
+    // start.
+    let (_, phone) = open_with(&client, &base, "acct", "phone").await;
+    let viewer = Viewer::watch(&base, &token_of(&phone)).await;
+    let kicked_at = Instant::now();
+    shared.kick(session_id(&phone)).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(3), viewer.ended)
+        .await
+        .expect("the stream is cut by the once-a-second store check")
+        .unwrap();
+    eprintln!(
+        "a stream started while down was cut {:?} after the kick",
+        ended - kicked_at
+    );
+    assert!(ended - kicked_at < Duration::from_millis(1500));
+}
