@@ -9,6 +9,11 @@ import {
 } from "./schedule.js";
 import { Credential, CredentialPlacement, placeCredential } from "./credential.js";
 
+/** Response header of a media answer carrying a fresh playback token. */
+export const MEDIA_TOKEN_HEADER = "X-StreamGate-Token";
+/** Response header: when that fresh token expires (RFC 3339). */
+export const MEDIA_TOKEN_EXPIRES_HEADER = "X-StreamGate-Token-Expires-At";
+
 /** A viewer session as the sidecar returns it. */
 export interface Session {
   sessionId: string;
@@ -386,6 +391,34 @@ export class StreamGateClient {
     }
     void this.heartbeatNow();
     return false;
+  }
+
+  /**
+   * Takes the fresh playback token a media response hands back (`X-StreamGate-Token`, with
+   * `X-StreamGate-Token-Expires-At`): a media request renews the session, so a player that only
+   * plays (a hidden tab whose heartbeat timers do not fire) keeps a token that works. `header`
+   * reads a response header by name (`(name) => xhr.getResponseHeader(name)`, or
+   * `(name) => response.headers.get(name)`). A token expiring no later than the one held, or
+   * one arriving while the session is not live, is ignored. Returns whether it was taken.
+   * Adapters call this for every media response.
+   */
+  acceptMediaResponseHeaders(header: (name: string) => string | null | undefined): boolean {
+    const session = this.current;
+    if (!session || !this.isLive()) {
+      return false;
+    }
+    const token = header(MEDIA_TOKEN_HEADER);
+    const expiresAt = header(MEDIA_TOKEN_EXPIRES_HEADER);
+    if (!token || !expiresAt) {
+      return false;
+    }
+    const expiresMs = Date.parse(expiresAt);
+    const heldMs = session.playbackTokenExpiresAt ? Date.parse(session.playbackTokenExpiresAt) : NaN;
+    if (Number.isNaN(expiresMs) || (!Number.isNaN(heldMs) && expiresMs <= heldMs)) {
+      return false;
+    }
+    this.current = { ...session, playbackToken: token, playbackTokenExpiresAt: expiresAt };
+    return true;
   }
 
   private isLive(): boolean {

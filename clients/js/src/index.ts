@@ -6,6 +6,8 @@
  * @packageDocumentation
  */
 export {
+  MEDIA_TOKEN_EXPIRES_HEADER,
+  MEDIA_TOKEN_HEADER,
   StreamGateClient,
   StreamGateError,
   parseErrorBody,
@@ -35,8 +37,8 @@ export type { BackoffOptions } from "./schedule.js";
 export { attachHls } from "./adapters/hlsjs.js";
 export type { HlsErrorData, HlsLike } from "./adapters/hlsjs.js";
 export { attachShaka } from "./adapters/shaka.js";
-export type { ShakaPlayerLike, ShakaRequest } from "./adapters/shaka.js";
+export type { ShakaPlayerLike, ShakaRequest, ShakaResponse } from "./adapters/shaka.js";
 export { attachDash } from "./adapters/dashjs.js";
-export type { DashErrorEvent, DashPlayerLike, DashRequest } from "./adapters/dashjs.js";
+export type { DashErrorEvent, DashPlayerLike, DashRequest, DashResponse } from "./adapters/dashjs.js";
 export { attachVideoJs } from "./adapters/videojs.js";
-export type { VhsRequestOptions, VhsXhrLike, VideoJsPlayerLike } from "./adapters/videojs.js";
+export type { VhsRequestOptions, VhsResponse, VhsXhrLike, VideoJsPlayerLike } from "./adapters/videojs.js";

@@ -210,3 +210,117 @@ test("an adapter attached after revocation stops the player immediately", async 
   assert.deepEqual(log, ["stopLoad", "pause", "detachMedia"]);
   client.dispose();
 });
+
+/** A client holding playback token `t0`, valid 20 s. */
+async function openTokenClient() {
+  const timers = new FakeTimers();
+  const expires = (ms) => new Date(timers.now() + ms).toISOString();
+  const sidecar = fakeSidecar({
+    PUT: [() => answer(201, sessionBody(timers, { playbackToken: "t0", playbackTokenExpiresAt: expires(20_000) }))],
+    GET: [() => answer(200, sessionBody(timers, { playbackToken: "t-heartbeat", playbackTokenExpiresAt: expires(20_000) }))],
+  });
+  const client = new StreamGateClient({
+    endpoint: "https://edge.test",
+    account: "acct",
+    streamId: "tv",
+    fetch: sidecar.fetch,
+    timers,
+    random: () => 0.5,
+    page: new FakePage(),
+  });
+  await client.open();
+  return { client, timers, expires };
+}
+
+test("the client takes a fresh token from a media answer, never an older one, never once the session is over", async () => {
+  const { client, expires } = await openTokenClient();
+  const headers = (token, expiresAt) => (name) =>
+    ({ "X-StreamGate-Token": token, "X-StreamGate-Token-Expires-At": expiresAt })[name];
+  assert.equal(client.authorize("https://edge.test/s.ts"), "https://edge.test/s.ts?sg=t0");
+  assert.equal(client.acceptMediaResponseHeaders(headers("t1", expires(25_000))), true);
+  assert.equal(client.authorize("https://edge.test/s.ts"), "https://edge.test/s.ts?sg=t1");
+  // Answers arrive out of order: an older token does not replace a newer one.
+  assert.equal(client.acceptMediaResponseHeaders(headers("t-old", expires(21_000))), false);
+  assert.equal(client.acceptMediaResponseHeaders(headers("t-bad", "not a date")), false);
+  assert.equal(client.acceptMediaResponseHeaders(() => null), false);
+  assert.equal(client.session.playbackToken, "t1");
+  await client.end();
+  assert.equal(client.acceptMediaResponseHeaders(headers("t9", expires(60_000))), false);
+  client.dispose();
+});
+
+test("every adapter hands the fresh token of each media answer to the client", async () => {
+  const fresh = async (attach) => {
+    const { client, expires } = await openTokenClient();
+    const headers = { "x-streamgate-token": "t-fresh", "x-streamgate-token-expires-at": expires(30_000) };
+    await attach(client, headers);
+    const token = client.session.playbackToken;
+    client.dispose();
+    return token;
+  };
+  // hls.js: read from the XMLHttpRequest once its headers are in.
+  const hlsToken = await fresh(async (client, headers) => {
+    const hls = new FakeHls([]);
+    attachHls(hls, client);
+    const xhr = new FakeXhr();
+    const listeners = [];
+    xhr.addEventListener = (type, f) => type === "readystatechange" && listeners.push(f);
+    xhr.getResponseHeader = (name) => headers[name.toLowerCase()] ?? null;
+    await hls.config.xhrSetup(xhr, "https://edge.test/hls/segment3.ts");
+    xhr.readyState = 2;
+    for (const f of listeners) f();
+  });
+  // Shaka: a response filter.
+  const shakaToken = await fresh(async (client, headers) => {
+    const responseFilters = [];
+    attachShaka(
+      {
+        getNetworkingEngine: () => ({
+          registerRequestFilter: () => undefined,
+          unregisterRequestFilter: () => undefined,
+          registerResponseFilter: (f) => responseFilters.push(f),
+          unregisterResponseFilter: () => undefined,
+        }),
+        getMediaElement: () => null,
+        addEventListener: () => undefined,
+        removeEventListener: () => undefined,
+        unload: async () => undefined,
+      },
+      client,
+    );
+    responseFilters[0](1, { headers });
+  });
+  // dash.js 5: a response interceptor (header names as the server wrote them).
+  const dashToken = await fresh(async (client, headers) => {
+    const interceptors = [];
+    attachDash(
+      {
+        addRequestInterceptor: () => undefined,
+        addResponseInterceptor: (f) => interceptors.push(f),
+        on: () => undefined,
+        off: () => undefined,
+        reset: () => undefined,
+      },
+      client,
+    );
+    await interceptors[0]({
+      headers: { "X-StreamGate-Token": headers["x-streamgate-token"], "X-StreamGate-Token-Expires-At": headers["x-streamgate-token-expires-at"] },
+    });
+  });
+  // video.js: VHS onResponse.
+  const videoJsToken = await fresh(async (client, headers) => {
+    const hooks = [];
+    attachVideoJs(
+      {
+        tech: () => ({ vhs: { xhr: { onRequest: () => undefined, onResponse: (f) => hooks.push(f) } } }),
+        on: () => undefined,
+        off: () => undefined,
+        pause: () => undefined,
+        reset: () => undefined,
+      },
+      client,
+    );
+    hooks[0]({}, null, { statusCode: 200, headers });
+  });
+  assert.deepEqual([hlsToken, shakaToken, dashToken, videoJsToken], ["t-fresh", "t-fresh", "t-fresh", "t-fresh"]);
+});

@@ -7,10 +7,17 @@ export interface DashRequest {
   headers?: Record<string, string>;
 }
 
+/** A dash.js (5.x) response as its response interceptors see it. */
+export interface DashResponse {
+  headers?: Record<string, string>;
+}
+
 /** The parts of a dash.js MediaPlayer the adapter uses (5.x interceptors, or 4.x RequestModifier). */
 export interface DashPlayerLike {
   addRequestInterceptor?(interceptor: (request: DashRequest) => Promise<DashRequest>): void;
   removeRequestInterceptor?(interceptor: (request: DashRequest) => Promise<DashRequest>): void;
+  addResponseInterceptor?(interceptor: (response: DashResponse) => Promise<DashResponse>): void;
+  removeResponseInterceptor?(interceptor: (response: DashResponse) => Promise<DashResponse>): void;
   extend?(name: string, child: unknown, override: boolean): void;
   on(type: string, listener: (event: DashErrorEvent) => void): void;
   off(type: string, listener: (event: DashErrorEvent) => void): void;
@@ -34,6 +41,14 @@ export function attachDash(player: DashPlayerLike, client: StreamGateClient): ()
     request.headers = { ...(request.headers ?? {}), ...client.authHeaders() };
     return request;
   };
+  // Every answer hands back a fresh token (dash.js 5.x; 4.x has no response hook).
+  const responseInterceptor = async (response: DashResponse) => {
+    const headers = response.headers ?? {};
+    const lower = Object.fromEntries(Object.entries(headers).map(([k, v]) => [k.toLowerCase(), v]));
+    client.acceptMediaResponseHeaders((name) => lower[name.toLowerCase()]);
+    return response;
+  };
+  player.addResponseInterceptor?.(responseInterceptor);
   if (player.addRequestInterceptor) {
     player.addRequestInterceptor(interceptor);
   } else if (player.extend) {
@@ -69,5 +84,6 @@ export function attachDash(player: DashPlayerLike, client: StreamGateClient): ()
     unsubscribe();
     player.off("error", onError);
     player.removeRequestInterceptor?.(interceptor);
+    player.removeResponseInterceptor?.(responseInterceptor);
   };
 }

@@ -21,11 +21,16 @@ export interface HlsErrorData {
   networkDetails?: unknown;
 }
 
+/** `XMLHttpRequest.HEADERS_RECEIVED`. */
+const HEADERS_RECEIVED = 2;
+
 /** hls.js's error event name (`Hls.Events.ERROR`). */
 const HLS_ERROR = "hlsError";
 
 /**
- * Puts `client`'s credential on every request `hls` makes (playlists, segments, keys) and stops
+ * Puts `client`'s credential on every request `hls` makes (playlists, segments, keys), takes
+ * the fresh token each answer hands back (requests made with XMLHttpRequest, hls.js's default
+ * loader), and stops
  * playback the moment the session is revoked, whether a heartbeat or a refused request says so:
  * loading stops, the video pauses and the media is detached, which drops the buffer, so the
  * picture cannot play out what was buffered. Call before `hls.loadSource()`. Returns a function
@@ -45,6 +50,12 @@ export function attachHls(hls: HlsLike, client: StreamGateClient): () => void {
     for (const [name, value] of Object.entries(client.authHeaders())) {
       xhr.setRequestHeader(name, value);
     }
+    // The answer hands back a fresh token: take it once its headers are in.
+    xhr.addEventListener?.("readystatechange", () => {
+      if (xhr.readyState === HEADERS_RECEIVED) {
+        client.acceptMediaResponseHeaders((name) => xhr.getResponseHeader(name));
+      }
+    });
   };
   hls.config.fetchSetup = async (context, init) => {
     const base = previousFetchSetup ? await previousFetchSetup(context, init) : new Request(context.url, init);

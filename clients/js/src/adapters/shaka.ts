@@ -7,11 +7,18 @@ export interface ShakaRequest {
   headers: Record<string, string>;
 }
 
+/** A Shaka response as its response filters see it (header names in lower case). */
+export interface ShakaResponse {
+  headers: Record<string, string>;
+}
+
 /** The parts of a Shaka Player (4.x, 5.x) the adapter uses. */
 export interface ShakaPlayerLike {
   getNetworkingEngine(): {
     registerRequestFilter(filter: (type: number, request: ShakaRequest) => void): void;
     unregisterRequestFilter(filter: (type: number, request: ShakaRequest) => void): void;
+    registerResponseFilter?(filter: (type: number, response: ShakaResponse) => void): void;
+    unregisterResponseFilter?(filter: (type: number, response: ShakaResponse) => void): void;
   } | null;
   getMediaElement(): HTMLMediaElement | null;
   addEventListener(type: string, listener: (event: Event) => void): void;
@@ -23,7 +30,8 @@ export interface ShakaPlayerLike {
 const BAD_HTTP_STATUS = 1001;
 
 /**
- * Puts `client`'s credential on every request `player` makes, and stops playback the moment
+ * Puts `client`'s credential on every request `player` makes, takes the fresh token each answer
+ * hands back, and stops playback the moment
  * the session is revoked: the video pauses and the player unloads, dropping its buffer. A
  * refused segment (Shaka treats 403 as critical and does not retry it) reports the sidecar's
  * reason. Returns a function that detaches the adapter.
@@ -38,6 +46,11 @@ export function attachShaka(player: ShakaPlayerLike, client: StreamGateClient): 
     Object.assign(request.headers, client.authHeaders());
   };
   networking.registerRequestFilter(filter);
+  // Every answer hands back a fresh token.
+  const responseFilter = (_type: number, response: ShakaResponse) => {
+    client.acceptMediaResponseHeaders((name) => response.headers?.[name.toLowerCase()]);
+  };
+  networking.registerResponseFilter?.(responseFilter);
   const onError = (event: Event) => {
     const error = (event as CustomEvent).detail as { code?: number; data?: unknown[] } | undefined;
     if (error?.code === BAD_HTTP_STATUS && Array.isArray(error.data)) {
@@ -53,5 +66,6 @@ export function attachShaka(player: ShakaPlayerLike, client: StreamGateClient): 
     unsubscribe();
     player.removeEventListener("error", onError);
     networking.unregisterRequestFilter(filter);
+    networking.unregisterResponseFilter?.(responseFilter);
   };
 }

@@ -7,12 +7,19 @@ export interface VhsRequestOptions {
   headers?: Record<string, string>;
 }
 
+/** A VHS response as `onResponse` hooks see it (header names in lower case). */
+export interface VhsResponse {
+  statusCode?: number;
+  body?: unknown;
+  headers?: Record<string, string>;
+}
+
 /** The parts of VHS's xhr (video.js 8) the adapter uses. */
 export interface VhsXhrLike {
   onRequest?(hook: (options: VhsRequestOptions) => VhsRequestOptions): void;
   offRequest?(hook: (options: VhsRequestOptions) => VhsRequestOptions): void;
-  onResponse?(hook: (request: unknown, error: unknown, response: { statusCode?: number; body?: unknown }) => void): void;
-  offResponse?(hook: (request: unknown, error: unknown, response: { statusCode?: number; body?: unknown }) => void): void;
+  onResponse?(hook: (request: unknown, error: unknown, response: VhsResponse) => void): void;
+  offResponse?(hook: (request: unknown, error: unknown, response: VhsResponse) => void): void;
   beforeRequest?: (options: VhsRequestOptions) => VhsRequestOptions;
 }
 
@@ -37,9 +44,14 @@ export function attachVideoJs(player: VideoJsPlayerLike, client: StreamGateClien
     options.headers = { ...(options.headers ?? {}), ...client.authHeaders() };
     return options;
   };
-  const onResponse = (_request: unknown, _error: unknown, response: { statusCode?: number; body?: unknown }) => {
+  const onResponse = (_request: unknown, _error: unknown, response: VhsResponse) => {
     if (response?.statusCode !== undefined) {
       client.reportMediaResponse(response.statusCode, response.body);
+    }
+    // Every answer hands back a fresh token.
+    const headers = response?.headers;
+    if (headers) {
+      client.acceptMediaResponseHeaders((name) => headers[name.toLowerCase()]);
     }
   };
   let hooked: VhsXhrLike | undefined;
