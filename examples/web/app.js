@@ -1,6 +1,9 @@
 // Plays the demo origin through a StreamGate sidecar with @streamgate/client, showing the
 // session's state and why the stream ended. Settings come from the query string (the form
-// writes them there): endpoint, account, streamId, player (hls | shaka | raw-hls), src.
+// writes them there): endpoint, account, streamId, player (hls | shaka | raw-hls | native-hls),
+// src. `native-hls` plays as a native HLS player does (Safari's): hls.js is given the playlist
+// URL with the playback token once and nothing else, so it plays on the tokens the proxy writes
+// into the playlists; `maxBuffer` (seconds) sets how far ahead it buffers.
 // `hiddenTab=1` stands in for a hidden tab whose timers the browser throttles: the client's
 // heartbeat timers never fire, so only the media requests keep the session alive.
 import { StreamGateClient, attachHls, attachShaka } from "/lib/index.js";
@@ -71,6 +74,25 @@ async function play() {
     await player.attach(video);
     attachShaka(player, client);
     await player.load(source);
+  } else if (settings.player === "native-hls") {
+    const maxBuffer = Number(params.get("maxBuffer") ?? 30);
+    const hls = new Hls({ debug: params.has("debug"), maxBufferLength: maxBuffer, maxMaxBufferLength: 2 * maxBuffer });
+    // What the browser tests read: every segment load and every error, with the time.
+    window.streamgate.hls = hls;
+    window.streamgate.fragments = [];
+    window.streamgate.mediaErrors = [];
+    hls.on(Hls.Events.FRAG_LOADING, (_, { frag }) =>
+      window.streamgate.fragments.push({ url: frag.url, requestedAt: Date.now(), loadedAt: null }),
+    );
+    hls.on(Hls.Events.FRAG_LOADED, (_, { frag }) => {
+      const entry = window.streamgate.fragments.findLast((f) => f.url === frag.url && f.loadedAt === null);
+      if (entry) entry.loadedAt = Date.now();
+    });
+    hls.on(Hls.Events.ERROR, (_, data) =>
+      window.streamgate.mediaErrors.push({ at: Date.now(), details: data.details, fatal: data.fatal, status: data.response?.code ?? null }),
+    );
+    hls.attachMedia(video);
+    hls.loadSource(client.authorize(source));
   } else {
     const hls = new Hls({
       debug: params.has("debug"),
