@@ -37,6 +37,23 @@ const countingFetch = (input, init) => {
   return fetch(input, init);
 };
 
+/** What the browser tests read: every segment load and every error of `hls`, with the time. */
+function record(hls) {
+  window.streamgate.hls = hls;
+  window.streamgate.fragments = [];
+  window.streamgate.mediaErrors = [];
+  hls.on(Hls.Events.FRAG_LOADING, (_, { frag }) =>
+    window.streamgate.fragments.push({ url: frag.url, requestedAt: Date.now(), loadedAt: null }),
+  );
+  hls.on(Hls.Events.FRAG_LOADED, (_, { frag }) => {
+    const entry = window.streamgate.fragments.findLast((f) => f.url === frag.url && f.loadedAt === null);
+    if (entry) entry.loadedAt = Date.now();
+  });
+  hls.on(Hls.Events.ERROR, (_, data) =>
+    window.streamgate.mediaErrors.push({ at: Date.now(), details: data.details, fatal: data.fatal, status: data.response?.code ?? null }),
+  );
+}
+
 async function play() {
   if (!settings.endpoint) return;
   const client = new StreamGateClient({
@@ -77,20 +94,7 @@ async function play() {
   } else if (settings.player === "native-hls") {
     const maxBuffer = Number(params.get("maxBuffer") ?? 30);
     const hls = new Hls({ debug: params.has("debug"), maxBufferLength: maxBuffer, maxMaxBufferLength: 2 * maxBuffer });
-    // What the browser tests read: every segment load and every error, with the time.
-    window.streamgate.hls = hls;
-    window.streamgate.fragments = [];
-    window.streamgate.mediaErrors = [];
-    hls.on(Hls.Events.FRAG_LOADING, (_, { frag }) =>
-      window.streamgate.fragments.push({ url: frag.url, requestedAt: Date.now(), loadedAt: null }),
-    );
-    hls.on(Hls.Events.FRAG_LOADED, (_, { frag }) => {
-      const entry = window.streamgate.fragments.findLast((f) => f.url === frag.url && f.loadedAt === null);
-      if (entry) entry.loadedAt = Date.now();
-    });
-    hls.on(Hls.Events.ERROR, (_, data) =>
-      window.streamgate.mediaErrors.push({ at: Date.now(), details: data.details, fatal: data.fatal, status: data.response?.code ?? null }),
-    );
+    record(hls);
     hls.attachMedia(video);
     hls.loadSource(client.authorize(source));
   } else {
@@ -101,6 +105,7 @@ async function play() {
           { xhrSetup: (xhr, url) => xhr.open("GET", client.authorize(url), true) }
         : {}),
     });
+    record(hls);
     if (settings.player !== "raw-hls") attachHls(hls, client);
     hls.attachMedia(video);
     hls.loadSource(source);

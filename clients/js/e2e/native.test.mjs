@@ -176,3 +176,43 @@ test("a native HLS player plays a VOD on the playlist's tokens for five token li
   };
   await page.close();
 });
+
+test("with tokens required, the hls.js adapter in a tab whose heartbeats never fire plays live on the fresh tokens media answers hand back", async () => {
+  const page = await browser.context.newPage();
+  const errors = [];
+  page.on("pageerror", (error) => errors.push(String(error)));
+  const query = new URLSearchParams({
+    endpoint: sidecarUrl,
+    account: "adapter-hidden",
+    streamId: "tv",
+    player: "hls",
+    src: "/hls/live.m3u8",
+    hiddenTab: "1",
+  });
+  await page.goto(`${pages.origin}/?${query}`);
+  await sampleVideo(page);
+  await page.waitForFunction(() => document.getElementById("video").getVideoPlaybackQuality().totalVideoFrames > 30, null, {
+    timeout: 30_000,
+  });
+  const openToken = await page.evaluate(() => window.streamgate.client.session.playbackToken);
+  const from = Date.now();
+  await new Promise((r) => setTimeout(r, PLAY_MS));
+  const to = Date.now();
+  const state = await page.evaluate(() => ({
+    heartbeats: window.streamgate.heartbeats,
+    mediaErrors: window.streamgate.mediaErrors,
+    token: window.streamgate.client.session.playbackToken,
+    clientState: window.streamgate.state,
+  }));
+  assert.equal(state.heartbeats, 0, "the page sent heartbeats");
+  assert.deepEqual(state.mediaErrors, [], `media requests were refused; ${errors.join("; ")}`);
+  assert.equal(state.clientState, "active");
+  // The client holds a token it took from a media answer (the page can read the header:
+  // CORS exposes it), valid well after the open answer's expired.
+  assert.notEqual(state.token, openToken);
+  assert.ok(tokenOf(`http://x/?sg=${state.token}`).expiresAt > tokenOf(`http://x/?sg=${openToken}`).expiresAt + 3 * TOKEN_LIFETIME_S);
+  const moved = await advancedDuring(page, from, to);
+  assert.ok(moved > (PLAY_MS / 1000) * 0.75, `the picture moved ${moved} s in ${(to - from) / 1000} s`);
+  results.adapterHiddenTab = { playedSecondsWithoutHeartbeat: moved, tokenLifetimeSeconds: TOKEN_LIFETIME_S };
+  await page.close();
+});
