@@ -180,7 +180,7 @@ impl PlaybackMetrics {
         let metrics = Self::default();
         registry.register(
             "playback_tokens_issued",
-            "Playback tokens minted (open and heartbeat answers, rewritten playlists)",
+            "Playback tokens minted (open and heartbeat answers, media answers, rewritten playlists)",
             metrics.tokens_issued.clone(),
         );
         registry.register(
