@@ -402,6 +402,26 @@ pub fn playlist_token_lifetime_seconds(
     }
 }
 
+/// Whether a token expiring at `expires_at` (seconds) may pass at `now_ms` while the store
+/// cannot be asked (failurePolicy Open lets media through unverified). A token within the usual
+/// lifetime (`usual_lifetime_seconds`) passes, as it always did: it was minted for a session
+/// active that recently. A longer-lived one (written into a playlist) passes only if this
+/// sidecar found its session active within the usual lifetime (`last_found_active_ms`), so that
+/// it is worth no more than a usual token minted then: the playlist URL of a session that ended
+/// before the outage does not come back to life during it.
+pub fn honoured_without_store(
+    expires_at: i64,
+    now_ms: i64,
+    usual_lifetime_seconds: i64,
+    last_found_active_ms: Option<i64>,
+) -> bool {
+    let usual_ms = usual_lifetime_seconds.saturating_mul(1000);
+    if expires_at.saturating_mul(1000).saturating_sub(now_ms) <= usual_ms {
+        return true;
+    }
+    last_found_active_ms.is_some_and(|at| now_ms.saturating_sub(at) <= usual_ms)
+}
+
 /// Every reason a media request's credential is refused, as metric labels.
 pub const REFUSAL_REASONS: [&str; 7] = [
     "missing",
@@ -919,6 +939,34 @@ mod tests {
         for kind in [Live, Master, vod] {
             assert_eq!(playlist_token_lifetime_seconds(kind, 30, 0), 60, "{kind:?}");
         }
+    }
+
+    #[test]
+    fn without_the_store_a_long_lived_token_passes_only_for_a_session_found_active_lately() {
+        let now_ms = 1_000_000_000;
+        let now = now_ms / 1000;
+        // A usual token (20 s): passes, found active or not.
+        assert!(honoured_without_store(now + 20, now_ms, 20, None));
+        // A playlist's token (10 min): only if found active within the last 20 s.
+        assert!(!honoured_without_store(now + 600, now_ms, 20, None));
+        assert!(honoured_without_store(
+            now + 600,
+            now_ms,
+            20,
+            Some(now_ms - 20_000)
+        ));
+        assert!(!honoured_without_store(
+            now + 600,
+            now_ms,
+            20,
+            Some(now_ms - 20_001)
+        ));
+        assert!(!honoured_without_store(
+            i64::MAX,
+            now_ms,
+            20,
+            Some(i64::MIN)
+        ));
     }
 
     #[test]

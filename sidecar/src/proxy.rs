@@ -51,7 +51,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::engine::{Engine, MediaAccess, fingerprint};
+use crate::engine::{Engine, EngineError, MediaAccess, fingerprint};
 use crate::error::{ApiError, ErrorCode};
 use crate::playback::{self, Claims, TokenError};
 use crate::policy::Mode;
@@ -99,6 +99,10 @@ struct InFlight {
     long_lived: bool,
 }
 
+/// Sessions remembered at most as recently found active; beyond, the memory is emptied, which
+/// only makes long-lived tokens wait for the store during an outage (fails safe).
+const RECENTLY_ACTIVE_CAPACITY: usize = 100_000;
+
 /// Forwards media requests to the upstream and cuts them when their session is cut.
 pub struct Proxy {
     engine: Engine,
@@ -106,6 +110,10 @@ pub struct Proxy {
     client: reqwest::Client,
     streams: Mutex<HashMap<SessionId, Vec<InFlight>>>,
     next_stream: AtomicU64,
+    /// When this sidecar last let each session's media through (ms): during a store outage a
+    /// long-lived playlist token passes only for a session found active lately
+    /// ([`playback::honoured_without_store`]).
+    recently_active: Mutex<HashMap<SessionId, i64>>,
 }
 
 impl Proxy {
@@ -123,6 +131,7 @@ impl Proxy {
             client,
             streams: Mutex::new(HashMap::new()),
             next_stream: AtomicU64::new(0),
+            recently_active: Mutex::new(HashMap::new()),
         })
     }
 
@@ -210,8 +219,50 @@ impl Proxy {
         Ok((token, registration))
     }
 
+    fn lock_recently_active(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, i64>> {
+        // Only map operations happen under this lock: a poisoned lock is still consistent.
+        self.recently_active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that session `id`'s media was let through at `now_ms`.
+    fn found_active(&self, id: SessionId, now_ms: i64) {
+        let mut seen = self.lock_recently_active();
+        if seen.len() >= RECENTLY_ACTIVE_CAPACITY && !seen.contains_key(&id) {
+            // Nothing is found active for longer than a few heartbeat intervals' worth.
+            seen.retain(|_, at| now_ms - *at < 60_000);
+            if seen.len() >= RECENTLY_ACTIVE_CAPACITY {
+                seen.clear();
+            }
+        }
+        seen.insert(id, now_ms);
+    }
+
+    /// Forgets that session `id` was active (it was cut, or the store does not know it).
+    fn forget_active(&self, id: SessionId) {
+        self.lock_recently_active().remove(&id);
+    }
+
+    /// Whether a request with `claims` may pass while the store cannot be asked (see
+    /// [`playback::honoured_without_store`]).
+    fn honoured_without_store(&self, id: SessionId, claims: &Claims, now_ms: i64) -> bool {
+        let heartbeat = self
+            .engine
+            .policy_of(&claims.account)
+            .heartbeat_interval_seconds;
+        let last = self.lock_recently_active().get(&id).copied();
+        playback::honoured_without_store(
+            claims.expires_at,
+            now_ms,
+            playback::lifetime_seconds(heartbeat),
+            last,
+        )
+    }
+
     /// Cuts every response in flight for `session`, unless its account's policy is DryRun.
     fn cut(&self, session: &SessionRecord) {
+        self.forget_active(session.id);
         let tokens: Vec<CancellationToken> = self
             .lock()
             .get(&session.id)
@@ -518,11 +569,32 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
         .map(|ConnectInfo(addr)| addr.ip());
     let (id, claims) = check_credential(proxy, &request, peer)?;
     let url = proxy.upstream_url(request.uri())?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
     let session = match proxy.engine.authorize_media(id).await? {
-        MediaAccess::Allowed { session, .. } => session,
+        MediaAccess::Allowed {
+            session,
+            degraded: true,
+            ..
+        } => {
+            if let Some(claims) = &claims
+                && !proxy.honoured_without_store(id, claims, now_ms)
+            {
+                return Err(EngineError::Unavailable.into());
+            }
+            proxy.found_active(id, now_ms);
+            session
+        }
+        MediaAccess::Allowed { session, .. } => {
+            proxy.found_active(id, now_ms);
+            session
+        }
         MediaAccess::AllowedDryRun(record) => Some(record),
-        MediaAccess::Gone(view) => return Err(ApiError::forbidden_gone(view)),
+        MediaAccess::Gone(view) => {
+            proxy.forget_active(id);
+            return Err(ApiError::forbidden_gone(view));
+        }
         MediaAccess::NotFound => {
+            proxy.forget_active(id);
             return Err(ApiError::forbidden(
                 ErrorCode::NotFound,
                 "no such session; open one with PUT /streaming",

@@ -1199,17 +1199,29 @@ async fn a_long_lived_playlist_token_dies_with_its_session_and_works_from_its_ne
     );
 }
 
-/// A store that has lost its revocation subscription: it still answers every question, but
-/// other sidecars' notices never arrive, and it says so through `subscribed()` once `down` is
-/// sent `false`.
-struct DeafStore {
+/// A memory store with its troubles switched on by the test: other sidecars' revocation notices
+/// never arrive (it says whether its subscription is up through `subscribed`, as the test
+/// sets it), and media look-ups fail as unreachable while `unreachable` is set.
+struct ImpairedStore {
     inner: MemoryStore,
     silent: tokio::sync::broadcast::Sender<streamgate_sidecar::session::Revocation>,
     subscribed: tokio::sync::watch::Sender<bool>,
+    unreachable: std::sync::atomic::AtomicBool,
+}
+
+impl ImpairedStore {
+    fn over(inner: MemoryStore) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            silent: tokio::sync::broadcast::channel(16).0,
+            subscribed: tokio::sync::watch::channel(true).0,
+            unreachable: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
 }
 
 #[async_trait::async_trait]
-impl SessionStore for DeafStore {
+impl SessionStore for ImpairedStore {
     async fn open(
         &self,
         request: &streamgate_sidecar::store::OpenRequest<'_>,
@@ -1267,6 +1279,11 @@ impl SessionStore for DeafStore {
         renew_after_ms: i64,
     ) -> Result<Option<streamgate_sidecar::store::Touched>, streamgate_sidecar::store::StoreError>
     {
+        if self.unreachable.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(streamgate_sidecar::store::StoreError::Unavailable(
+                "connection refused".into(),
+            ));
+        }
         self.inner.touch(id, ttl_ms, renew_after_ms).await
     }
     async fn adopt(
@@ -1310,11 +1327,7 @@ async fn with_the_revocation_subscription_down_a_stream_cut_elsewhere_ends_withi
     // The store other sidecars write to; this sidecar reaches it, but hears none of its
     // revocation notices.
     let shared = MemoryStore::new();
-    let deaf = Arc::new(DeafStore {
-        inner: shared.clone(),
-        silent: tokio::sync::broadcast::channel(16).0,
-        subscribed: tokio::sync::watch::channel(true).0,
-    });
+    let deaf = ImpairedStore::over(shared.clone());
     let (base, sidecar) = sidecar(
         deaf.clone(),
         &default_policy("  maxStreamsPerAccount: 3\n  heartbeatIntervalSeconds: 30"),
@@ -1369,4 +1382,83 @@ async fn with_the_revocation_subscription_down_a_stream_cut_elsewhere_ends_withi
         ended - kicked_at
     );
     assert!(ended - kicked_at < Duration::from_millis(1500));
+}
+
+#[tokio::test]
+async fn during_a_store_outage_a_playlist_token_passes_only_for_a_session_found_active_lately() {
+    let (upstream, stats) = origin().await;
+    let store = ImpairedStore::over(MemoryStore::new());
+    // failurePolicy Open (the default): media passes unverified while the store is down.
+    // Heartbeat every second: a usual token lives 2 s.
+    let (base, sidecar) = sidecar(
+        store.clone(),
+        &default_policy(
+            "  maxStreamsPerAccount: 5\n  heartbeatIntervalSeconds: 1\n  sessionTTLSeconds: 60",
+        ),
+        &upstream,
+    )
+    .await;
+    sidecar.engine().playback().set_require_token(true);
+    let client = Client::new();
+    // A VOD segment URI with the playlist's long-lived token, and the open answer's token.
+    let playing = async |stream: &str| {
+        let (status, opened) = open_with(&client, &base, "acct", stream).await;
+        assert_eq!(status, 201, "{opened}");
+        let text = get_with_token(&client, &format!("{base}/hls/index.m3u8"), &token(&opened))
+            .await
+            .text()
+            .await
+            .unwrap();
+        let vod = m3u8_rs::parse_media_playlist_res(text.as_bytes()).unwrap();
+        let uri = format!("{base}/hls/{}", vod.segments[50].uri);
+        assert!(expiry_in(&sidecar, &uri) > chrono::Utc::now().timestamp() + 100);
+        (session_id(&opened), uri, token(&opened))
+    };
+    let status_of = async |uri: &str| client.get(uri).send().await.unwrap().status().as_u16();
+    let (_, tv, _) = playing("tv").await;
+    let (kicked, kicked_uri, _) = playing("kicked").await;
+    let (_, idle, _) = playing("idle").await;
+    sidecar.engine().kick(kicked).await.unwrap();
+    assert_eq!(status_of(&kicked_uri).await, 403);
+
+    // The idle session's player stops fetching for longer than a usual token lives, while the
+    // TV keeps playing.
+    let quiet_from = Instant::now();
+    while quiet_from.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(status_of(&tv).await, 200);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let served = stats.requests();
+
+    // The store goes away.
+    store
+        .unreachable
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // The TV plays on, through the outage, on its playlist's token.
+    for _ in 0..3 {
+        assert_eq!(status_of(&tv).await, 200);
+    }
+    // The kicked session's playlist URL does not come back to life, nor does a session not
+    // seen playing lately: 503, as if failurePolicy were Closed.
+    for uri in [&kicked_uri, &idle] {
+        let (status, body) = json(client.get(uri.as_str()).send().await.unwrap()).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (503, Some("store_unavailable")),
+            "{body}"
+        );
+    }
+    assert_eq!(stats.requests(), served + 3);
+
+    // The store is back: the idle session plays again, the kicked one stays refused.
+    store
+        .unreachable
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(status_of(&idle).await, 200);
+    let (status, body) = json(client.get(&kicked_uri).send().await.unwrap()).await;
+    assert_eq!(
+        (status, body["reason"].as_str()),
+        (403, Some("kicked")),
+        "{body}"
+    );
 }
