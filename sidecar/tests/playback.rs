@@ -1462,3 +1462,65 @@ async fn during_a_store_outage_a_playlist_token_passes_only_for_a_session_found_
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn a_variant_switched_to_after_the_usual_lifetime_plays_on_the_master_playlists_token() {
+    let fancy = fancy_origin().await;
+    // Heartbeat every second: the open answer's token lives 2 s.
+    let (base, sidecar) = memory_sidecar(
+        &default_policy(
+            "  maxStreamsPerAccount: 3\n  heartbeatIntervalSeconds: 1\n  sessionTTLSeconds: 60",
+        ),
+        &fancy,
+    )
+    .await;
+    sidecar.engine().playback().set_require_token(true);
+    let client = Client::new();
+    let (_, opened) = open_with(&client, &base, "acct", "tv").await;
+    let first = token(&opened);
+    let master_url = format!("{base}/v/master?sg={first}");
+    let text = client
+        .get(&master_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let master = m3u8_rs::parse_master_playlist_res(text.as_bytes()).unwrap();
+    let (variant, audio) = (
+        master.variants[0].uri.clone(),
+        master.alternatives[0].uri.clone().unwrap(),
+    );
+
+    // The open answer's token expires; the player has not switched yet.
+    eventually(
+        "the open answer's token is refused as expired",
+        async || {
+            let response = client.get(&master_url).send().await.unwrap();
+            response.status() == 403 && response.text().await.unwrap().contains("expired")
+        },
+    )
+    .await;
+    // Now it switches quality and language, with the URIs the master playlist gave it.
+    for uri in [&variant, &audio] {
+        let response = client.get(format!("{base}/v/{uri}")).send().await.unwrap();
+        // The audio rendition is not on this origin (404 from it): passed through, not refused.
+        let status = response.status().as_u16();
+        assert!(status == 200 || status == 404, "{uri}: {status}");
+        if status == 200 {
+            let text = response.text().await.unwrap();
+            let media = m3u8_rs::parse_media_playlist_res(text.as_bytes()).unwrap();
+            assert!(media.segments.iter().all(|s| has_token(&s.uri)), "{text}");
+        }
+    }
+    assert!(
+        client
+            .get(format!("{base}/v/{variant}"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+}
