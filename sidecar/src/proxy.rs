@@ -17,7 +17,9 @@
 //! ([`crate::playback::playlist_token_lifetime_seconds`]). Every response to a request that
 //! carried a token hands back a fresh one ([`TOKEN_HEADER`], [`TOKEN_EXPIRES_HEADER`]): the
 //! request renewed the session, so a player that only plays keeps a working token. No token
-//! outlives its session: every request asks the store whether the session is active. Each response body is registered under its
+//! outlives its session: every request asks the store whether the session is active (while the
+//! store cannot be asked, a long-lived token passes only for a session found active lately,
+//! [`crate::playback::honoured_without_store`]). Each response body is registered under its
 //! session; revocation notices (this sidecar's own and, on a shared store, every other sidecar's)
 //! cancel the registered bodies, which ends them with an error so the connection is dropped
 //! rather than finished cleanly. Expiry is noticed by re-checking the session when its last known
@@ -665,7 +667,7 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
         .and_then(|v| v.to_str().ok());
     // The request carried a token and passed: it renewed the session, so the answer hands back
     // a fresh token (a player that cannot heartbeat keeps one that works).
-    let renewal = match (&claims, &owner) {
+    let renewal = || match (&claims, &owner) {
         (Some(_), Some(owner)) => Some(mint(proxy, id, owner, peer, playback::lifetime_seconds)),
         _ => None,
     };
@@ -683,7 +685,7 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
             })
             .0
         };
-        return rewrite_playlist(proxy, upstream, for_playlist, host.as_deref(), renewal).await;
+        return rewrite_playlist(proxy, upstream, for_playlist, host.as_deref(), renewal()).await;
     }
     let long_lived = upstream
         .content_length()
@@ -729,7 +731,7 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
         registration.done.clone(),
     ));
     let mut response_headers = forwarded_headers(upstream.headers());
-    set_token_headers(&mut response_headers, renewal.as_ref());
+    set_token_headers(&mut response_headers, renewal().as_ref());
     let body = Cuttable {
         inner: upstream.bytes_stream().boxed(),
         cut: Box::pin(token.cancelled_owned()),
