@@ -322,28 +322,6 @@ impl Engine {
         self.view(record, &policy, 0)
     }
 
-    /// A fresh playback token for session `id` of `account`/`stream_id` (a rewritten
-    /// playlist carries one, so a native player that only reloads playlists keeps playing).
-    pub fn playback_token_for(
-        &self,
-        id: SessionId,
-        account: &str,
-        stream_id: &str,
-        client: Option<std::net::IpAddr>,
-    ) -> String {
-        let policy = self.policy_for(account);
-        let (token, _) = self.playback.mint_for(
-            id,
-            account,
-            stream_id,
-            policy.heartbeat_interval_seconds,
-            client,
-            chrono::Utc::now().timestamp(),
-        );
-        self.metrics.playback.tokens_issued.inc();
-        token
-    }
-
     /// Sharing detection: records that session `id` of `account` was used from `client`. When
     /// it was used from more networks than the account's policy allows within its window, the
     /// session is reported and, under `action: Revoke` (and not in DryRun), revoked with reason
@@ -822,8 +800,9 @@ impl Engine {
             .await
             .inspect(|_| self.answered())
             .map_err(|e| self.store_failed(Operation::End, e))?;
-        if ended.is_some() {
+        if let Some(record) = &ended {
             self.metrics.ended.inc();
+            self.playback.forget(record.id);
         }
         Ok(ended.is_some())
     }

@@ -15,7 +15,7 @@
 //! [`mint`] and [`verify`] are pure (time and the client address are arguments) and tested
 //! directly; the key ring is loaded and reloaded at the edges ([`KeyRing::load`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -434,16 +434,32 @@ pub const REFUSAL_REASONS: [&str; 7] = [
 ];
 
 /// Distinct client networks each session was used from recently, for sharing detection.
-/// Bounded: at most [`SharingTracker::CAPACITY`] sessions are remembered (the least recently
-/// seen are forgotten first).
-#[derive(Debug, Default)]
+/// Bounded: at most [`SharingTracker::CAPACITY`] sessions are remembered; past that the least
+/// recently seen is forgotten, in constant time (a sidecar seeing more sessions than that within
+/// the sharing window must not pay per request for it).
+#[derive(Debug)]
 pub struct SharingTracker {
-    sessions: HashMap<SessionId, Vec<(Network, i64)>>,
+    sessions: lru::LruCache<SessionId, Vec<(Network, i64)>>,
+}
+
+impl Default for SharingTracker {
+    fn default() -> Self {
+        Self::with_capacity(Self::CAPACITY)
+    }
 }
 
 impl SharingTracker {
     /// Sessions remembered at most.
     pub const CAPACITY: usize = 100_000;
+
+    /// A tracker remembering at most `capacity` sessions (at least one).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            sessions: lru::LruCache::new(
+                std::num::NonZeroUsize::new(capacity).unwrap_or(std::num::NonZeroUsize::MIN),
+            ),
+        }
+    }
 
     /// Records that `session` was used from `network` at `now_ms`; returns how many distinct
     /// networks it was used from within the last `window_ms`, this one included.
@@ -454,10 +470,7 @@ impl SharingTracker {
         now_ms: i64,
         window_ms: i64,
     ) -> usize {
-        if self.sessions.len() >= Self::CAPACITY && !self.sessions.contains_key(&session) {
-            self.forget_oldest(now_ms - window_ms);
-        }
-        let seen = self.sessions.entry(session).or_default();
+        let seen = self.sessions.get_or_insert_mut(session, Vec::new);
         seen.retain(|(n, at)| *n != network && *at > now_ms - window_ms);
         seen.push((network, now_ms));
         seen.len()
@@ -465,23 +478,7 @@ impl SharingTracker {
 
     /// Forgets a session (it was revoked or ended).
     pub fn forget(&mut self, session: SessionId) {
-        self.sessions.remove(&session);
-    }
-
-    /// Drops sessions not seen since `before_ms`; if none, the least recently seen one.
-    fn forget_oldest(&mut self, before_ms: i64) {
-        let last_seen =
-            |seen: &Vec<(Network, i64)>| seen.iter().map(|(_, at)| *at).max().unwrap_or(i64::MIN);
-        self.sessions.retain(|_, seen| last_seen(seen) > before_ms);
-        if self.sessions.len() >= Self::CAPACITY
-            && let Some(oldest) = self
-                .sessions
-                .iter()
-                .min_by_key(|(_, seen)| last_seen(seen))
-                .map(|(id, _)| *id)
-        {
-            self.sessions.remove(&oldest);
-        }
+        self.sessions.pop(&session);
     }
 
     /// Sessions remembered now.
@@ -873,6 +870,29 @@ mod tests {
         assert_eq!(tracker.observe(a, home, 1_025, 1_000), 2);
         tracker.forget(a);
         assert_eq!(tracker.observe(a, phone, 1_030, 1_000), 1);
+    }
+
+    #[test]
+    fn sharing_forgets_the_least_recently_seen_session_when_full() {
+        let mut tracker = SharingTracker::with_capacity(2);
+        let ids: Vec<SessionId> = (0..3).map(|_| SessionId::for_account("x")).collect();
+        let (home, phone) = (Network::V4([1, 2, 3]), Network::V4([5, 6, 7]));
+        tracker.observe(ids[0], home, 0, 1_000);
+        tracker.observe(ids[1], home, 10, 1_000);
+        // ids[0] seen again: ids[1] is now the least recently seen, and goes for ids[2].
+        tracker.observe(ids[0], phone, 20, 1_000);
+        tracker.observe(ids[2], home, 30, 1_000);
+        assert_eq!(tracker.len(), 2);
+        assert_eq!(
+            tracker.observe(ids[0], home, 40, 1_000),
+            2,
+            "ids[0] kept its networks"
+        );
+        assert_eq!(
+            tracker.observe(ids[1], phone, 50, 1_000),
+            1,
+            "ids[1] was forgotten"
+        );
     }
 
     #[test]
