@@ -5,9 +5,9 @@
 //!
 //! Usage: `redis_floor URL script|ping RATE DURATION_SECONDS [CONCURRENCY] [ACCOUNTS] [INTERVAL_MS]`
 //!
-//! `script`: viewer `v` opens `(account, stream)` with open.lua (common.lua + open.lua, loaded by
-//! SHA and re-sent on NOSCRIPT exactly as `RedisStore` does, same KEYS and ARGV) and ends it with
-//! end.lua one interval later, so the floor does the scripts the sidecar does for that load.
+//! `script`: viewer `v` opens `(account, stream)` with the store's open function and ends it with
+//! its end function one interval later, through `RedisStore` itself (its functions, keys and
+//! reply parsing, no HTTP, no engine), so the floor does the calls the sidecar does for that load.
 //! `ping`: the same schedule, every request a PING.
 //!
 //! Request `k` is due at `k / RATE` seconds whatever Redis does; its latency runs from that
@@ -21,17 +21,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Script, Value};
 use serde_json::json;
-use streamgate_sidecar::session::{SessionId, account_tag};
+use streamgate_sidecar::policy::{Mode, OnLimitExceeded};
+use streamgate_sidecar::store::{OpenOutcome, OpenRequest, RedisStore, RedisTarget, SessionStore};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::{Instant, sleep_until};
 
-const COMMON: &str = include_str!("../../store/src/lua/common.lua");
-const OPEN: &str = include_str!("../../store/src/lua/open.lua");
-const END: &str = include_str!("../../store/src/lua/end.lua");
-/// The sidecar publishes cuts here; the scripts need the name even when nothing is cut.
-const CHANNEL: &str = "streamgate:revocations";
 /// Session TTL, as in `bench/redis`'s policy (1 h), so floor sessions age like the sidecar's.
 const TTL_MS: i64 = 3_600_000;
 /// Limit per account: as in the bench policy, high enough that no open is refused.
@@ -64,14 +59,6 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The keys and key prefixes of an account, built as `RedisStore` builds them (see common.lua).
-fn account_keys(account: &str) -> (String, String) {
-    let tag_prefix = format!("sg:{{{:08x}}}:", account_tag(account));
-    let hex: String = account.bytes().map(|b| format!("{b:02x}")).collect();
-    let account_prefix = format!("{tag_prefix}a:{hex}:");
-    (tag_prefix, account_prefix)
-}
-
 struct Sample {
     op: Op,
     /// The script's reply kind (`admitted`, `ended`, …), `PONG`, or the error kind.
@@ -82,45 +69,35 @@ struct Sample {
 
 struct Floor {
     connection: ConnectionManager,
-    open: Script,
-    end: Script,
-    origin: String,
+    /// The store's own client: its functions, keys and reply parsing, without HTTP or engine.
+    store: RedisStore,
 }
 
 impl Floor {
-    async fn call(&self, op: Op, account: &str, stream: &str) -> redis::RedisResult<String> {
+    async fn call(&self, op: Op, account: &str, stream: &str) -> anyhow::Result<String> {
         let mut connection = self.connection.clone();
-        let (tag_prefix, account_prefix) = account_keys(account);
-        let mut invocation = match op {
-            Op::Ping => return redis::cmd("PING").query_async(&mut connection).await,
-            Op::Open => self.open.prepare_invoke(),
-            Op::End => self.end.prepare_invoke(),
-        };
-        for suffix in ["streams", "age", "exp", "cut"] {
-            invocation.key(format!("{account_prefix}{suffix}"));
-        }
-        invocation.arg(&tag_prefix).arg(&account_prefix);
-        if op == Op::Open {
-            invocation
-                .arg(account)
-                .arg(stream)
-                .arg(SessionId::for_account(account).to_string())
-                .arg(LIMIT)
-                .arg(TTL_MS)
-                .arg("reject")
-                .arg("enforce");
-        } else {
-            invocation.arg(stream);
-        }
-        invocation.arg(&self.origin).arg(CHANNEL);
-        let reply: Value = invocation.invoke_async(&mut connection).await?;
-        // Every script replies {kind, ...}: the kind is what the bench counts.
-        Ok(match reply {
-            Value::Array(items) => match items.first() {
-                Some(Value::BulkString(kind)) => String::from_utf8_lossy(kind).into_owned(),
-                _ => "unexpected".into(),
+        Ok(match op {
+            Op::Ping => redis::cmd("PING").query_async(&mut connection).await?,
+            Op::Open => match self
+                .store
+                .open(&OpenRequest {
+                    account,
+                    stream_id: stream,
+                    limit: LIMIT,
+                    ttl_ms: TTL_MS,
+                    on_limit: OnLimitExceeded::RejectNew,
+                    mode: Mode::Enforce,
+                })
+                .await?
+            {
+                OpenOutcome::Admitted { .. } => "admitted".into(),
+                OpenOutcome::Renewed { .. } => "renewed".into(),
+                OpenOutcome::Refused { .. } => "refused".into(),
             },
-            _ => "unexpected".into(),
+            Op::End => match self.store.end(account, stream).await? {
+                Some(_) => "ended".into(),
+                None => "none".into(),
+            },
         })
     }
 }
@@ -171,12 +148,12 @@ async fn main() -> anyhow::Result<()> {
     // The store's connection: one multiplexed (pipelining) connection, as RedisStore configures it.
     let config = ConnectionManagerConfig::new().set_response_timeout(Some(TIMEOUT));
     let connection = ConnectionManager::new_with_config(client, config).await?;
-    let floor = Arc::new(Floor {
-        connection,
-        open: Script::new(&format!("{COMMON}\n{OPEN}")),
-        end: Script::new(&format!("{COMMON}\n{END}")),
-        origin: format!("{:032x}", rand::random::<u128>()),
-    });
+    let store = RedisStore::new(
+        RedisTarget::parse(url).map_err(anyhow::Error::msg)?,
+        TIMEOUT,
+    );
+    store.ping().await?;
+    let floor = Arc::new(Floor { connection, store });
 
     // streamctl's schedule with no heartbeats: lanes of viewers, each opening then ending.
     let seed = rand::random::<u64>();

@@ -13,7 +13,9 @@ async fn the_lua_rule_follows_the_shared_decision_table() {
     let client = redis::Client::open(common::redis_env("STREAMGATE_TEST_REDIS")).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
     let script = redis::Script::new(&format!(
-        "{COMMON_LUA}\nlocal d, e, w = decide(tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4])\nreturn {{d, e, w}}"
+        // common.lua declares locals KEYS and ARGV (set by each function of the library), which
+        // hide this script's own: keep a reference first.
+        "local call_args = ARGV\n{COMMON_LUA}\nlocal d, e, w = decide(tonumber(call_args[1]), tonumber(call_args[2]), call_args[3], call_args[4])\nreturn {{d, e, w}}"
     ));
     let table = decision_table();
     assert!(table.len() >= 15);

@@ -131,16 +131,9 @@ async fn opens_answered_503_during_a_pause_take_no_slot_when_redis_resumes() {
     .await;
     // Every one of the 30 scripts ran after its deadline: none took a slot.
     let mut raw = redis.connection();
-    let keys: Vec<String> = redis::cmd("KEYS").arg("sg:*:s:*").query(&mut raw).unwrap();
-    let accounts: Vec<String> = keys
-        .iter()
-        .map(|k| {
-            redis::cmd("HGET")
-                .arg(k)
-                .arg("account")
-                .query(&mut raw)
-                .unwrap()
-        })
+    let accounts: Vec<String> = stored_sessions(&mut raw)
+        .into_iter()
+        .map(|s| s.account)
         .collect();
     assert_eq!(accounts, vec!["other"], "no session of acct was stored");
     assert_eq!(active(&admin, "acct").await, 0);
@@ -319,7 +312,7 @@ async fn a_full_redis_never_admits_under_open_and_fails_readiness() {
     let (status, body) = readiness(&base).await;
     assert_eq!(status, 503, "{body}");
     let mut raw = redis.connection();
-    let sessions: Vec<String> = redis::cmd("KEYS").arg("sg:*:s:*").query(&mut raw).unwrap();
+    let sessions = stored_sessions(&mut raw);
     assert_eq!(sessions.len(), 1, "only the first session is stored");
 }
 
@@ -374,22 +367,29 @@ async fn in_an_outage_each_sidecar_admits_at_most_the_limit_and_the_store_counts
     })
     .await;
     let mut raw = redis.connection();
-    let keys: Vec<String> = redis::cmd("KEYS").arg("sg:*:s:*").query(&mut raw).unwrap();
-    let mut streams = Vec::new();
-    for key in &keys {
-        let (account, stream): (String, String) = redis::cmd("HMGET")
-            .arg(key)
-            .arg("account")
-            .arg("stream")
-            .query(&mut raw)
-            .unwrap();
-        if account == "acct" {
-            streams.push(stream);
-        }
-    }
+    let mut streams: Vec<String> = stored_sessions(&mut raw)
+        .into_iter()
+        .filter(|s| s.account == "acct")
+        .map(|s| s.stream_id)
+        .collect();
     streams.sort();
     assert_eq!(streams, vec![on_a, on_b]);
     // Over its limit now: refused until viewers leave.
     let (status, body, _, _) = open(&b, "acct", "after").await;
     assert_eq!(status, 429, "{body}");
+}
+
+/// Every session stored in `redis` (active ones and tombstones), read from the account hashes.
+fn stored_sessions(raw: &mut redis::Connection) -> Vec<streamgate_sidecar::session::SessionRecord> {
+    use streamgate_sidecar::store::redis_store::{ACCOUNT_KEY_PATTERN, decode_account_hash};
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(ACCOUNT_KEY_PATTERN)
+        .query(raw)
+        .unwrap();
+    let mut sessions = Vec::new();
+    for key in keys {
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL").arg(&key).query(raw).unwrap();
+        sessions.extend(decode_account_hash(&fields).unwrap().1);
+    }
+    sessions
 }

@@ -397,7 +397,6 @@ async fn hostile_account_ids_land_in_the_slot_the_store_chooses() {
     let client = redis::cluster::ClusterClient::new(nodes).unwrap();
     let mut conn = client.get_async_connection().await.unwrap();
     for account in &accounts {
-        let hex: String = account.bytes().map(|b| format!("{b:02x}")).collect();
         let tag = format!("{:08x}", account_tag(account));
         let expected_slot: i64 = redis::cmd("CLUSTER")
             .arg("KEYSLOT")
@@ -405,21 +404,26 @@ async fn hostile_account_ids_land_in_the_slot_the_store_chooses() {
             .query_async(&mut conn)
             .await
             .unwrap();
-        let streams_key = format!("sg:{{{tag}}}:a:{hex}:streams");
+        // The account's hash is named by its tag alone (see lua/common.lua).
+        let account_key = streamgate_sidecar::store::redis_store::account_key(account_tag(account));
         let slot: i64 = redis::cmd("CLUSTER")
             .arg("KEYSLOT")
-            .arg(&streams_key)
+            .arg(&account_key)
             .query_async(&mut conn)
             .await
             .unwrap();
         assert_eq!(slot, expected_slot, "{account}");
-        // The account's key exists and holds only its own stream.
-        let fields: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(&streams_key)
+        // The account's hash exists and holds only its own session.
+        let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(&account_key)
             .query_async(&mut conn)
             .await
             .unwrap();
-        assert_eq!(fields.keys().collect::<Vec<_>>(), ["s1"], "{account}");
+        let (owner, sessions) =
+            streamgate_sidecar::store::redis_store::decode_account_hash(&fields).unwrap();
+        assert_eq!(&owner, account);
+        let streams: Vec<&str> = sessions.iter().map(|s| s.stream_id.as_str()).collect();
+        assert_eq!(streams, ["s1"], "{account}");
     }
     // Each account was admitted on its own: six accounts, six sessions, no collisions.
     for account in &accounts {
@@ -436,7 +440,7 @@ fn the_history_checker_counts_overlaps() {
 }
 
 #[tokio::test]
-async fn scripts_are_sent_again_after_redis_forgets_them() {
+async fn functions_are_loaded_again_after_redis_forgets_them() {
     let url = redis_env("STREAMGATE_TEST_REDIS");
     let store = RedisStore::new(RedisTarget::parse(&url).unwrap(), Duration::from_secs(2));
     let account = unique("noscript");
@@ -452,10 +456,10 @@ async fn scripts_are_sent_again_after_redis_forgets_them() {
         store.open(&request("s1")).await.unwrap(),
         OpenOutcome::Admitted { .. }
     ));
-    // What a Redis restart or failover does to the script cache.
+    // What a Redis restart without persistence does to the loaded functions.
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let () = redis::cmd("SCRIPT")
+    let () = redis::cmd("FUNCTION")
         .arg("FLUSH")
         .query_async(&mut conn)
         .await
@@ -465,4 +469,95 @@ async fn scripts_are_sent_again_after_redis_forgets_them() {
         OpenOutcome::Admitted { active: 2, .. }
     ));
     assert_eq!(store.list(&account).await.unwrap().len(), 2);
+}
+
+/// Two accounts whose ids hash to the same 32-bit tag (found by search; about one pair per
+/// 77000 accounts): the second one's sessions live beside the first's hash, in the same slot.
+fn accounts_sharing_a_tag() -> (String, String) {
+    let prefix = unique("tag");
+    let mut seen: HashMap<u32, String> = HashMap::new();
+    for i in 0.. {
+        let account = format!("{prefix}-{i}");
+        if let Some(other) = seen.insert(account_tag(&account), account.clone()) {
+            return (other, account);
+        }
+    }
+    unreachable!()
+}
+
+async fn accounts_sharing_a_tag_stay_apart(store_env: &str) {
+    use streamgate_sidecar::session::{EndReason, SessionState};
+    use streamgate_sidecar::store::{HeartbeatOutcome, KickOutcome};
+    let (first, second) = accounts_sharing_a_tag();
+    assert_eq!(account_tag(&first), account_tag(&second));
+    let store = RedisStore::new(
+        RedisTarget::parse(&redis_env(store_env)).unwrap(),
+        Duration::from_secs(2),
+    );
+    let open = async |account: &str, stream: &str| {
+        store
+            .open(&OpenRequest {
+                account,
+                stream_id: stream,
+                limit: 1,
+                ttl_ms: 60_000,
+                on_limit: OnLimitExceeded::RejectNew,
+                mode: Mode::Enforce,
+            })
+            .await
+            .unwrap()
+    };
+    let OpenOutcome::Admitted { session: a, .. } = open(&first, "s").await else {
+        panic!("the first account is admitted")
+    };
+    // Each account has its own limit of 1.
+    let OpenOutcome::Admitted { session: b, .. } = open(&second, "s").await else {
+        panic!("the second account is admitted: it does not share the first's count")
+    };
+    assert!(matches!(
+        open(&second, "t").await,
+        OpenOutcome::Refused { .. }
+    ));
+    assert_eq!(store.list(&first).await.unwrap(), vec![a.clone()]);
+    assert_eq!(store.list(&second).await.unwrap(), vec![b.clone()]);
+    // Look-ups by id find either, with its own account.
+    assert_eq!(store.get(a.id).await.unwrap().unwrap().account, first);
+    assert_eq!(store.get(b.id).await.unwrap().unwrap().account, second);
+    assert!(store.touch(b.id, 60_000, 0).await.unwrap().unwrap().renewed);
+    // The first account leaving does not lose the second's sessions.
+    assert_eq!(store.end(&first, "s").await.unwrap().unwrap().id, a.id);
+    assert_eq!(store.get(a.id).await.unwrap(), None);
+    let KickOutcome::Kicked(kicked) = store.kick(b.id).await.unwrap() else {
+        panic!("the second account's session is found by id and kicked")
+    };
+    assert_eq!(
+        (kicked.state, kicked.reason),
+        (SessionState::Revoked, Some(EndReason::Kicked))
+    );
+    assert!(matches!(
+        store.heartbeat(&second, "s", 60_000).await.unwrap(),
+        HeartbeatOutcome::Gone(_)
+    ));
+    assert!(matches!(
+        open(&second, "s").await,
+        OpenOutcome::Admitted { .. }
+    ));
+    assert!(matches!(
+        open(&first, "s").await,
+        OpenOutcome::Admitted { .. }
+    ));
+    assert!(matches!(
+        open(&first, "u").await,
+        OpenOutcome::Refused { .. }
+    ));
+}
+
+#[tokio::test]
+async fn accounts_sharing_a_tag_stay_apart_on_standalone() {
+    accounts_sharing_a_tag_stay_apart("STREAMGATE_TEST_REDIS").await;
+}
+
+#[tokio::test]
+async fn accounts_sharing_a_tag_stay_apart_on_cluster() {
+    accounts_sharing_a_tag_stay_apart("STREAMGATE_TEST_REDIS_CLUSTER").await;
 }

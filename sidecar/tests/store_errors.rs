@@ -16,10 +16,9 @@ use streamgate_sidecar::server::Sidecar;
 use streamgate_sidecar::session::account_tag;
 use streamgate_sidecar::store::{RedisStore, RedisTarget};
 
-/// The key of `account`'s stream index, as the Lua scripts build it (see `lua/common.lua`).
+/// The key of `account`'s hash, as the Lua functions build it (see `lua/common.lua`).
 fn streams_key(account: &str) -> String {
-    let hex: String = account.bytes().map(|b| format!("{b:02x}")).collect();
-    format!("sg:{{{:08x}}}:a:{hex}:streams", account_tag(account))
+    streamgate_sidecar::store::redis_store::account_key(account_tag(account))
 }
 
 /// Runs `command` on the test Redis named by `env` (a cluster routes it by the key's slot).

@@ -1,8 +1,11 @@
 //! The Redis store: sessions shared by any number of sidecars, on Redis standalone or Cluster.
 //!
-//! Each operation is one Lua script (see `lua/`, which documents the key layout, KEYS and ARGV),
-//! so every decision is one round trip and atomic per account. Scripts are sent by SHA and
-//! re-sent whole when Redis answers NOSCRIPT (after a restart or `SCRIPT FLUSH`). Time is the
+//! Each operation is one Lua function (see `lua/`, which documents the key layout, KEYS and ARGV),
+//! so every decision is one round trip and atomic per account. The functions form one Redis
+//! function library, named by a hash of its code, loaded once (`FUNCTION LOAD`, on every master
+//! of a Cluster) and called with `FCALL`; it is loaded again when Redis answers that a function
+//! is missing (after a restart without persistence or `FUNCTION FLUSH`). Unlike a script sent
+//! by SHA, a library defines its helpers once at load, not on every call. Time is the
 //! Redis server's clock. Cuts are published on a channel that every sidecar subscribes to, so each
 //! learns of evictions and kicks made elsewhere.
 
@@ -13,11 +16,10 @@ use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use redis::aio::MultiplexedConnection;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
-use redis::{RedisError, Script, ScriptInvocation, Value};
+use redis::{Cmd, RedisError, Value};
 use tokio::sync::{OnceCell, broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -486,39 +488,116 @@ async fn watch_sentinel_master(inner: Arc<Inner>, shutdown: CancellationToken) {
     }
 }
 
-struct Scripts {
-    open: Script,
-    heartbeat: Script,
-    end: Script,
-    list: Script,
-    get: Script,
-    kick: Script,
-    touch: Script,
-    adopt: Script,
-    discard: Script,
+/// The store's operations, each a function of one Redis function library.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Open,
+    Heartbeat,
+    End,
+    List,
+    Get,
+    Kick,
+    Touch,
+    Adopt,
+    Discard,
 }
 
-impl Scripts {
-    fn load() -> Self {
-        // The shebang (Redis 7) makes Redis refuse a script while it is out of memory (OOM)
-        // before it runs, instead of letting it write.
-        let with_common = |body: &str| {
-            Script::new(&format!(
-                "#!lua\n{}\n{body}",
-                include_str!("lua/common.lua")
-            ))
-        };
-        Self {
-            open: with_common(include_str!("lua/open.lua")),
-            heartbeat: with_common(include_str!("lua/heartbeat.lua")),
-            end: with_common(include_str!("lua/end.lua")),
-            list: with_common(include_str!("lua/list.lua")),
-            get: with_common(include_str!("lua/get.lua")),
-            kick: with_common(include_str!("lua/kick.lua")),
-            touch: with_common(include_str!("lua/touch.lua")),
-            adopt: with_common(include_str!("lua/adopt.lua")),
-            discard: with_common(include_str!("lua/discard.lua")),
+impl Op {
+    const ALL: [Op; 9] = [
+        Op::Open,
+        Op::Heartbeat,
+        Op::End,
+        Op::List,
+        Op::Get,
+        Op::Kick,
+        Op::Touch,
+        Op::Adopt,
+        Op::Discard,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Op::Open => "open",
+            Op::Heartbeat => "heartbeat",
+            Op::End => "end",
+            Op::List => "list",
+            Op::Get => "get",
+            Op::Kick => "kick",
+            Op::Touch => "touch",
+            Op::Adopt => "adopt",
+            Op::Discard => "discard",
         }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            Op::Open => include_str!("lua/open.lua"),
+            Op::Heartbeat => include_str!("lua/heartbeat.lua"),
+            Op::End => include_str!("lua/end.lua"),
+            Op::List => include_str!("lua/list.lua"),
+            Op::Get => include_str!("lua/get.lua"),
+            Op::Kick => include_str!("lua/kick.lua"),
+            Op::Touch => include_str!("lua/touch.lua"),
+            Op::Adopt => include_str!("lua/adopt.lua"),
+            Op::Discard => include_str!("lua/discard.lua"),
+        }
+    }
+}
+
+/// The function library: `lua/common.lua` once, then one function per [`Op`] wrapping its file.
+pub struct Library {
+    /// What `FUNCTION LOAD` is given.
+    pub code: String,
+    /// The function names, in [`Op::ALL`] order.
+    functions: Vec<String>,
+}
+
+impl Library {
+    /// The library of this build. Its name and its functions' names carry a hash of the code,
+    /// so sidecars of different versions sharing one Redis each call their own functions.
+    pub fn new() -> Self {
+        use sha2::{Digest, Sha256};
+        let common = include_str!("lua/common.lua");
+        let mut hasher = Sha256::new();
+        hasher.update(common);
+        for op in Op::ALL {
+            hasher.update(op.body());
+        }
+        let version: String = hasher.finalize()[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        // A library registers functions without flags: Redis then treats them as writing and
+        // refuses them while it is out of memory (OOM), before they run.
+        let mut code = format!("#!lua name=streamgate_{version}\n{common}\n");
+        let mut functions = Vec::new();
+        for op in Op::ALL {
+            let name = format!("sg_{}_{version}", op.name());
+            code.push_str(&format!(
+                "redis.register_function('{name}', function(keys, args)\nKEYS, ARGV = keys, args\n{}\nend)\n",
+                op.body()
+            ));
+            functions.push(name);
+        }
+        Self { code, functions }
+    }
+
+    /// The name of `op`'s function.
+    fn function(&self, op: Op) -> &str {
+        &self.functions[op as usize]
+    }
+
+    /// An `FCALL` of `op` on the hash `key`.
+    fn call(&self, op: Op, key: String) -> Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(self.function(op)).arg(1).arg(key);
+        cmd
+    }
+}
+
+impl Default for Library {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -536,7 +615,7 @@ struct Inner {
     sentinel: Option<SentinelLink>,
     /// Replicas that must acknowledge each store-changing decision (WAIT) before it is answered.
     wait_replicas: u32,
-    scripts: Scripts,
+    library: Library,
     /// Identifies this process's notices, so it does not count its own cuts twice.
     origin: String,
     revocations: broadcast::Sender<Revocation>,
@@ -585,54 +664,15 @@ impl ClockOffset {
     }
 }
 
-/// The keys of one account.
-struct AccountKeys {
-    /// `sg:{TAG}:`
-    tag_prefix: String,
-    /// `sg:{TAG}:a:HEXACCOUNT:`
-    account_prefix: String,
+/// The key of the hash holding the sessions of the accounts with `tag` (see `lua/common.lua`);
+/// the braces make it the Redis Cluster hash tag.
+pub fn account_key(tag: u32) -> String {
+    format!("sg{{{tag:08x}}}")
 }
 
-impl AccountKeys {
-    fn new(account: &str) -> Self {
-        let tag_prefix = tag_prefix(account_tag(account));
-        let hex: String = account.bytes().map(|b| format!("{b:02x}")).collect();
-        let account_prefix = format!("{tag_prefix}a:{hex}:");
-        Self {
-            tag_prefix,
-            account_prefix,
-        }
-    }
-
-    fn add_keys(&self, invocation: &mut ScriptInvocation<'_>) {
-        for suffix in ["streams", "age", "exp", "cut"] {
-            invocation.key(format!("{}{suffix}", self.account_prefix));
-        }
-        invocation.arg(&self.tag_prefix).arg(&self.account_prefix);
-    }
-}
-
-fn tag_prefix(tag: u32) -> String {
-    // The braces make this the Redis Cluster hash tag: every key of the account hashes alike.
-    format!("sg:{{{tag:08x}}}:")
-}
-
-fn session_key(id: SessionId) -> String {
-    format!("{}s:{id}", tag_prefix(id.tag))
-}
-
-/// SCAN pattern of session keys (narrowed further by [`session_id_of_key`]).
-const SESSION_KEY_PATTERN: &str = "sg:{????????}:s:*";
-
-/// The session id a key of [`session_key`]'s shape holds; `None` for any other key.
-fn session_id_of_key(key: &str) -> Option<SessionId> {
-    let id: SessionId = key
-        .strip_prefix("sg:{")?
-        .split_once("}:s:")?
-        .1
-        .parse()
-        .ok()?;
-    (session_key(id) == key).then_some(id)
+/// The 16 random bytes of a session id, as the store keys sessions by them.
+fn id_bytes(id: SessionId) -> [u8; 16] {
+    id.random.to_be_bytes()
 }
 
 /// The masters' addresses in `CLUSTER NODES` output (`ID HOST:PORT@CPORT FLAGS ...`).
@@ -653,24 +693,24 @@ fn cluster_masters(nodes: &str) -> Vec<(String, u16)> {
 }
 
 impl RedisStore {
-    /// The ids of every session key (active or cut), by SCAN on the server or on every master
-    /// of a cluster.
-    async fn scan_session_ids(&self) -> Result<Vec<SessionId>, StoreError> {
+    /// The sessions (active and tombstones) of every account hash, by SCAN on the server or on
+    /// every master of a cluster, each hash read with HGETALL.
+    async fn scan_sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
         let connection = self.connection().await?;
         let scan = async {
-            let mut ids = Vec::new();
+            let mut sessions = Vec::new();
             match connection {
                 Connection::Standalone(c) => {
-                    scan_node(&mut ids, |cmd| {
+                    scan_node(&mut sessions, |cmd| {
                         let mut c = c.clone();
-                        async move { cmd.query_async::<(u64, Vec<String>)>(&mut c).await }
+                        async move { cmd.query_async::<Value>(&mut c).await }
                     })
                     .await?;
                 }
                 Connection::Sentinel(m) => {
-                    scan_node(&mut ids, |cmd| {
+                    scan_node(&mut sessions, |cmd| {
                         let mut c = m.connection.clone();
-                        async move { cmd.query_async::<(u64, Vec<String>)>(&mut c).await }
+                        async move { cmd.query_async::<Value>(&mut c).await }
                     })
                     .await?;
                 }
@@ -680,38 +720,36 @@ impl RedisStore {
                         .query_async(&mut c.clone())
                         .await?;
                     for (host, port) in cluster_masters(&nodes) {
-                        scan_node(&mut ids, |cmd| {
+                        scan_node(&mut sessions, |cmd| {
                             let mut c = c.clone();
                             let host = host.clone();
+                            // SCAN and HGETALL of keys found there both go to that master.
                             async move {
-                                let reply = c
-                                    .route_command(
-                                        cmd,
-                                        redis::cluster_routing::RoutingInfo::SingleNode(
-                                            redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
-                                                host,
-                                                port,
-                                            },
-                                        ),
-                                    )
-                                    .await?;
-                                redis::from_redis_value::<(u64, Vec<String>)>(reply)
-                                    .map_err(RedisError::from)
+                                c.route_command(
+                                    cmd,
+                                    redis::cluster_routing::RoutingInfo::SingleNode(
+                                        redis::cluster_routing::SingleNodeRoutingInfo::ByAddress {
+                                            host,
+                                            port,
+                                        },
+                                    ),
+                                )
+                                .await
                             }
                         })
                         .await?;
                     }
                 }
             }
-            Ok::<_, RedisError>(ids)
+            Ok::<_, RedisError>(sessions)
         };
-        // A full walk takes longer than one script: allow it ten operation timeouts.
+        // A full walk takes longer than one call: allow it ten operation timeouts.
         let budget = self.inner.timeout * 10;
         match tokio::time::timeout(budget, scan).await {
-            Ok(Ok(ids)) => Ok(ids),
+            Ok(Ok(sessions)) => Ok(sessions),
             Ok(Err(e)) => Err(classify(&e)),
             Err(_) => Err(StoreError::TimedOut(format!(
-                "Redis did not finish scanning session keys within {budget:?}"
+                "Redis did not finish scanning account hashes within {budget:?}"
             ))),
         }
     }
@@ -765,7 +803,7 @@ impl RedisStore {
                 connection: OnceCell::new(),
                 sentinel,
                 wait_replicas: 0,
-                scripts: Scripts::load(),
+                library: Library::new(),
                 origin: format!("{:032x}", rand::random::<u128>()),
                 revocations,
                 subscribed: watch::Sender::new(false),
@@ -874,16 +912,16 @@ impl RedisStore {
             .cloned()
     }
 
-    async fn run(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
+    async fn run(&self, call: &Cmd) -> Result<Value, StoreError> {
         let connection = self.connection().await?;
-        self.run_on(&connection, invocation).await
+        self.run_on(&connection, call).await
     }
 
-    /// Runs a script that changes the store, then waits for `--store-wait-replicas` replicas
+    /// Runs a function that changes the store, then waits for `--store-wait-replicas` replicas
     /// to acknowledge it, on the same connection (WAIT counts that connection's writes).
-    async fn run_changing(&self, invocation: &ScriptInvocation<'_>) -> Result<Value, StoreError> {
+    async fn run_changing(&self, call: &Cmd) -> Result<Value, StoreError> {
         let connection = self.connection().await?;
-        let value = self.run_on(&connection, invocation).await?;
+        let value = self.run_on(&connection, call).await?;
         self.replicated(&connection).await?;
         Ok(value)
     }
@@ -935,13 +973,15 @@ impl RedisStore {
     async fn run_on(
         &self,
         connection: &Connection,
-        invocation: &ScriptInvocation<'_>,
+        call: &Cmd,
     ) -> Result<Value, StoreError> {
         let call = async {
             match connection.clone() {
-                Connection::Standalone(mut c) => invoke(invocation, &mut c).await,
-                Connection::Cluster(mut c) => invoke(invocation, &mut c).await,
-                Connection::Sentinel(mut m) => invoke(invocation, &mut m.connection).await,
+                Connection::Standalone(mut c) => fcall(call, &self.inner.library, &mut c).await,
+                Connection::Cluster(mut c) => fcall(call, &self.inner.library, &mut c).await,
+                Connection::Sentinel(mut m) => {
+                    fcall(call, &self.inner.library, &mut m.connection).await
+                },
             }
         };
         match tokio::time::timeout(self.inner.timeout, call).await {
@@ -964,66 +1004,84 @@ impl RedisStore {
         }
     }
 
-    /// Runs a script that takes a session id (`get`, `kick`): KEYS the session's hash, ARGV
-    /// the tag prefix, the id, origin and channel.
+    /// Runs a function that takes a session id (`get`, `kick`): KEYS the hash of the id's tag,
+    /// ARGV the id's random bytes, origin and channel. A call that `changes` the store waits
+    /// for replicas like [`Self::run_changing`].
     async fn run_for_session(
         &self,
-        script: &Script,
+        op: Op,
         id: SessionId,
         changes: bool,
     ) -> Result<Value, StoreError> {
-        self.run_for_session_with(script, id, changes, None).await
+        self.run_for_session_with(op, id, changes, None).await
     }
 
-    /// [`Self::run_for_session`] with one more ARGV after the id (the kick's reason).
+    /// [`Self::run_for_session`] with one more ARGV after the id (the revocation's reason).
     async fn run_for_session_with(
         &self,
-        script: &Script,
+        op: Op,
         id: SessionId,
         changes: bool,
         extra: Option<&str>,
     ) -> Result<Value, StoreError> {
-        let mut invocation = script.prepare_invoke();
-        invocation
-            .key(session_key(id))
-            .arg(tag_prefix(id.tag))
-            .arg(id.to_string());
+        let mut call = self.inner.library.call(op, account_key(id.tag));
+        call.arg(&id_bytes(id)[..]);
         if let Some(extra) = extra {
-            invocation.arg(extra);
+            call.arg(extra);
         }
-        self.origin_and_channel(&mut invocation);
+        self.origin_and_channel(&mut call);
         if changes {
-            self.run_changing(&invocation).await
+            self.run_changing(&call).await
         } else {
-            self.run(&invocation).await
+            self.run(&call).await
         }
     }
 
-    /// The last ARGV of every script: origin and channel, then the test clock if any.
-    fn origin_and_channel(&self, invocation: &mut ScriptInvocation<'_>) {
-        invocation.arg(&self.inner.origin).arg(REVOCATION_CHANNEL);
+    /// A call of `op` on `account`'s hash, its first ARGV the account.
+    fn account_call(&self, op: Op, account: &str) -> Cmd {
+        let mut call = self
+            .inner
+            .library
+            .call(op, account_key(account_tag(account)));
+        call.arg(account);
+        call
+    }
+
+    /// The last ARGV of every function: origin and channel, then the test clock if any.
+    fn origin_and_channel(&self, call: &mut Cmd) {
+        call.arg(&self.inner.origin).arg(REVOCATION_CHANNEL);
         if let Some(clock) = &self.inner.clock {
-            invocation.arg("__now__").arg(clock.now_ms());
+            call.arg("__now__").arg(clock.now_ms());
         }
     }
 }
 
-/// SCANs one node to the end, collecting session ids; `send` runs one SCAN command there.
-async fn scan_node<F, Fut>(ids: &mut Vec<SessionId>, send: F) -> Result<(), RedisError>
+/// SCANs one node to the end, reading every account hash found there into `sessions`; `send`
+/// runs one command on that node.
+async fn scan_node<F, Fut>(sessions: &mut Vec<SessionRecord>, send: F) -> Result<(), RedisError>
 where
     F: Fn(redis::Cmd) -> Fut,
-    Fut: std::future::Future<Output = Result<(u64, Vec<String>), RedisError>>,
+    Fut: std::future::Future<Output = Result<Value, RedisError>>,
 {
     let mut cursor = 0u64;
     loop {
         let mut cmd = redis::cmd("SCAN");
         cmd.arg(cursor)
             .arg("MATCH")
-            .arg(SESSION_KEY_PATTERN)
+            .arg(ACCOUNT_KEY_PATTERN)
             .arg("COUNT")
-            .arg(1000);
-        let (next, keys) = send(cmd).await?;
-        ids.extend(keys.iter().filter_map(|k| session_id_of_key(k)));
+            .arg(1000)
+            .arg("TYPE")
+            .arg("hash");
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::from_redis_value(send(cmd).await?)?;
+        for key in keys {
+            let mut read = redis::cmd("HGETALL");
+            read.arg(key);
+            let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::from_redis_value(send(read).await?)?;
+            if let Some((_, found)) = decode_account_hash(&fields) {
+                sessions.extend(found);
+            }
+        }
         if next == 0 {
             return Ok(());
         }
@@ -1031,11 +1089,22 @@ where
     }
 }
 
-async fn invoke(
-    invocation: &ScriptInvocation<'_>,
-    connection: &mut impl ConnectionLike,
-) -> redis::RedisResult<Value> {
-    invocation.invoke_async(connection).await
+/// Sends `call`; loads the library and sends it once more if Redis does not know the function
+/// (a restart without persistence, `FUNCTION FLUSH`, a new Cluster master).
+async fn fcall<C>(call: &Cmd, library: &Library, connection: &mut C) -> redis::RedisResult<Value>
+where
+    C: redis::aio::ConnectionLike + Send,
+{
+    match call.query_async(connection).await {
+        Err(e) if e.to_string().contains("Function not found") => {
+            let mut load = redis::cmd("FUNCTION");
+            load.arg("LOAD").arg("REPLACE").arg(&library.code);
+            // On a Cluster the client sends FUNCTION LOAD to every master.
+            load.query_async::<Value>(connection).await?;
+            call.query_async(connection).await
+        }
+        other => other,
+    }
 }
 
 /// Subscribes to the revocation channel and forwards other sidecars' notices until `shutdown`,
@@ -1196,15 +1265,13 @@ impl RedisStore {
     /// Discards session `id` of `account` if an abandoned open admitted it and nobody renewed it
     /// since. `true` if it was discarded.
     async fn discard(&self, account: &str, id: SessionId) -> Result<bool, StoreError> {
-        let keys = AccountKeys::new(account);
-        let mut invocation = self.inner.scripts.discard.prepare_invoke();
-        keys.add_keys(&mut invocation);
-        invocation.arg(id.to_string());
-        self.origin_and_channel(&mut invocation);
+        let mut call = self.account_call(Op::Discard, account);
+        call.arg(&id_bytes(id)[..]);
+        self.origin_and_channel(&mut call);
         // Not waited for by replicas: a discard lost in a failover brings back only a session
         // nobody holds (which expires after one TTL), and waiting would stall the discards
         // while replicas lag.
-        let value = self.run(&invocation).await?;
+        let value = self.run(&call).await?;
         let (kind, _, expired) = reply("discard", &value)?;
         self.publish_local(expired);
         match kind.as_str() {
@@ -1213,6 +1280,63 @@ impl RedisStore {
             _ => Err(malformed("discard", &value)),
         }
     }
+}
+
+/// Glob matching the store's account hashes (braces are literal in Redis globs).
+pub const ACCOUNT_KEY_PATTERN: &str = "sg{*";
+
+/// The account and the sessions (active ones and tombstones) of one account hash, from its
+/// `HGETALL` (see `lua/common.lua` for the encoding); `None` for a hash of another shape. For the
+/// live-session count, tools and tests.
+pub fn decode_account_hash(fields: &[(Vec<u8>, Vec<u8>)]) -> Option<(String, Vec<SessionRecord>)> {
+    let account = fields.iter().find(|(f, _)| f == b"@")?;
+    let account = String::from_utf8(account.1.clone()).ok()?;
+    let tag = account_tag(&account);
+    let mut sessions = Vec::new();
+    for (field, value) in fields {
+        let Ok(random) = <[u8; 16]>::try_from(field.as_slice()) else {
+            continue;
+        };
+        if value.len() < 21 {
+            return None;
+        }
+        let int = |range: std::ops::Range<usize>| {
+            let bytes = &value[range];
+            let mut n: i64 = if bytes[0] & 0x80 != 0 { -1 } else { 0 };
+            for b in bytes {
+                n = (n << 8) | i64::from(*b);
+            }
+            n
+        };
+        let uint = |range: std::ops::Range<usize>| {
+            value[range]
+                .iter()
+                .fold(0i64, |n, b| (n << 8) | i64::from(*b))
+        };
+        let (state, reason) = match value[0] {
+            b'a' => (SessionState::Active, None),
+            b'e' => (SessionState::Revoked, Some(EndReason::Evicted)),
+            b'k' => (SessionState::Revoked, Some(EndReason::Kicked)),
+            b'd' => (SessionState::Revoked, Some(EndReason::Denied)),
+            b's' => (SessionState::Revoked, Some(EndReason::Shared)),
+            b'x' => (SessionState::Expired, Some(EndReason::Expired)),
+            _ => return None,
+        };
+        sessions.push(SessionRecord {
+            id: SessionId {
+                random: u128::from_be_bytes(random),
+                tag,
+            },
+            account: account.clone(),
+            stream_id: String::from_utf8(value[21..].to_vec()).ok()?,
+            state,
+            reason,
+            created_at_ms: int(5..11),
+            expires_at_ms: int(11..17),
+            ttl_ms: uint(17..21),
+        });
+    }
+    Some((account, sessions))
 }
 
 /// Parses `origin TAB id TAB account TAB stream TAB state TAB reason TAB created TAB expires TAB ttl`.
@@ -1329,7 +1453,7 @@ fn items(value: &Value) -> Option<&[Value]> {
     }
 }
 
-/// `{id, account, stream, state, reason, created, expires, ttl}` or nil.
+/// `{raw id, account, stream, state, reason, created, expires, ttl}` or nil.
 fn session(value: &Value) -> Option<Option<SessionRecord>> {
     if matches!(value, Value::Nil) {
         return Some(None);
@@ -1338,9 +1462,17 @@ fn session(value: &Value) -> Option<Option<SessionRecord>> {
     let [id, account, stream, state, reason, created, expires, ttl] = f else {
         return None;
     };
+    let Value::BulkString(id) = id else {
+        return None;
+    };
+    let account = text(account)?;
     Some(Some(SessionRecord {
-        id: text(id)?.parse().ok()?,
-        account: text(account)?,
+        // Stored by its random bytes; the tag is the account's, as when it was made.
+        id: SessionId {
+            random: u128::from_be_bytes(id.as_slice().try_into().ok()?),
+            tag: account_tag(&account),
+        },
+        account,
         stream_id: text(stream)?,
         state: parse_state(&text(state)?)?,
         reason: parse_reason(&text(reason)?),
@@ -1371,14 +1503,10 @@ fn reply<'a>(
 impl SessionStore for RedisStore {
     async fn open(&self, request: &OpenRequest<'_>) -> Result<OpenOutcome, StoreError> {
         let started = chrono::Utc::now().timestamp_millis();
-        let keys = AccountKeys::new(request.account);
         let id = SessionId::for_account(request.account);
-        let mut invocation = self.inner.scripts.open.prepare_invoke();
-        keys.add_keys(&mut invocation);
-        invocation
-            .arg(request.account)
-            .arg(request.stream_id)
-            .arg(id.to_string())
+        let mut call = self.account_call(Op::Open, request.account);
+        call.arg(request.stream_id)
+            .arg(&id_bytes(id)[..])
             .arg(request.limit)
             .arg(request.ttl_ms)
             .arg(match request.on_limit {
@@ -1399,9 +1527,9 @@ impl SessionStore for RedisStore {
         {
             self.connection().await?;
         }
-        invocation.arg(self.deadline(started));
-        self.origin_and_channel(&mut invocation);
-        let value = match self.run_changing(&invocation).await {
+        call.arg(self.deadline(started));
+        self.origin_and_channel(&mut call);
+        let value = match self.run_changing(&call).await {
             Ok(value) => value,
             // Not replicated in time: the admission stays on the master but nobody is given
             // it; discarded like an open whose caller gave up.
@@ -1478,12 +1606,10 @@ impl SessionStore for RedisStore {
         stream_id: &str,
         ttl_ms: i64,
     ) -> Result<HeartbeatOutcome, StoreError> {
-        let keys = AccountKeys::new(account);
-        let mut invocation = self.inner.scripts.heartbeat.prepare_invoke();
-        keys.add_keys(&mut invocation);
-        invocation.arg(stream_id).arg(ttl_ms);
-        self.origin_and_channel(&mut invocation);
-        let value = self.run_changing(&invocation).await?;
+        let mut call = self.account_call(Op::Heartbeat, account);
+        call.arg(stream_id).arg(ttl_ms);
+        self.origin_and_channel(&mut call);
+        let value = self.run_changing(&call).await?;
         let bad = || malformed("heartbeat", &value);
         let (kind, fields, expired) = reply("heartbeat", &value)?;
         self.publish_local(expired);
@@ -1503,12 +1629,10 @@ impl SessionStore for RedisStore {
         account: &str,
         stream_id: &str,
     ) -> Result<Option<SessionRecord>, StoreError> {
-        let keys = AccountKeys::new(account);
-        let mut invocation = self.inner.scripts.end.prepare_invoke();
-        keys.add_keys(&mut invocation);
-        invocation.arg(stream_id);
-        self.origin_and_channel(&mut invocation);
-        let value = self.run_changing(&invocation).await?;
+        let mut call = self.account_call(Op::End, account);
+        call.arg(stream_id);
+        self.origin_and_channel(&mut call);
+        let value = self.run_changing(&call).await?;
         let bad = || malformed("end", &value);
         let (kind, fields, expired) = reply("end", &value)?;
         self.publish_local(expired);
@@ -1520,11 +1644,9 @@ impl SessionStore for RedisStore {
     }
 
     async fn list(&self, account: &str) -> Result<Vec<SessionRecord>, StoreError> {
-        let keys = AccountKeys::new(account);
-        let mut invocation = self.inner.scripts.list.prepare_invoke();
-        keys.add_keys(&mut invocation);
-        self.origin_and_channel(&mut invocation);
-        let value = self.run(&invocation).await?;
+        let mut call = self.account_call(Op::List, account);
+        self.origin_and_channel(&mut call);
+        let value = self.run(&call).await?;
         let parts = items(&value).ok_or_else(|| malformed("list", &value))?;
         let [active, expired] = parts else {
             return Err(malformed("list", &value));
@@ -1534,9 +1656,7 @@ impl SessionStore for RedisStore {
     }
 
     async fn get(&self, id: SessionId) -> Result<Option<SessionRecord>, StoreError> {
-        let value = self
-            .run_for_session(&self.inner.scripts.get, id, false)
-            .await?;
+        let value = self.run_for_session(Op::Get, id, false).await?;
         let parts = items(&value).ok_or_else(|| malformed("get", &value))?;
         let [found, expired] = parts else {
             return Err(malformed("get", &value));
@@ -1547,7 +1667,7 @@ impl SessionStore for RedisStore {
 
     async fn revoke(&self, id: SessionId, reason: EndReason) -> Result<KickOutcome, StoreError> {
         let value = self
-            .run_for_session_with(&self.inner.scripts.kick, id, true, Some(reason.as_str()))
+            .run_for_session_with(Op::Kick, id, true, Some(reason.as_str()))
             .await?;
         let bad = || malformed("kick", &value);
         let (kind, fields, expired) = reply("kick", &value)?;
@@ -1570,16 +1690,11 @@ impl SessionStore for RedisStore {
         ttl_ms: i64,
         renew_after_ms: i64,
     ) -> Result<Option<Touched>, StoreError> {
-        let mut invocation = self.inner.scripts.touch.prepare_invoke();
-        invocation
-            .key(session_key(id))
-            .arg(tag_prefix(id.tag))
-            .arg(id.to_string())
-            .arg(ttl_ms)
-            .arg(renew_after_ms);
-        self.origin_and_channel(&mut invocation);
+        let mut call = self.inner.library.call(Op::Touch, account_key(id.tag));
+        call.arg(&id_bytes(id)[..]).arg(ttl_ms).arg(renew_after_ms);
+        self.origin_and_channel(&mut call);
         let connection = self.connection().await?;
-        let value = self.run_on(&connection, &invocation).await?;
+        let value = self.run_on(&connection, &call).await?;
         let bad = || malformed("touch", &value);
         let [found, renewed, expired] = items(&value).ok_or_else(bad)? else {
             return Err(bad());
@@ -1596,17 +1711,13 @@ impl SessionStore for RedisStore {
     }
 
     async fn adopt(&self, record: &SessionRecord) -> Result<bool, StoreError> {
-        let keys = AccountKeys::new(&record.account);
-        let mut invocation = self.inner.scripts.adopt.prepare_invoke();
-        keys.add_keys(&mut invocation);
-        invocation
-            .arg(&record.account)
-            .arg(&record.stream_id)
-            .arg(record.id.to_string())
+        let mut call = self.account_call(Op::Adopt, &record.account);
+        call.arg(&record.stream_id)
+            .arg(&id_bytes(record.id)[..])
             .arg(record.created_at_ms)
             .arg(record.ttl_ms);
-        self.origin_and_channel(&mut invocation);
-        let value = self.run_changing(&invocation).await?;
+        self.origin_and_channel(&mut call);
+        let value = self.run_changing(&call).await?;
         let (kind, _, expired) = reply("adopt", &value)?;
         self.publish_local(expired);
         match kind.as_str() {
@@ -1656,32 +1767,26 @@ impl SessionStore for RedisStore {
         after: Option<SessionId>,
         limit: usize,
     ) -> Result<SessionPage, StoreError> {
-        let mut ids: Vec<SessionId> = self
-            .scan_session_ids()
-            .await?
-            .into_iter()
-            .filter(|id| after.is_none_or(|a| *id > a))
-            .collect();
-        ids.sort();
-        ids.dedup();
         let now = self.inner.clock.as_ref().map_or_else(
             || chrono::Utc::now().timestamp_millis(),
             |clock| clock.now_ms(),
         );
-        let mut page = SessionPage::default();
-        for (index, id) in ids.iter().enumerate() {
-            if page.sessions.len() == limit {
-                page.next_after = index.checked_sub(1).map(|i| ids[i]);
-                break;
-            }
-            // Cut (or gone since the scan) sessions are skipped: the page lists live ones.
-            if let Some(record) = self.get(*id).await?
-                && record.is_active_at(now)
-            {
-                page.sessions.push(record);
-            }
-        }
-        Ok(page)
+        // Tombstones, and sessions overdue but not yet expired by a call, are left out: the
+        // page lists live ones.
+        let mut active: Vec<SessionRecord> = self
+            .scan_sessions()
+            .await?
+            .into_iter()
+            .filter(|r| r.is_active_at(now) && after.is_none_or(|a| r.id > a))
+            .collect();
+        active.sort_by_key(|r| r.id);
+        active.dedup_by_key(|r| r.id);
+        let more = active.len() > limit;
+        active.truncate(limit);
+        Ok(SessionPage {
+            next_after: more.then(|| active.last().map(|r| r.id)).flatten(),
+            sessions: active,
+        })
     }
 
     async fn active_sessions(&self) -> Result<Option<u64>, StoreError> {
@@ -1882,15 +1987,7 @@ mod tests {
     }
 
     #[test]
-    fn session_keys_are_told_apart_from_account_keys() {
-        let id = SessionId::for_account("123");
-        assert_eq!(session_id_of_key(&session_key(id)), Some(id));
-        let account = AccountKeys::new("123");
-        assert_eq!(
-            session_id_of_key(&format!("{}s:{id}", account.account_prefix)),
-            None
-        );
-        assert_eq!(session_id_of_key("sg:{0000}:s:zz"), None);
+    fn cluster_masters_are_read_from_cluster_nodes() {
         let nodes = "a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460\n\
                      b2 127.0.0.1:7002@17002 slave a1 0 0 1 connected\n\
                      c3 127.0.0.1:7003@17003 master,fail - 0 0 3 connected\n";
@@ -1899,14 +1996,34 @@ mod tests {
 
     #[test]
     fn account_keys_hide_caller_characters_and_share_a_hash_tag() {
-        let keys = AccountKeys::new("{x}:y");
-        let tag = format!("{:08x}", account_tag("{x}:y"));
-        assert_eq!(keys.tag_prefix, format!("sg:{{{tag}}}:"));
-        assert_eq!(keys.account_prefix, format!("sg:{{{tag}}}:a:7b787d3a79:"));
-        // The only braces in any key are the store's own hash tag.
-        assert_eq!(keys.account_prefix.matches('{').count(), 1);
+        let tag = account_tag("{x}:y");
+        let key = account_key(tag);
+        assert_eq!(key, format!("sg{{{tag:08x}}}"));
+        // The key is the tag alone: nothing a caller chose steers the Cluster slot.
+        assert_eq!(key.matches('{').count(), 1);
+        // A session id finds its account's hash.
         let id = SessionId::for_account("{x}:y");
-        assert!(session_key(id).starts_with(&keys.tag_prefix));
+        assert_eq!(account_key(id.tag), key);
+    }
+
+    #[test]
+    fn the_library_names_its_functions_by_its_code() {
+        let library = Library::new();
+        let name = library.function(Op::Open).to_string();
+        let version = name.strip_prefix("sg_open_").unwrap();
+        assert_eq!(version.len(), 12);
+        assert!(
+            library
+                .code
+                .starts_with(&format!("#!lua name=streamgate_{version}\n"))
+        );
+        for op in Op::ALL {
+            assert!(
+                library
+                    .code
+                    .contains(&format!("'{}'", library.function(op)))
+            );
+        }
     }
 
     #[test]

@@ -2,11 +2,11 @@
 //!
 //! Admission never needs a global count (each account's scripts count its own sessions), and a
 //! global counter key would sit outside every account's Cluster slot. So the count is taken in
-//! the background instead: every `--active-sessions-refresh` a task SCANs the account index keys
-//! (`sg:{TAG}:a:HEXACCOUNT:exp`, one per account with sessions) on the server, or on every master
-//! of a Cluster, and asks each, in pipelined batches, how many of its sessions expire after the
-//! server's "now" (`ZCOUNT exp (now +inf`): exactly the sessions the next admission of that
-//! account would count. The result is grouped by the policy each account gets, cached, and
+//! the background instead: every `--active-sessions-refresh` a task SCANs the account hashes
+//! (`sg{TAG}`, one per account with sessions; see `lua/common.lua`) on the server, or on every
+//! master of a Cluster, reads each (`HGETALL`, in pipelined batches) and counts its active
+//! sessions that expire after the server's "now": exactly the sessions the next admission of
+//! that account would count. The result is grouped by the policy each account gets, cached, and
 //! exported with its age; a scrape only reads the cache.
 //!
 //! How exact: one refresh is not a snapshot of the whole store: sessions opened or ended while
@@ -21,14 +21,13 @@ use redis::aio::MultiplexedConnection;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::redis_store::RedisTarget;
+use super::redis_store::{ACCOUNT_KEY_PATTERN, RedisTarget, decode_account_hash};
 use crate::engine::Policies;
 use crate::metrics::Metrics;
+use crate::session::SessionState;
 
-/// Keys SCAN asks for per round trip, and ZCOUNTs sent per pipeline.
+/// Keys SCAN asks for per round trip, and HGETALLs sent per pipeline.
 const BATCH: usize = 1000;
-/// Glob of the account index keys (braces are literal in Redis globs).
-const ACCOUNT_INDEX_PATTERN: &str = "sg:{*}:a:*:exp";
 
 /// Live sessions of each account that has any, as counted on the store.
 pub type AccountCounts = BTreeMap<String, u64>;
@@ -62,21 +61,6 @@ pub fn group_by_policy(counts: &AccountCounts, policies: &Policies) -> BTreeMap<
     by_policy
 }
 
-/// The account whose index key this is, or `None` for a key of another shape.
-pub fn account_of_index_key(key: &str) -> Option<String> {
-    let rest = key.strip_prefix("sg:{")?;
-    let (_tag, rest) = rest.split_once("}:a:")?;
-    let hex = rest.strip_suffix(":exp")?;
-    if hex.is_empty() || hex.len() % 2 != 0 {
-        return None;
-    }
-    let bytes = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
-        .collect::<Option<Vec<u8>>>()?;
-    String::from_utf8(bytes).ok()
-}
-
 async fn count_node(
     connection: &mut MultiplexedConnection,
     counts: &mut AccountCounts,
@@ -86,9 +70,11 @@ async fn count_node(
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
-            .arg(ACCOUNT_INDEX_PATTERN)
+            .arg(ACCOUNT_KEY_PATTERN)
             .arg("COUNT")
             .arg(BATCH)
+            .arg("TYPE")
+            .arg("hash")
             .query_async(connection)
             .await?;
         if !keys.is_empty() {
@@ -98,18 +84,19 @@ async fn count_node(
             let now_ms = seconds * 1000 + micros / 1000;
             let mut pipe = redis::pipe();
             for key in &keys {
-                pipe.cmd("ZCOUNT")
-                    .arg(key)
-                    .arg(format!("({now_ms}"))
-                    .arg("+inf");
+                pipe.cmd("HGETALL").arg(key);
             }
-            let live: Vec<u64> = pipe.query_async(connection).await?;
-            for (key, n) in keys.iter().zip(live) {
-                if n == 0 {
+            let hashes: Vec<Vec<(Vec<u8>, Vec<u8>)>> = pipe.query_async(connection).await?;
+            for fields in hashes {
+                let Some((account, sessions)) = decode_account_hash(&fields) else {
                     continue;
-                }
-                if let Some(account) = account_of_index_key(key) {
-                    *counts.entry(account).or_insert(0) += n;
+                };
+                let live = sessions
+                    .iter()
+                    .filter(|s| s.state == SessionState::Active && s.expires_at_ms > now_ms)
+                    .count() as u64;
+                if live > 0 {
+                    *counts.entry(account).or_insert(0) += live;
                 }
             }
         }
@@ -122,7 +109,7 @@ async fn count_node(
 
 /// The nodes holding data: the server itself, or every master of the Cluster (read from the
 /// first seed node that answers `CLUSTER NODES`).
-async fn node_urls(target: &RedisTarget) -> Result<Vec<String>, CountError> {
+pub async fn node_urls(target: &RedisTarget) -> Result<Vec<String>, CountError> {
     let seeds = match target {
         RedisTarget::Standalone(url) => return Ok(vec![url.clone()]),
         RedisTarget::Cluster(seeds) => seeds,
@@ -321,15 +308,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn index_keys_decode_to_their_account() {
+    fn account_hashes_decode_to_their_sessions() {
+        // '>c1I4i6i6I4' + stream, as lua/common.lua packs a session.
+        let mut value = vec![b'k', 0, 0, 0, 7];
+        value.extend_from_slice(&1_796_030_402_223i64.to_be_bytes()[2..]);
+        value.extend_from_slice(&1_796_030_403_000i64.to_be_bytes()[2..]);
+        value.extend_from_slice(&90_000u32.to_be_bytes());
+        value.extend_from_slice(b"tv");
+        let fields = vec![
+            (b"@".to_vec(), b"{x}:y".to_vec()),
+            ([9u8; 16].to_vec(), value),
+        ];
+        let (account, sessions) = decode_account_hash(&fields).unwrap();
+        assert_eq!(account, "{x}:y");
+        let [session] = &sessions[..] else {
+            panic!("{sessions:?}")
+        };
+        assert_eq!(session.id.tag, crate::session::account_tag("{x}:y"));
+        assert_eq!(session.id.random, u128::from_be_bytes([9; 16]));
+        assert_eq!(session.stream_id, "tv");
+        assert_eq!(session.state, SessionState::Revoked);
+        assert_eq!(session.reason, Some(crate::session::EndReason::Kicked));
         assert_eq!(
-            account_of_index_key("sg:{0a1b2c3d}:a:7b787d3a79:exp").as_deref(),
-            Some("{x}:y")
+            (session.created_at_ms, session.expires_at_ms, session.ttl_ms),
+            (1_796_030_402_223, 1_796_030_403_000, 90_000)
         );
-        assert_eq!(account_of_index_key("sg:{0a1b2c3d}:a:7b787d3a79:age"), None);
-        assert_eq!(account_of_index_key("sg:{0a1b2c3d}:a:7b7:exp"), None);
-        assert_eq!(account_of_index_key("sg:{0a1b2c3d}:a:zz:exp"), None);
-        assert_eq!(account_of_index_key("other:a:31:exp"), None);
+        // Not an account hash: no account field.
+        assert!(decode_account_hash(&[(b"x".to_vec(), b"y".to_vec())]).is_none());
     }
 
     #[test]

@@ -2,22 +2,28 @@
 -- an outage), keeping its id and creation time, renewed from now. It was admitted already, so
 -- the limit is not applied again; if its stream has another active session by now, that one wins;
 -- if its player ended it (through another sidecar) within its TTL, it stays ended.
--- KEYS[1] A..'streams', KEYS[2] A..'age', KEYS[3] A..'exp', KEYS[4] A..'cut'
--- ARGV: P, A, account, stream, id, created ms, ttl ms, origin, channel
+-- KEYS[1] the account's tag hash
+-- ARGV: account, stream, id (16 raw bytes), created ms, ttl ms, origin, channel
 -- Reply: {'adopted' | 'present' | 'taken' | 'ended', expired}
-local P, A, account, stream, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local created, ttl, origin, channel = tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8], ARGV[9]
+local account, stream, id = ARGV[1], ARGV[2], ARGV[3]
+local created, ttl, origin, channel = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7]
 local now = now_ms()
-local expired = expire_overdue(P, A, now, origin, channel)
-if redis.call('EXISTS', P .. 's:' .. id) == 1 then
-  return {'present', expired}
+local h = account_hash(KEYS[1], account)
+local expired = expire_overdue(h, now, origin, channel)
+for _, s in ipairs(h.sessions) do
+  if s.id == id and not s.removed then
+    save(h)
+    return {'present', expired}
+  end
 end
-local ended_until = redis.call('GET', P .. 'e:' .. id)
-if ended_until and tonumber(ended_until) > now then
+if h.ended[id] then
+  save(h)
   return {'ended', expired}
 end
-if redis.call('HGET', KEYS[1], stream) then
+if active_of_stream(h, stream) then
+  save(h)
   return {'taken', expired}
 end
-insert(P, A, account, stream, id, created, now, ttl)
+insert(h, id, stream, created, now, ttl)
+save(h)
 return {'adopted', expired}

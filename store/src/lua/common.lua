@@ -1,22 +1,28 @@
 -- Shared by every StreamGate script; each operation's script is this file followed by its body.
 --
--- Key layout. P is the account's tag prefix `sg:{TTTTTTTT}:` (TTTTTTTT: the account tag in hex,
--- derived by hashing the account id, never chosen by a caller). A is the account prefix
--- P .. 'a:' .. hex(account) .. ':' (hex, so `{`, `}` and `:` in an account id cannot steer the
--- Redis Cluster slot or collide with another account's keys).
---   A..'streams'  HASH  streamId -> sessionId of its active session
---   A..'age'      ZSET  sessionId -> createdAt (ms) * 1000 + A..'seq' mod 1000: admission
---                       order, for EvictOldest, exact even within one millisecond
---   A..'seq'      STRING admission counter of the account
---   A..'exp'      ZSET  sessionId -> expiresAt (ms): finds overdue sessions without a scan
---   A..'cut'      HASH  streamId -> sessionId most recently cut, so a heartbeat can answer 410
---   P..'s:'..id   HASH  the session: account, stream, state, reason, created, expires, ttl, akey
---   P..'e:'..id   STRING until when (ms) a session its player ended stays ended (one TTL), so a
---                       sidecar that admitted it without the store (and may hold it still)
---                       cannot write it back
--- Every key of an account and of its sessions carries the tag, so a script touches one slot even
--- where it builds session keys from ids it reads. Keys expire by themselves (PEXPIREAT) one TTL
--- after they stop mattering, so nothing needs a global sweep.
+-- Key layout: one hash per account, nothing else.
+--   K = 'sg{TTTTTTTT}' (TTTTTTTT: the account's tag in hex, derived by hashing the account id,
+--   never chosen by a caller; the braces make it the Redis Cluster hash tag). Every session id
+--   carries the tag too, so a look-up by id finds the hash without knowing the account.
+--   K['@']        the account id (raw bytes)
+--   K[ID]         one session per field, named by the 16 random bytes of its id (raw), holding
+--                 struct '>c1I4i6i6I4' (state code, admission seq, created ms, expires ms,
+--                 ttl ms) followed by the stream id (raw). State codes: 'a' active, 'e' revoked
+--                 (evicted), 'k' revoked (kicked), 'd' revoked (denied), 's' revoked (shared),
+--                 'x' expired. A cut session stays as a tombstone (its expires is the
+--                 cut time) for one TTL, to answer 410.
+--   K['e'..ID]    a session its player ended, for one TTL after the end: until when (ms). It
+--                 stops a write-back (adopt) of that id by a sidecar that admitted it without
+--                 the store and may hold it still; it answers nothing else (an ended session is
+--                 gone, not cut). About 30 bytes in the hash while it lasts.
+--   K['o']        only when other accounts share the tag (a 32-bit tag: about a hundred pairs
+--                 among a million accounts): their hex ids, space-separated. Such an account
+--                 lives in the hash K .. hex(account), same layout, same slot.
+-- A hash of a few sessions stays a listpack (hash-max-listpack-entries, 128 by default: 127
+-- sessions and tombstones), which is what keeps a session near 50 bytes. Every call reads the
+-- whole hash of its account (HGETALL), so its cost grows with that account's sessions, never
+-- with the store's. The key expires by itself (PEXPIREAT) when its last session or tombstone
+-- stops mattering, and is deleted when it holds none, so nothing needs a global sweep.
 --
 -- "Now" is the Redis server's clock (TIME), never a sidecar's: skewed sidecars cannot over-admit
 -- or expire sessions early. (Tests that move time by hand append the two ARGV '__now__', MS
@@ -24,6 +30,17 @@
 -- channel, so no caller-supplied value can sit in that position.) Cuts (evicted, kicked,
 -- expired) are published on the revocation channel as:
 -- origin TAB id TAB account TAB stream TAB state TAB reason TAB created TAB expires TAB ttl
+-- Sessions are returned to the caller as {raw id, account, stream, state, reason, created,
+-- expires, ttl}.
+
+-- The arguments of the running call (set by each function on entry; Redis runs one at a time).
+local KEYS, ARGV
+
+local FORMAT = '>c1I4i6i6I4'
+local STATE = {a = 'active', e = 'revoked', k = 'revoked', d = 'revoked', s = 'revoked',
+  x = 'expired'}
+local REASON = {a = '', e = 'evicted', k = 'kicked', d = 'denied', s = 'shared', x = 'expired'}
+local CODE = {evicted = 'e', kicked = 'k', denied = 'd', shared = 's', expired = 'x'}
 
 local function now_ms()
   if #ARGV >= 2 and ARGV[#ARGV - 1] == '__now__' then
@@ -33,114 +50,285 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- A session as a reply: {id, account, stream, state, reason, created, expires, ttl}, or false.
-local function record(P, id)
-  local f = redis.call('HMGET', P .. 's:' .. id,
-    'account', 'stream', 'state', 'reason', 'created', 'expires', 'ttl')
-  if not f[1] then
-    return false
+local function hex(s)
+  return (string.gsub(s, '.', function(c) return string.format('%02x', string.byte(c)) end))
+end
+
+-- The account hash at key `k`: {key, account, over, sessions = {...}, dirty = {}, gone = {}}.
+local function load(k)
+  local flat = redis.call('HGETALL', k)
+  local h = {key = k, sessions = {}, ended = {}, dirty = {}, gone = {}}
+  for i = 1, #flat, 2 do
+    local f, v = flat[i], flat[i + 1]
+    if f == '@' then
+      h.account = v
+    elseif f == 'o' then
+      h.over = v
+    elseif #f == 17 then
+      h.ended[string.sub(f, 2)] = tonumber(v)
+    else
+      local code, seq, created, expires, ttl, at = struct.unpack(FORMAT, v)
+      h.sessions[#h.sessions + 1] = {id = f, code = code, seq = seq, created = created,
+        expires = expires, ttl = ttl, stream = string.sub(v, at)}
+    end
   end
-  return {id, f[1], f[2], f[3], f[4] or '', tonumber(f[5]), tonumber(f[6]), tonumber(f[7])}
+  return h
 end
 
--- `rec` if it is still answerable at `now`: active, or cut less than its TTL ago. (Its hash
--- expires by itself then too; this check makes the answer exact whenever Redis gets to it.)
-local function answerable(rec, now)
-  if rec and (rec[4] == 'active' or rec[7] + rec[8] > now) then
-    return rec
+-- The hash of `account`, whose tag hash is `main`: `main` itself unless another account holds it.
+local function account_hash(main, account)
+  local h = load(main)
+  if h.account == nil or h.account == account then
+    h.account = h.account or account
+    h.new = #h.sessions == 0
+    return h
   end
-  return false
+  local o = load(main .. hex(account))
+  o.account = account
+  o.new = #o.sessions == 0
+  o.main, o.main_over = main, h.over
+  return o
 end
 
--- Keeps `key` until at least `until_ms` (PEXPIRETIME: -1 no expiry, -2 no key).
-local function keep(key, until_ms)
-  local at = redis.call('PEXPIRETIME', key)
-  if at == -1 or (at >= 0 and at < until_ms) then
-    redis.call('PEXPIREAT', key, until_ms)
+-- The hash holding session `id` and the session, or nil.
+local function find(main, id)
+  local h = load(main)
+  for _, s in ipairs(h.sessions) do
+    if s.id == id then
+      return h, s
+    end
   end
-end
-
-local function publish(channel, origin, rec)
-  redis.call('PUBLISH', channel, table.concat({origin, rec[1], rec[2], rec[3], rec[4], rec[5],
-    string.format('%d', rec[6]), string.format('%d', rec[7]), string.format('%d', rec[8])}, '\t'))
-end
-
--- Turns active session `id` into a tombstone that answers for one TTL after `at`.
--- Returns the cut session.
-local function cut(P, A, id, reason, at, now, origin, channel)
-  local skey = P .. 's:' .. id
-  if redis.call('EXISTS', skey) == 0 then
-    -- Its hash already expired (nobody touched the account for a whole tombstone time): drop
-    -- what still points at it. Nothing to answer for, nothing to announce.
-    redis.call('ZREM', A .. 'age', id)
-    redis.call('ZREM', A .. 'exp', id)
-    local streams = redis.call('HGETALL', A .. 'streams')
-    for i = 1, #streams, 2 do
-      if streams[i + 1] == id then
-        redis.call('HDEL', A .. 'streams', streams[i])
+  for suffix in string.gmatch(h.over or '', '%S+') do
+    local o = load(main .. suffix)
+    o.main, o.main_over = main, h.over
+    for _, s in ipairs(o.sessions) do
+      if s.id == id then
+        return o, s
       end
     end
-    return false
   end
-  local state = 'revoked'
-  if reason == 'expired' then
-    state = 'expired'
-  end
-  redis.call('HSET', skey, 'state', state, 'reason', reason, 'expires', at)
-  local rec = record(P, id)
-  local stream = rec[3]
-  if redis.call('HGET', A .. 'streams', stream) == id then
-    redis.call('HDEL', A .. 'streams', stream)
-  end
-  redis.call('ZREM', A .. 'age', id)
-  redis.call('ZREM', A .. 'exp', id)
-  local gone_at = at + rec[8]
-  if gone_at <= now then
-    -- Noticed only after its tombstone time ran out too: forget it at once, as if on time.
-    redis.call('DEL', skey)
-  else
-    redis.call('PEXPIREAT', skey, gone_at)
-    redis.call('HSET', A .. 'cut', stream, id)
-    keep(A .. 'cut', gone_at)
-  end
-  publish(channel, origin, rec)
-  return rec
+  return nil, nil
 end
 
--- Expires the account's overdue sessions. Returns them.
-local function expire_overdue(P, A, now, origin, channel)
-  local overdue = redis.call('ZRANGEBYSCORE', A .. 'exp', '-inf', now, 'WITHSCORES')
+local function record(h, s)
+  return {s.id, h.account, s.stream, STATE[s.code], REASON[s.code], s.created, s.expires, s.ttl}
+end
+
+-- `s` if it is still answerable at `now`: active, or cut less than its TTL ago.
+local function answerable(s, now)
+  if s and not s.removed and (s.code == 'a' or s.expires + s.ttl > now) then
+    return s
+  end
+  return nil
+end
+
+local function touched(h, s)
+  h.dirty[#h.dirty + 1] = s
+end
+
+local function remove(h, s)
+  s.removed = true
+  h.gone[#h.gone + 1] = s.id
+end
+
+-- Removes active session `s`, which its player ended, and marks its id ended until one TTL
+-- from `now`.
+local function mark_ended(h, s, now)
+  remove(h, s)
+  h.ended[s.id] = now + s.ttl
+  h.marked = s.id
+end
+
+local function publish(channel, origin, h, s, tag)
+  redis.call('PUBLISH', channel, table.concat({origin, hex(s.id) .. tag, h.account, s.stream,
+    STATE[s.code], REASON[s.code], string.format('%d', s.created),
+    string.format('%d', s.expires), string.format('%d', s.ttl)}, '\t'))
+end
+
+-- Turns active session `s` into a tombstone that answers for one TTL after `at`, announces it
+-- and returns its record.
+local function cut(h, s, reason, at, now, origin, channel)
+  s.code = CODE[reason]
+  s.expires = at
+  if at + s.ttl <= now then
+    -- Noticed only after its tombstone time ran out too: forget it at once, as if on time.
+    remove(h, s)
+  else
+    touched(h, s)
+  end
+  publish(channel, origin, h, s, string.sub(KEYS[1], 4, 11))
+  return record(h, s)
+end
+
+-- Expires the account's overdue sessions and forgets tombstones and ended markers past their
+-- time. Returns the expired sessions.
+local function expire_overdue(h, now, origin, channel)
+  for id, until_ms in pairs(h.ended) do
+    if until_ms <= now then
+      h.ended[id] = nil
+      h.gone[#h.gone + 1] = 'e' .. id
+    end
+  end
   local expired = {}
-  for i = 1, #overdue, 2 do
-    local rec = cut(P, A, overdue[i], 'expired', tonumber(overdue[i + 1]), now, origin, channel)
-    if rec then
-      expired[#expired + 1] = rec
+  for _, s in ipairs(h.sessions) do
+    if s.code == 'a' then
+      if s.expires <= now then
+        expired[#expired + 1] = cut(h, s, 'expired', s.expires, now, origin, channel)
+      end
+    elseif s.expires + s.ttl <= now then
+      remove(h, s)
     end
   end
   return expired
 end
 
--- Renews active session `id` for `ttl` ms. Returns it.
-local function renew(P, A, id, now, ttl)
-  local skey = P .. 's:' .. id
-  local expires = now + ttl
-  redis.call('HSET', skey, 'expires', expires, 'ttl', ttl)
-  redis.call('PEXPIREAT', skey, expires + ttl)
-  redis.call('ZADD', A .. 'exp', expires, id)
-  keep(A .. 'streams', expires + ttl)
-  keep(A .. 'age', expires + ttl)
-  keep(A .. 'exp', expires + ttl)
-  return record(P, id)
+-- The account's active sessions, oldest first (by creation, then admission order).
+local function active(h)
+  local out = {}
+  for _, s in ipairs(h.sessions) do
+    if s.code == 'a' and not s.removed then
+      out[#out + 1] = s
+    end
+  end
+  table.sort(out, function(x, y)
+    if x.created ~= y.created then
+      return x.created < y.created
+    end
+    return x.seq < y.seq
+  end)
+  return out
 end
 
--- The account's active sessions, oldest first.
-local function active(P, A)
-  local ids = redis.call('ZRANGE', A .. 'age', 0, -1)
-  local out = {}
-  for i = 1, #ids do
-    out[#out + 1] = record(P, ids[i])
+local function count_active(h)
+  local n = 0
+  for _, s in ipairs(h.sessions) do
+    if s.code == 'a' and not s.removed then
+      n = n + 1
+    end
   end
-  return out
+  return n
+end
+
+local function active_of_stream(h, stream)
+  for _, s in ipairs(h.sessions) do
+    if s.code == 'a' and not s.removed and s.stream == stream then
+      return s
+    end
+  end
+  return nil
+end
+
+-- Renews active session `s` for `ttl` ms from `now`.
+local function renew(h, s, now, ttl)
+  s.expires = now + ttl
+  s.ttl = ttl
+  touched(h, s)
+end
+
+-- Adds a new active session.
+local function insert(h, id, stream, created, now, ttl)
+  local seq = 0
+  for _, s in ipairs(h.sessions) do
+    if s.seq > seq then
+      seq = s.seq
+    end
+  end
+  local s = {id = id, code = 'a', seq = (seq + 1) % 4294967296, created = created,
+    expires = now + ttl, ttl = ttl, stream = stream}
+  h.sessions[#h.sessions + 1] = s
+  touched(h, s)
+  return s
+end
+
+local function hset(key, args)
+  -- unpack() is bounded by the Lua stack: write in slices.
+  for i = 1, #args, 1000 do
+    redis.call('HSET', key, unpack(args, i, math.min(i + 999, #args)))
+  end
+end
+
+-- Writes back what changed in `h`, and sets the key to expire when its last session or
+-- tombstone stops mattering (or deletes it when it holds none).
+local function save(h)
+  if #h.dirty == 0 and #h.gone == 0 then
+    return
+  end
+  local until_ms, left = 0, 0
+  for _, s in ipairs(h.sessions) do
+    if not s.removed then
+      left = left + 1
+      if s.expires + s.ttl > until_ms then
+        until_ms = s.expires + s.ttl
+      end
+    end
+  end
+  for _, marker_until in pairs(h.ended) do
+    left = left + 1
+    if marker_until > until_ms then
+      until_ms = marker_until
+    end
+  end
+  if left == 0 and h.over == nil then
+    redis.call('DEL', h.key)
+    if h.main then
+      -- An overflow hash: drop it from its tag hash's list.
+      local suffix = string.sub(h.key, #h.main + 1)
+      local rest = {}
+      for other in string.gmatch(h.main_over or '', '%S+') do
+        if other ~= suffix then
+          rest[#rest + 1] = other
+        end
+      end
+      if #rest == 0 then
+        redis.call('HDEL', h.main, 'o')
+      else
+        redis.call('HSET', h.main, 'o', table.concat(rest, ' '))
+      end
+    end
+    return
+  end
+  if #h.gone > 0 then
+    for i = 1, #h.gone, 1000 do
+      redis.call('HDEL', h.key, unpack(h.gone, i, math.min(i + 999, #h.gone)))
+    end
+  end
+  local args = {}
+  if h.new then
+    args[1], args[2] = '@', h.account
+  end
+  for _, s in ipairs(h.dirty) do
+    if not s.removed then
+      args[#args + 1] = s.id
+      args[#args + 1] = struct.pack(FORMAT, s.code, s.seq, s.created, s.expires, s.ttl) .. s.stream
+    end
+  end
+  if h.marked then
+    args[#args + 1] = 'e' .. h.marked
+    args[#args + 1] = string.format('%d', h.ended[h.marked])
+  end
+  if #args > 0 then
+    hset(h.key, args)
+  end
+  if until_ms > 0 then
+    redis.call('PEXPIREAT', h.key, until_ms)
+  end
+  if h.main then
+    if h.new then
+      local listed = false
+      for other in string.gmatch(h.main_over or '', '%S+') do
+        listed = listed or other == string.sub(h.key, #h.main + 1)
+      end
+      if not listed then
+        local list = string.sub(h.key, #h.main + 1)
+        if h.main_over then
+          list = h.main_over .. ' ' .. list
+        end
+        redis.call('HSET', h.main, 'o', list)
+      end
+    end
+    -- The tag hash lists this one, so it must last at least as long.
+    redis.call('PEXPIREAT', h.main, until_ms, 'GT')
+  end
 end
 
 -- The admission rule (admission::decide in Rust; both are tested against one decision table).
@@ -162,19 +350,10 @@ local function decide(count, limit, on_limit, mode)
   return would, evict, ''
 end
 
--- Stores a new active session created at `created`, expiring `ttl` ms after `now`.
-local function insert(P, A, account, stream, id, created, now, ttl)
-  local skey = P .. 's:' .. id
-  local expires = now + ttl
-  redis.call('HSET', skey, 'account', account, 'stream', stream, 'state', 'active', 'reason', '',
-    'created', created, 'expires', expires, 'ttl', ttl, 'akey', A)
-  redis.call('PEXPIREAT', skey, expires + ttl)
-  redis.call('HSET', A .. 'streams', stream, id)
-  local seq = redis.call('INCR', A .. 'seq') % 1000
-  redis.call('ZADD', A .. 'age', created * 1000 + seq, id)
-  redis.call('ZADD', A .. 'exp', expires, id)
-  keep(A .. 'streams', expires + ttl)
-  keep(A .. 'age', expires + ttl)
-  keep(A .. 'exp', expires + ttl)
-  keep(A .. 'seq', expires + ttl)
+local function records(h, list)
+  local out = {}
+  for i, s in ipairs(list) do
+    out[i] = record(h, s)
+  end
+  return out
 end

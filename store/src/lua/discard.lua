@@ -1,23 +1,27 @@
 -- discard: removes a session admitted by an open whose caller gave up (it timed out waiting for
 -- the answer, so nobody was given the id), unless it has been renewed since (a retry of the
 -- same stream was given it by then: it is held). Nothing is announced: nobody holds it.
--- KEYS[1] A..'streams', KEYS[2] A..'age', KEYS[3] A..'exp', KEYS[4] A..'cut'
--- ARGV: P, A, id, origin, channel
+-- KEYS[1] the account's tag hash
+-- ARGV: account, id (16 raw bytes), origin, channel
 -- Reply: {'discarded' | 'kept' | 'absent', expired}
-local P, A, id, origin, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local account, id, origin, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now = now_ms()
-local expired = expire_overdue(P, A, now, origin, channel)
-local rec = record(P, id)
-if not rec or rec[4] ~= 'active' then
+local h = account_hash(KEYS[1], account)
+local expired = expire_overdue(h, now, origin, channel)
+local s
+for _, t in ipairs(h.sessions) do
+  if t.id == id and t.code == 'a' and not t.removed then
+    s = t
+  end
+end
+if not s then
+  save(h)
   return {'absent', expired}
 end
-if rec[7] ~= rec[6] + rec[8] then
+if s.expires ~= s.created + s.ttl then
+  save(h)
   return {'kept', expired}
 end
-if redis.call('HGET', KEYS[1], rec[3]) == id then
-  redis.call('HDEL', KEYS[1], rec[3])
-end
-redis.call('ZREM', KEYS[2], id)
-redis.call('ZREM', KEYS[3], id)
-redis.call('DEL', P .. 's:' .. id)
+remove(h, s)
+save(h)
 return {'discarded', expired}

@@ -1,21 +1,28 @@
 -- heartbeat: renews the active session of (account, stream).
--- KEYS[1] A..'streams', KEYS[2] A..'age', KEYS[3] A..'exp', KEYS[4] A..'cut'
--- ARGV: P, A, stream, ttl ms, origin, channel
+-- KEYS[1] the account's tag hash
+-- ARGV: account, stream, ttl ms, origin, channel
 -- Reply: {'renewed', active count, session, expired} | {'gone', 0, session, expired}
 --      | {'notfound', 0, false, expired}
-local P, A, stream, ttl, origin, channel = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local account, stream, ttl, origin, channel = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local now = now_ms()
-local expired = expire_overdue(P, A, now, origin, channel)
-local id = redis.call('HGET', KEYS[1], stream)
-if id then
-  local rec = renew(P, A, id, now, ttl)
-  return {'renewed', redis.call('ZCARD', KEYS[2]), rec, expired}
+local h = account_hash(KEYS[1], account)
+local expired = expire_overdue(h, now, origin, channel)
+local s = active_of_stream(h, stream)
+if s then
+  renew(h, s, now, ttl)
+  save(h)
+  return {'renewed', count_active(h), record(h, s), expired}
 end
-local cut_id = redis.call('HGET', KEYS[4], stream)
-if cut_id then
-  local rec = answerable(record(P, cut_id), now)
-  if rec then
-    return {'gone', 0, rec, expired}
+save(h)
+-- The stream's most recently cut session, while it answers. A stream has one active session at a
+-- time, so the one admitted last (highest seq) was cut last.
+local last
+for _, t in ipairs(h.sessions) do
+  if t.code ~= 'a' and not t.removed and t.stream == stream and (last == nil or t.seq > last.seq) then
+    last = t
   end
+end
+if answerable(last, now) then
+  return {'gone', 0, record(h, last), expired}
 end
 return {'notfound', 0, false, expired}

@@ -1,8 +1,10 @@
 -- list: the account's active sessions, oldest first.
--- KEYS[1] A..'streams', KEYS[2] A..'age', KEYS[3] A..'exp', KEYS[4] A..'cut'
--- ARGV: P, A, origin, channel
+-- KEYS[1] the account's tag hash
+-- ARGV: account, origin, channel
 -- Reply: {sessions, expired}
-local P, A, origin, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local account, origin, channel = ARGV[1], ARGV[2], ARGV[3]
 local now = now_ms()
-local expired = expire_overdue(P, A, now, origin, channel)
-return {active(P, A), expired}
+local h = account_hash(KEYS[1], account)
+local expired = expire_overdue(h, now, origin, channel)
+save(h)
+return {records(h, active(h)), expired}
