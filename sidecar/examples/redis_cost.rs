@@ -187,6 +187,18 @@ async fn main() -> anyhow::Result<()> {
                 .get_async_connection()
                 .await?,
         ),
+        // The floor runs on the master the sentinels name, as the store does.
+        RedisTarget::Sentinel(sentinel) => Floor::Standalone(
+            redis::Client::open(
+                sentinel
+                    .master_url()
+                    .await
+                    .map_err(anyhow::Error::msg)?
+                    .as_str(),
+            )?
+            .get_multiplexed_async_connection()
+            .await?,
+        ),
     };
     // Load the functions and the floor script before anything is measured.
     open(&store, "bench-warm", "s").await?;

@@ -970,18 +970,14 @@ impl RedisStore {
         classified
     }
 
-    async fn run_on(
-        &self,
-        connection: &Connection,
-        call: &Cmd,
-    ) -> Result<Value, StoreError> {
+    async fn run_on(&self, connection: &Connection, call: &Cmd) -> Result<Value, StoreError> {
         let call = async {
             match connection.clone() {
                 Connection::Standalone(mut c) => fcall(call, &self.inner.library, &mut c).await,
                 Connection::Cluster(mut c) => fcall(call, &self.inner.library, &mut c).await,
                 Connection::Sentinel(mut m) => {
                     fcall(call, &self.inner.library, &mut m.connection).await
-                },
+                }
             }
         };
         match tokio::time::timeout(self.inner.timeout, call).await {
