@@ -527,6 +527,28 @@ async fn accounts_sharing_a_tag_stay_apart(store_env: &str) {
     // The first account leaving does not lose the second's sessions.
     assert_eq!(store.end(&first, "s").await.unwrap().unwrap().id, a.id);
     assert_eq!(store.get(a.id).await.unwrap(), None);
+    // Its end is remembered in its own hash: a write-back of it is refused, the second's
+    // sessions are untouched and still listed.
+    assert!(!store.adopt(&a).await.unwrap());
+    let second_ids: Vec<_> = store
+        .list(&second)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(second_ids, vec![b.id]);
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list_all(after, 100).await.unwrap();
+        listed.extend(page.sessions.iter().map(|s| s.id));
+        match page.next_after {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert!(listed.contains(&b.id) && !listed.contains(&a.id));
     let KickOutcome::Kicked(kicked) = store.kick(b.id).await.unwrap() else {
         panic!("the second account's session is found by id and kicked")
     };
@@ -560,4 +582,51 @@ async fn accounts_sharing_a_tag_stay_apart_on_standalone() {
 #[tokio::test]
 async fn accounts_sharing_a_tag_stay_apart_on_cluster() {
     accounts_sharing_a_tag_stay_apart("STREAMGATE_TEST_REDIS_CLUSTER").await;
+}
+
+#[tokio::test]
+async fn an_ended_session_leaves_only_a_marker_for_one_ttl() {
+    use streamgate_sidecar::store::redis_store::account_key;
+    let url = redis_env("STREAMGATE_TEST_REDIS");
+    let store = RedisStore::new(RedisTarget::parse(&url).unwrap(), Duration::from_secs(2));
+    let account = unique("ended");
+    let OpenOutcome::Admitted { session, .. } = store
+        .open(&OpenRequest {
+            account: &account,
+            stream_id: "tv",
+            limit: 1,
+            ttl_ms: 60_000,
+            on_limit: OnLimitExceeded::RejectNew,
+            mode: Mode::Enforce,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("admitted")
+    };
+    assert!(store.end(&account, "tv").await.unwrap().is_some());
+    // What stays of the account: its id and one marker field ('e' and the id's 16 bytes)
+    // holding until when (ms) the end is remembered; the hash expires then.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = account_key(account_tag(&account));
+    let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut marker = b"e".to_vec();
+    marker.extend(session.id.random.to_be_bytes());
+    let names: Vec<&[u8]> = fields.iter().map(|(f, _)| f.as_slice()).collect();
+    assert_eq!(names.len(), 2, "{fields:?}");
+    assert!(names.contains(&&b"@"[..]) && names.contains(&marker.as_slice()));
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(pttl > 0 && pttl <= 60_000, "{pttl}");
+    // The marker refuses a write-back of the ended session.
+    assert!(!store.adopt(&session).await.unwrap());
+    assert!(store.list(&account).await.unwrap().is_empty());
 }
