@@ -5,7 +5,9 @@
 //! For each number of live sessions (ascending; one per account, seeded through `RedisStore::open`
 //! so the real functions and key layout), it measures:
 //! - **memory**: `used_memory` (summed over the masters of a Cluster) per live session, and per
-//!   additional session of an account (1000 accounts with 5 sessions against 1000 with 1);
+//!   additional session of an account (1000 accounts with 5 sessions against 1000 with 1), and
+//!   what the marker of an ended session costs while it lasts (one TTL): for an account whose
+//!   only session ended, and beside other sessions;
 //! - **server time per call** (`INFO commandstats`, `usec_per_call`) of each operation the
 //!   store sends (open of a new session, heartbeat, touch, end), each phase run at the same time
 //!   as the same number of calls of the floor, a minimal atomic admission script (TIME,
@@ -248,8 +250,38 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         let one = nodes.used_memory().await? - before;
         let additional = (five as f64 - one as f64) / 4000.0;
+        // Ended sessions' markers (kept one TTL): the 1000 single accounts end their session
+        // (what is left of such an account), then one of each five-session account ends one.
+        let before = nodes.used_memory().await?;
+        drive(0..1000, 512, |i| {
+            let (store, run) = (&store, &run);
+            async move {
+                store
+                    .end(&format!("single-{run}-{n}-{i}"), "s")
+                    .await
+                    .map(|_| ())
+                    .map_err(Into::into)
+            }
+        })
+        .await?;
+        let ended_account =
+            (one as f64 + nodes.used_memory().await? as f64 - before as f64) / 1000.0;
+        let before = nodes.used_memory().await?;
+        drive(0..1000, 512, |i| {
+            let (store, run) = (&store, &run);
+            async move {
+                store
+                    .end(&format!("multi-{run}-{n}-{i}"), "s0")
+                    .await
+                    .map(|_| ())
+                    .map_err(Into::into)
+            }
+        })
+        .await?;
+        let ended_one_of_five =
+            additional + (nodes.used_memory().await? as f64 - before as f64) / 1000.0;
         println!(
-            "memory\t{n}\t{per_session:.0} B per live session (one per account), {additional:.0} B per additional session of an account (seeded at {:.0}/s)",
+            "memory\t{n}\t{per_session:.0} B per live session (one per account), {additional:.0} B per additional session of an account (seeded at {:.0}/s); ended-session marker: {ended_account:.0} B for an account whose only session ended, {ended_one_of_five:.0} B beside other sessions",
             n as f64 / seconds.max(1e-9)
         );
         let mut results = Vec::new();
@@ -322,7 +354,8 @@ async fn main() -> anyhow::Result<()> {
             "json {}",
             serde_json::json!({
                 "liveSessions": n, "bytesPerSession": per_session,
-                "bytesPerAdditionalSession": additional, "phases": results,
+                "bytesPerAdditionalSession": additional, "bytesPerEndedAccount": ended_account,
+                "bytesPerEndedMarker": ended_one_of_five, "phases": results,
             })
         );
     }
