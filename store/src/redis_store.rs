@@ -1293,6 +1293,10 @@ pub fn decode_account_hash(fields: &[(Vec<u8>, Vec<u8>)]) -> Option<(String, Vec
         let Ok(random) = <[u8; 16]>::try_from(field.as_slice()) else {
             continue;
         };
+        // An ended session's marker: no session.
+        if value.first() == Some(&b'n') {
+            continue;
+        }
         if value.len() < 21 {
             return None;
         }
@@ -1478,6 +1482,39 @@ fn session(value: &Value) -> Option<Option<SessionRecord>> {
     }))
 }
 
+/// The id of a session of `account` from the raw bytes a function returned.
+fn renewed_id(raw: &Value, account: &str) -> Option<SessionId> {
+    let Value::BulkString(raw) = raw else {
+        return None;
+    };
+    Some(SessionId {
+        random: u128::from_be_bytes(raw.as_slice().try_into().ok()?),
+        tag: account_tag(account),
+    })
+}
+
+/// The caller's own session as an open or heartbeat renewed or admitted it: active, renewed at
+/// the server's `now` for `ttl_ms`; the reply carries only what the caller does not know.
+fn own_session(
+    id: SessionId,
+    account: &str,
+    stream_id: &str,
+    created: &Value,
+    now: &Value,
+    ttl_ms: i64,
+) -> Option<SessionRecord> {
+    Some(SessionRecord {
+        id,
+        account: account.to_string(),
+        stream_id: stream_id.to_string(),
+        state: SessionState::Active,
+        reason: None,
+        created_at_ms: int(created)?,
+        expires_at_ms: int(now)? + ttl_ms,
+        ttl_ms,
+    })
+}
+
 fn sessions(value: &Value) -> Option<Vec<SessionRecord>> {
     items(value)?.iter().map(|v| session(v).flatten()).collect()
 }
@@ -1560,12 +1597,27 @@ impl SessionStore for RedisStore {
         let (kind, fields, expired) = reply("open", &value)?;
         self.publish_local(expired);
         let count = fields.first().and_then(int).ok_or_else(bad)? as u32;
+        let own = |id: SessionId, created: &Value, now: &Value| {
+            own_session(
+                id,
+                request.account,
+                request.stream_id,
+                created,
+                now,
+                request.ttl_ms,
+            )
+        };
         let outcome = match (kind.as_str(), fields) {
-            ("renewed", [_, s]) => OpenOutcome::Renewed {
-                session: session(s).flatten().ok_or_else(bad)?,
+            ("renewed", [_, existing, created, now]) => OpenOutcome::Renewed {
+                session: own(
+                    renewed_id(existing, request.account).ok_or_else(bad)?,
+                    created,
+                    now,
+                )
+                .ok_or_else(bad)?,
                 active: count,
             },
-            ("admitted", [_, s, evicted, dry_run]) => {
+            ("admitted", [_, now, evicted, dry_run]) => {
                 let evicted = sessions(evicted).ok_or_else(bad)?;
                 self.publish_local(evicted.iter().cloned());
                 let dry_run = match text(dry_run).as_deref() {
@@ -1577,7 +1629,7 @@ impl SessionStore for RedisStore {
                     _ => None,
                 };
                 OpenOutcome::Admitted {
-                    session: session(s).flatten().ok_or_else(bad)?,
+                    session: own(id, now, now).ok_or_else(bad)?,
                     evicted,
                     active: count,
                     dry_run,
@@ -1610,8 +1662,16 @@ impl SessionStore for RedisStore {
         let (kind, fields, expired) = reply("heartbeat", &value)?;
         self.publish_local(expired);
         Ok(match (kind.as_str(), fields) {
-            ("renewed", [count, s]) => HeartbeatOutcome::Renewed {
-                session: session(s).flatten().ok_or_else(bad)?,
+            ("renewed", [count, id, created, now]) => HeartbeatOutcome::Renewed {
+                session: own_session(
+                    renewed_id(id, account).ok_or_else(bad)?,
+                    account,
+                    stream_id,
+                    created,
+                    now,
+                    ttl_ms,
+                )
+                .ok_or_else(bad)?,
                 active: int(count).ok_or_else(bad)? as u32,
             },
             ("gone", [_, s]) => HeartbeatOutcome::Gone(session(s).flatten().ok_or_else(bad)?),

@@ -11,10 +11,12 @@
 --                 (evicted), 'k' revoked (kicked), 'd' revoked (denied), 's' revoked (shared),
 --                 'x' expired. A cut session stays as a tombstone (its expires is the
 --                 cut time) for one TTL, to answer 410.
---   K['e'..ID]    a session its player ended, for one TTL after the end: until when (ms). It
---                 stops a write-back (adopt) of that id by a sidecar that admitted it without
---                 the store and may hold it still; it answers nothing else (an ended session is
---                 gone, not cut). About 30 bytes in the hash while it lasts.
+--                 A session its player ended keeps its field for one TTL after the end as a
+--                 marker, struct '>c1i6' ('n', until when in ms): it stops a write-back (adopt)
+--                 of that id by a sidecar that admitted it without the store and may hold it
+--                 still, and answers nothing else (an ended session is gone, not cut). Ending
+--                 overwrites the session's field (no field added or deleted), and the marker
+--                 costs about 25 bytes of the hash while it lasts.
 --   K['o']        only when other accounts share the tag (a 32-bit tag: about a hundred pairs
 --                 among a million accounts): their hex ids, space-separated. Such an account
 --                 lives in the hash K .. hex(account), same layout, same slot.
@@ -37,6 +39,7 @@
 local KEYS, ARGV
 
 local FORMAT = '>c1I4i6i6I4'
+local MARKER = '>c1i6'
 local STATE = {a = 'active', e = 'revoked', k = 'revoked', d = 'revoked', s = 'revoked',
   x = 'expired'}
 local REASON = {a = '', e = 'evicted', k = 'kicked', d = 'denied', s = 'shared', x = 'expired'}
@@ -64,8 +67,9 @@ local function load(k)
       h.account = v
     elseif f == 'o' then
       h.over = v
-    elseif #f == 17 then
-      h.ended[string.sub(f, 2)] = tonumber(v)
+    elseif string.byte(v) == 110 then -- 'n': an ended session's marker
+      local _, until_ms = struct.unpack(MARKER, v)
+      h.ended[f] = until_ms
     else
       local code, seq, created, expires, ttl, at = struct.unpack(FORMAT, v)
       h.sessions[#h.sessions + 1] = {id = f, code = code, seq = seq, created = created,
@@ -134,7 +138,8 @@ end
 -- Removes active session `s`, which its player ended, and marks its id ended until one TTL
 -- from `now`.
 local function mark_ended(h, s, now)
-  remove(h, s)
+  -- Removed from the sessions, but its field is overwritten by the marker, not deleted.
+  s.removed = true
   h.ended[s.id] = now + s.ttl
   h.marked = s.id
 end
@@ -166,7 +171,7 @@ local function expire_overdue(h, now, origin, channel)
   for id, until_ms in pairs(h.ended) do
     if until_ms <= now then
       h.ended[id] = nil
-      h.gone[#h.gone + 1] = 'e' .. id
+      h.gone[#h.gone + 1] = id
     end
   end
   local expired = {}
@@ -250,7 +255,7 @@ end
 -- Writes back what changed in `h`, and sets the key to expire when its last session or
 -- tombstone stops mattering (or deletes it when it holds none).
 local function save(h)
-  if #h.dirty == 0 and #h.gone == 0 then
+  if #h.dirty == 0 and #h.gone == 0 and not h.marked then
     return
   end
   local until_ms, left = 0, 0
@@ -303,8 +308,8 @@ local function save(h)
     end
   end
   if h.marked then
-    args[#args + 1] = 'e' .. h.marked
-    args[#args + 1] = string.format('%d', h.ended[h.marked])
+    args[#args + 1] = h.marked
+    args[#args + 1] = struct.pack(MARKER, 'n', h.ended[h.marked])
   end
   if #args > 0 then
     hset(h.key, args)

@@ -1,7 +1,8 @@
 -- heartbeat: renews the active session of (account, stream).
 -- KEYS[1] the account's tag hash
 -- ARGV: account, stream, ttl ms, origin, channel
--- Reply: {'renewed', active count, session, expired} | {'gone', 0, session, expired}
+-- Reply: {'renewed', active count, raw id, created, now, expired} (the caller knows the rest of
+--        its session: as open's) | {'gone', 0, session, expired}
 --      | {'notfound', 0, false, expired}
 local account, stream, ttl, origin, channel = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local now = now_ms()
@@ -11,7 +12,7 @@ local s = active_of_stream(h, stream)
 if s then
   renew(h, s, now, ttl)
   save(h)
-  return {'renewed', count_active(h), record(h, s), expired}
+  return {'renewed', count_active(h), s.id, s.created, now, expired}
 end
 save(h)
 -- The stream's most recently cut session, while it answers. A stream has one active session at a

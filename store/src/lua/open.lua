@@ -4,8 +4,11 @@
 --       mode ('enforce'|'dryrun'), deadline (ms on this server's clock, 0: none), origin, channel
 -- Reply: {'late', 0, expired}: the caller's deadline has passed (it has given up: answering
 --        would take a slot nobody holds), nothing changed
---      | {'renewed', active count, session, expired}
---      | {'admitted', active count, session, evicted, dry run ('' | 'refuse' | 'evict'), expired}
+--      | {'renewed', active count, raw id, created, now, expired}
+--      | {'admitted', active count, now, evicted, dry run ('' | 'refuse' | 'evict'), expired}
+-- A renewed or admitted session is the caller's own (its account and stream, renewed for its TTL
+-- from now, admitted with its id): only what the caller does not know is returned, which keeps
+-- the reply, a good part of the call's cost, small.
 --      | {'refused', active count, active sessions, expired}
 local account, stream, id = ARGV[1], ARGV[2], ARGV[3]
 local limit, ttl, on_limit, mode = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7]
@@ -20,7 +23,7 @@ local existing = active_of_stream(h, stream)
 if existing then
   renew(h, existing, now, ttl)
   save(h)
-  return {'renewed', count_active(h), record(h, existing), expired}
+  return {'renewed', count_active(h), existing.id, existing.created, now, expired}
 end
 
 -- The rule of admission::decide, applied atomically.
@@ -42,4 +45,4 @@ end
 
 local s = insert(h, id, stream, now, now, ttl)
 save(h)
-return {'admitted', count - #evicted + 1, record(h, s), evicted, dry_run, expired}
+return {'admitted', count - #evicted + 1, now, evicted, dry_run, expired}
