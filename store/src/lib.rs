@@ -243,7 +243,8 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Active sessions of every account in id order, those with an id after `after`, at most
     /// `limit` per page (a page may hold fewer and still have a next one). For listing (the
     /// operator's live-session API), not for admission: not atomic across accounts, and it
-    /// walks every session key, so callers page and do not poll it per request of a player.
+    /// walks the whole store (on Redis every account hash, for every page), so callers page
+    /// and do not poll it per request of a player.
     async fn list_all(
         &self,
         after: Option<SessionId>,
