@@ -173,8 +173,11 @@ async fn a_long_outage_opens_the_breaker_and_admits_at_most_the_limit_without_th
         );
     };
     let breaker_opened_after = paused.elapsed();
+    // Not on the first timeouts (100 ms each): only after the quiet period (2 s) without any
+    // answer. That period counts from the store's last answer, which came just before the
+    // pause, so the bound here leaves room for that (the exact rule is the breaker's unit tests').
     assert!(
-        breaker_opened_after >= Duration::from_secs(2),
+        breaker_opened_after >= Duration::from_millis(1500),
         "a pause shorter than the quiet period is not an outage ({breaker_opened_after:?})"
     );
     assert_eq!(ready(&base).await, 503, "readiness follows the breaker");
