@@ -11,6 +11,7 @@
 pub mod admission;
 pub mod clock;
 pub mod memory;
+pub mod redis_connection;
 pub mod redis_store;
 pub mod session;
 pub mod validate;

@@ -8,11 +8,9 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster_async::ClusterConnection;
 use serde::Deserialize;
 
-use crate::redis_store::classify;
+use crate::redis_connection::{LazyRedis, RedisCall};
 use crate::session::ValidationState;
 use crate::{RedisTarget, StoreError};
 
@@ -52,72 +50,15 @@ pub fn parse_validation_state(json: &[u8]) -> Option<ValidationState> {
 /// Reads validation states from the Redis a namespace's sidecars use, without renewing the
 /// records (a plain GET: reading must not keep a record alive past its session).
 pub struct ValidationReader {
-    target: RedisTarget,
-    timeout: Duration,
-    connection: tokio::sync::Mutex<Option<ReaderConnection>>,
-}
-
-#[derive(Clone)]
-enum ReaderConnection {
-    Standalone(ConnectionManager),
-    Cluster(ClusterConnection),
+    redis: LazyRedis,
 }
 
 impl ValidationReader {
     /// A reader of `target`; each call waits at most `timeout`.
     pub fn new(target: RedisTarget, timeout: Duration) -> Self {
         Self {
-            target,
-            timeout,
-            connection: tokio::sync::Mutex::new(None),
+            redis: LazyRedis::new(target, timeout),
         }
-    }
-
-    async fn connection(&self) -> Result<ReaderConnection, StoreError> {
-        let mut current = self.connection.lock().await;
-        if let Some(connection) = current.as_ref() {
-            return Ok(connection.clone());
-        }
-        let timeout = self.timeout.max(Duration::from_secs(1));
-        let connect = async {
-            let standalone = |url: String| async move {
-                let config = ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(self.timeout))
-                    .set_connection_timeout(Some(timeout))
-                    .set_number_of_retries(2);
-                Ok::<_, redis::RedisError>(ReaderConnection::Standalone(
-                    ConnectionManager::new_with_config(redis::Client::open(url)?, config).await?,
-                ))
-            };
-            match &self.target {
-                RedisTarget::Standalone(url) => standalone(url.clone()).await,
-                // The store's master: replicas may lag behind the verdicts.
-                RedisTarget::Sentinel(sentinel) => {
-                    let url = sentinel
-                        .master_url()
-                        .await
-                        .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
-                    standalone(url).await
-                }
-                RedisTarget::Cluster(nodes) => {
-                    let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
-                        .response_timeout(self.timeout)
-                        .connection_timeout(timeout)
-                        .retries(2)
-                        .build()?;
-                    Ok(ReaderConnection::Cluster(
-                        client.get_async_connection().await?,
-                    ))
-                }
-            }
-        };
-        let connected = match tokio::time::timeout(timeout, connect).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(classify(&e)),
-            Err(_) => return Err(StoreError::TimedOut("cannot connect to Redis".into())),
-        };
-        *current = Some(connected.clone());
-        Ok(connected)
     }
 
     /// The validation state of each of `ids` in `namespace`, in order; `None` where there is no
@@ -130,45 +71,19 @@ impl ValidationReader {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let connection = self.connection().await?;
         let mut cmd = redis::cmd("MGET");
         for id in ids {
             cmd.arg(validation_record_key(namespace, id));
         }
-        let call = async {
-            match connection {
-                ReaderConnection::Standalone(mut c) => {
-                    cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut c).await
-                }
-                ReaderConnection::Cluster(mut c) => {
-                    cmd.query_async::<Vec<Option<Vec<u8>>>>(&mut c).await
-                }
-            }
-        };
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(values)) => Ok(values
-                .iter()
-                .map(|value| value.as_deref().and_then(parse_validation_state))
-                .collect()),
-            Ok(Err(e)) => {
-                let error = classify(&e);
-                // A failed-over master is gone: ask the sentinels again next time.
-                if matches!(self.target, RedisTarget::Sentinel(_))
-                    && matches!(error, StoreError::Unavailable(_))
-                {
-                    *self.connection.lock().await = None;
-                }
-                Err(error)
-            }
-            Err(_) => Err(StoreError::TimedOut(format!(
-                "Redis did not answer within {:?}",
-                self.timeout
-            ))),
-        }
+        let values: Vec<Option<Vec<u8>>> =
+            redis::FromRedisValue::from_redis_value(self.redis.run(RedisCall::Plain(cmd)).await?)
+                .map_err(|_| StoreError::Fatal("validation states: malformed reply".into()))?;
+        Ok(values
+            .iter()
+            .map(|value| value.as_deref().and_then(parse_validation_state))
+            .collect())
     }
-}
 
-impl ValidationReader {
     /// How each `(policy, validator)` of `namespace` has been answering lately, in order (see
     /// [`crate::validator_health`]); one script run, the keys share a slot.
     pub async fn validator_health(
@@ -180,40 +95,12 @@ impl ValidationReader {
         if validators.is_empty() {
             return Ok(Vec::new());
         }
-        let connection = self.connection().await?;
         let script = redis::Script::new(READ_LUA);
         let mut invocation = script.prepare_invoke();
         for (policy, validator) in validators {
             invocation.key(validator_health_key(namespace, policy, validator));
         }
-        let call = async {
-            match connection {
-                ReaderConnection::Standalone(mut c) => {
-                    invocation.invoke_async::<redis::Value>(&mut c).await
-                }
-                ReaderConnection::Cluster(mut c) => {
-                    invocation.invoke_async::<redis::Value>(&mut c).await
-                }
-            }
-        };
-        let value = match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(value)) => value,
-            Ok(Err(e)) => {
-                let error = classify(&e);
-                if matches!(self.target, RedisTarget::Sentinel(_))
-                    && matches!(error, StoreError::Unavailable(_))
-                {
-                    *self.connection.lock().await = None;
-                }
-                return Err(error);
-            }
-            Err(_) => {
-                return Err(StoreError::TimedOut(format!(
-                    "Redis did not answer within {:?}",
-                    self.timeout
-                )));
-            }
-        };
+        let value = self.redis.run(RedisCall::Script(invocation)).await?;
         let malformed = || StoreError::Fatal("validator health: malformed reply".into());
         let redis::Value::Array(items) = value else {
             return Err(malformed());

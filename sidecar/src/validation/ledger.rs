@@ -11,8 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster_async::ClusterConnection;
 use redis::{Script, Value};
 use serde::{Deserialize, Serialize};
 
@@ -20,8 +18,8 @@ use super::decide::{FailureKind, ValidationState};
 use super::review::RequestFacts;
 use crate::clock::{Clock, SystemClock};
 use crate::session::SessionId;
-use crate::store::redis_store::classify;
 use crate::store::{RedisTarget, StoreError};
+use streamgate_store::redis_connection::{LazyRedis, RedisCall};
 use streamgate_store::validation_record::{validation_key_prefix, validation_record_key};
 
 /// What the ledger keeps of one session.
@@ -213,22 +211,13 @@ impl ValidationLedger for MemoryLedger {
 /// server's clock, so sidecars' clocks do not matter), and `…:r:ID`, the JSON record of a
 /// session with a TTL.
 pub struct RedisLedger {
-    target: RedisTarget,
-    timeout: Duration,
+    /// Follows a Sentinel master through failovers, as the store does.
+    redis: LazyRedis,
     /// Keys are named by `streamgate_store::validation_record` (the operator reads them too).
     namespace: String,
-    /// Dropped when a Sentinel master stops answering as one, so the next call asks the
-    /// sentinels again (the store follows failovers the same way).
-    connection: tokio::sync::Mutex<Option<LedgerConnection>>,
     schedule: Script,
     claim: Script,
     record_call: Script,
-}
-
-#[derive(Clone)]
-enum LedgerConnection {
-    Standalone(ConnectionManager),
-    Cluster(ClusterConnection),
 }
 
 /// KEYS[1] the due set; ARGV[1] the session id, ARGV[2] the delay in ms.
@@ -255,10 +244,8 @@ impl RedisLedger {
     /// A ledger for the sidecars of `namespace` on `target`; each call waits at most `timeout`.
     pub fn new(target: RedisTarget, namespace: &str, timeout: Duration) -> Self {
         Self {
-            target,
-            timeout,
+            redis: LazyRedis::new(target, timeout),
             namespace: namespace.to_string(),
-            connection: tokio::sync::Mutex::new(None),
             schedule: Script::new(SCHEDULE_LUA),
             claim: Script::new(CLAIM_LUA),
             record_call: Script::new(streamgate_store::validator_health::RECORD_LUA),
@@ -271,109 +258,6 @@ impl RedisLedger {
 
     fn record_key(&self, id: SessionId) -> String {
         validation_record_key(&self.namespace, id)
-    }
-
-    async fn connection(&self) -> Result<LedgerConnection, StoreError> {
-        let timeout = self.timeout.max(Duration::from_secs(1));
-        let mut current = self.connection.lock().await;
-        if let Some(connection) = current.as_ref() {
-            return Ok(connection.clone());
-        }
-        let connected = {
-            let connect = async {
-                let standalone = |url: &str| {
-                    let client = redis::Client::open(url);
-                    let config = ConnectionManagerConfig::new()
-                        .set_response_timeout(Some(self.timeout))
-                        .set_connection_timeout(Some(timeout))
-                        .set_number_of_retries(2);
-                    async move {
-                        Ok::<_, redis::RedisError>(LedgerConnection::Standalone(
-                            ConnectionManager::new_with_config(client?, config).await?,
-                        ))
-                    }
-                };
-                match &self.target {
-                    RedisTarget::Sentinel(sentinel) => {
-                        let url = sentinel
-                            .master_url()
-                            .await
-                            .map_err(|e| redis::RedisError::from(std::io::Error::other(e)))?;
-                        standalone(&url).await
-                    }
-                    RedisTarget::Standalone(url) => {
-                        let client = redis::Client::open(url.as_str())?;
-                        let config = ConnectionManagerConfig::new()
-                            .set_response_timeout(Some(self.timeout))
-                            .set_connection_timeout(Some(timeout))
-                            .set_number_of_retries(2);
-                        Ok::<_, redis::RedisError>(LedgerConnection::Standalone(
-                            ConnectionManager::new_with_config(client, config).await?,
-                        ))
-                    }
-                    RedisTarget::Cluster(nodes) => {
-                        let client = redis::cluster::ClusterClientBuilder::new(nodes.clone())
-                            .response_timeout(self.timeout)
-                            .connection_timeout(timeout)
-                            .retries(2)
-                            .build()?;
-                        Ok(LedgerConnection::Cluster(
-                            client.get_async_connection().await?,
-                        ))
-                    }
-                }
-            };
-            match tokio::time::timeout(timeout, connect).await {
-                Ok(Ok(c)) => Ok(c),
-                Ok(Err(e)) => Err(classify(&e)),
-                Err(_) => Err(StoreError::TimedOut("cannot connect to Redis".into())),
-            }
-        }?;
-        *current = Some(connected.clone());
-        Ok(connected)
-    }
-
-    async fn query(&self, cmd: Command<'_>) -> Result<Value, StoreError> {
-        let connection = self.connection().await?;
-        let call = async {
-            match connection {
-                LedgerConnection::Standalone(mut c) => cmd.run(&mut c).await,
-                LedgerConnection::Cluster(mut c) => cmd.run(&mut c).await,
-            }
-        };
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => {
-                // A failed-over master refuses writes (READONLY) or is gone: ask the sentinels
-                // again next time.
-                let error = classify(&e);
-                if matches!(self.target, RedisTarget::Sentinel(_))
-                    && matches!(error, StoreError::Unavailable(_))
-                {
-                    *self.connection.lock().await = None;
-                }
-                Err(error)
-            }
-            Err(_) => Err(StoreError::TimedOut(format!(
-                "Redis did not answer within {:?}",
-                self.timeout
-            ))),
-        }
-    }
-}
-
-/// One ledger call: a plain command or a script invocation.
-enum Command<'a> {
-    Plain(redis::Cmd),
-    Script(redis::ScriptInvocation<'a>),
-}
-
-impl Command<'_> {
-    async fn run(&self, c: &mut impl ConnectionLike) -> redis::RedisResult<Value> {
-        match self {
-            Command::Plain(cmd) => cmd.query_async(c).await,
-            Command::Script(invocation) => invocation.invoke_async(c).await,
-        }
     }
 }
 
@@ -395,7 +279,7 @@ impl ValidationLedger for RedisLedger {
             .arg(json)
             .arg("PX")
             .arg(ms(ttl).max(1));
-        self.query(Command::Plain(cmd)).await.map(|_| ())
+        self.redis.run(RedisCall::Plain(cmd)).await.map(|_| ())
     }
 
     async fn get(
@@ -405,7 +289,7 @@ impl ValidationLedger for RedisLedger {
     ) -> Result<Option<ValidationRecord>, StoreError> {
         let mut cmd = redis::cmd("GETEX");
         cmd.arg(self.record_key(id)).arg("PX").arg(ms(ttl).max(1));
-        match self.query(Command::Plain(cmd)).await? {
+        match self.redis.run(RedisCall::Plain(cmd)).await? {
             Value::Nil => Ok(None),
             Value::BulkString(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
@@ -420,13 +304,16 @@ impl ValidationLedger for RedisLedger {
             .key(self.due_key())
             .arg(id.to_string())
             .arg(ms(delay));
-        self.query(Command::Script(invocation)).await.map(|_| ())
+        self.redis
+            .run(RedisCall::Script(invocation))
+            .await
+            .map(|_| ())
     }
 
     async fn claim(&self, lease: Duration, max: usize) -> Result<Vec<SessionId>, StoreError> {
         let mut invocation = self.claim.prepare_invoke();
         invocation.key(self.due_key()).arg(ms(lease)).arg(max);
-        let Value::Array(items) = self.query(Command::Script(invocation)).await? else {
+        let Value::Array(items) = self.redis.run(RedisCall::Script(invocation)).await? else {
             return Err(malformed("claim reply"));
         };
         let mut ids = Vec::with_capacity(items.len());
@@ -443,7 +330,7 @@ impl ValidationLedger for RedisLedger {
     async fn done(&self, id: SessionId) -> Result<(), StoreError> {
         let mut cmd = redis::cmd("ZREM");
         cmd.arg(self.due_key()).arg(id.to_string());
-        self.query(Command::Plain(cmd)).await.map(|_| ())
+        self.redis.run(RedisCall::Plain(cmd)).await.map(|_| ())
     }
 
     async fn record_call(
@@ -463,13 +350,16 @@ impl ValidationLedger for RedisLedger {
             .arg(ms(WINDOW))
             .arg(ms(TTL))
             .arg(WINDOW_MINUTES);
-        self.query(Command::Script(invocation)).await.map(|_| ())
+        self.redis
+            .run(RedisCall::Script(invocation))
+            .await
+            .map(|_| ())
     }
 
     async fn scheduled(&self) -> Result<u64, StoreError> {
         let mut cmd = redis::cmd("ZCARD");
         cmd.arg(self.due_key());
-        match self.query(Command::Plain(cmd)).await? {
+        match self.redis.run(RedisCall::Plain(cmd)).await? {
             Value::Int(n) => Ok(u64::try_from(n).unwrap_or(0)),
             _ => Err(malformed("ZCARD reply")),
         }
