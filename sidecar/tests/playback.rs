@@ -14,7 +14,7 @@ use common::{SidecarProcess, default_policy, eventually, json, metric, redis_env
 use futures::StreamExt;
 use reqwest::{Client, Method};
 use serde_json::Value;
-use streamgate_demo_origin::{self as demo_origin, OriginStats};
+use streamgate_demo_origin as demo_origin;
 use streamgate_sidecar::playback::{self, Claims, KeyRing};
 use streamgate_sidecar::policy::PolicySet;
 use streamgate_sidecar::server::Sidecar;
@@ -22,15 +22,6 @@ use streamgate_sidecar::session::SessionId;
 use streamgate_sidecar::store::{MemoryStore, RedisStore, RedisTarget, SessionStore};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-
-async fn origin() -> (String, OriginStats) {
-    let stats = OriginStats::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = demo_origin::router(stats.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, stats)
-}
 
 async fn sidecar(store: Arc<dyn SessionStore>, policy: &str, upstream: &str) -> (String, Sidecar) {
     let policies = PolicySet::from_yaml(policy, "test.yaml", "default").unwrap();
@@ -78,7 +69,7 @@ async fn get_with_token(client: &Client, url: &str, token: &str) -> reqwest::Res
 
 #[tokio::test]
 async fn a_token_from_the_open_answer_plays_by_header_and_by_query() {
-    let (upstream, stats) = origin().await;
+    let (upstream, stats) = common::demo_origin().await;
     let (base, _sidecar) =
         memory_sidecar(&default_policy("  maxStreamsPerAccount: 2"), &upstream).await;
     let client = Client::new();
@@ -120,7 +111,7 @@ async fn a_token_from_the_open_answer_plays_by_header_and_by_query() {
 
 #[tokio::test]
 async fn heartbeat_and_end_accept_the_playback_token_as_bearer_for_its_own_stream_only() {
-    let (upstream, _stats) = origin().await;
+    let (upstream, _stats) = common::demo_origin().await;
     let (base, _sidecar) =
         memory_sidecar(&default_policy("  maxStreamsPerAccount: 2"), &upstream).await;
     let client = Client::new();
@@ -178,7 +169,7 @@ async fn heartbeat_and_end_accept_the_playback_token_as_bearer_for_its_own_strea
 
 #[tokio::test]
 async fn forged_expired_foreign_and_other_network_tokens_never_reach_the_upstream() {
-    let (upstream, stats) = origin().await;
+    let (upstream, stats) = common::demo_origin().await;
     let (base, sidecar) =
         memory_sidecar(&default_policy("  maxStreamsPerAccount: 3"), &upstream).await;
     let client = Client::new();
@@ -305,7 +296,7 @@ async fn forged_expired_foreign_and_other_network_tokens_never_reach_the_upstrea
 
 #[tokio::test]
 async fn when_tokens_are_required_a_session_id_opens_nothing() {
-    let (upstream, stats) = origin().await;
+    let (upstream, stats) = common::demo_origin().await;
     let (base, sidecar) =
         memory_sidecar(&default_policy("  maxStreamsPerAccount: 3"), &upstream).await;
     let client = Client::new();
@@ -346,7 +337,7 @@ async fn when_tokens_are_required_a_session_id_opens_nothing() {
 
 #[tokio::test]
 async fn with_viewer_authentication_in_force_a_session_id_opens_nothing() {
-    let (upstream, stats) = origin().await;
+    let (upstream, stats) = common::demo_origin().await;
     let key = streamctl::token::TestKey::generate(streamctl::token::KeyAlg::Es256, "k1").unwrap();
     // Optional: the open may still name its account in the query, but media needs the token.
     let file = format!(
@@ -423,7 +414,7 @@ impl Viewer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_session_plays_one_stream_at_a_time() {
-    let (upstream, _) = origin().await;
+    let (upstream, _) = common::demo_origin().await;
     let (base, sidecar) =
         memory_sidecar(&default_policy("  maxStreamsPerAccount: 3"), &upstream).await;
     let client = Client::new();
@@ -476,7 +467,7 @@ fn token_of(answer: &Value) -> String {
 
 #[tokio::test]
 async fn a_session_used_from_too_many_networks_is_revoked_as_shared() {
-    let (upstream, stats) = origin().await;
+    let (upstream, stats) = common::demo_origin().await;
     let policy = default_policy(
         "  maxStreamsPerAccount: 3\n  sharing: {maxNetworks: 2, windowSeconds: 600, action: Revoke}",
     );
@@ -523,7 +514,7 @@ async fn a_session_used_from_too_many_networks_is_revoked_as_shared() {
 
 #[tokio::test]
 async fn heartbeats_from_too_many_networks_are_sharing_too_and_report_only_revokes_nothing() {
-    let (upstream, _) = origin().await;
+    let (upstream, _) = common::demo_origin().await;
     let policy = |action: &str| {
         default_policy(&format!(
             "  maxStreamsPerAccount: 3\n  sharing: {{maxNetworks: 1, windowSeconds: 600, action: {action}}}"
@@ -611,7 +602,7 @@ fn has_token(uri: &str) -> bool {
 
 #[tokio::test]
 async fn playlists_carry_the_token_in_every_uri_and_a_native_player_plays_with_it() {
-    let (upstream, _) = origin().await;
+    let (upstream, _) = common::demo_origin().await;
     let (base, _sidecar) =
         memory_sidecar(&default_policy("  maxStreamsPerAccount: 3"), &upstream).await;
     let client = Client::new();
@@ -717,7 +708,7 @@ async fn playlists_carry_the_token_in_every_uri_and_a_native_player_plays_with_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_revocation_on_one_sidecar_stops_the_token_on_another_within_a_second() {
     let url = redis_env("STREAMGATE_TEST_REDIS");
-    let (upstream, stats) = origin().await;
+    let (upstream, stats) = common::demo_origin().await;
     let policy = default_policy("  maxStreamsPerAccount: 2");
     let store = |url: &str| -> Arc<dyn SessionStore> {
         Arc::new(RedisStore::new(
@@ -771,7 +762,7 @@ async fn a_revocation_on_one_sidecar_stops_the_token_on_another_within_a_second(
 
 #[tokio::test]
 async fn keys_rotate_without_a_restart() {
-    let (upstream, _) = origin().await;
+    let (upstream, _) = common::demo_origin().await;
     let (base, sidecar) =
         memory_sidecar(&default_policy("  maxStreamsPerAccount: 3"), &upstream).await;
     let dir = tempfile::tempdir().unwrap();
@@ -949,7 +940,7 @@ fn lasts(actual: i64, issued: i64, expected: i64, what: &str) {
 
 #[tokio::test]
 async fn every_media_response_to_a_token_hands_back_a_fresh_one() {
-    let (upstream, _) = origin().await;
+    let (upstream, _) = common::demo_origin().await;
     let (base, sidecar) = memory_sidecar(
         &default_policy("  maxStreamsPerAccount: 3\n  heartbeatIntervalSeconds: 10"),
         &upstream,
@@ -1029,7 +1020,7 @@ async fn every_media_response_to_a_token_hands_back_a_fresh_one() {
 
 #[tokio::test]
 async fn playlist_tokens_live_for_what_the_player_will_not_fetch_again() {
-    let (upstream, _) = origin().await;
+    let (upstream, _) = common::demo_origin().await;
     let policy = default_policy("  maxStreamsPerAccount: 3\n  heartbeatIntervalSeconds: 10");
     let (base, sidecar) = memory_sidecar(&policy, &upstream).await;
     sidecar.engine().playback().set_require_token(true);
@@ -1116,7 +1107,7 @@ async fn playlist_tokens_live_for_what_the_player_will_not_fetch_again() {
 
 #[tokio::test]
 async fn a_long_lived_playlist_token_dies_with_its_session_and_works_from_its_network_only() {
-    let (upstream, stats) = origin().await;
+    let (upstream, stats) = common::demo_origin().await;
     let t = common::TestSidecar::start_with(
         &default_policy(
             "  maxStreamsPerAccount: 3\n  heartbeatIntervalSeconds: 10\n  sessionTTLSeconds: 30",
@@ -1323,7 +1314,7 @@ impl SessionStore for ImpairedStore {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_the_revocation_subscription_down_a_stream_cut_elsewhere_ends_within_a_second() {
-    let (upstream, stats) = origin().await;
+    let (upstream, stats) = common::demo_origin().await;
     // The store other sidecars write to; this sidecar reaches it, but hears none of its
     // revocation notices.
     let shared = MemoryStore::new();
@@ -1386,7 +1377,7 @@ async fn with_the_revocation_subscription_down_a_stream_cut_elsewhere_ends_withi
 
 #[tokio::test]
 async fn during_a_store_outage_a_playlist_token_passes_only_for_a_session_found_active_lately() {
-    let (upstream, stats) = origin().await;
+    let (upstream, stats) = common::demo_origin().await;
     let store = ImpairedStore::over(MemoryStore::new());
     // failurePolicy Open (the default): media passes unverified while the store is down.
     // Heartbeat every second: a usual token lives 2 s.

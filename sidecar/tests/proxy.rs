@@ -10,20 +10,11 @@ use common::{Served, default_policy, json, metric};
 use futures::StreamExt;
 use reqwest::{Client, Method};
 use serde_json::Value;
-use streamgate_demo_origin::{self as demo_origin, OriginStats};
+use streamgate_demo_origin as demo_origin;
 use streamgate_sidecar::policy::PolicySet;
 use streamgate_sidecar::server::Sidecar;
 use streamgate_sidecar::store::{MemoryStore, RedisStore, RedisTarget, SessionStore};
 use tokio::sync::oneshot;
-
-async fn origin() -> (String, OriginStats) {
-    let stats = OriginStats::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let app = demo_origin::router(stats.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, stats)
-}
 
 async fn sidecar(store: Arc<dyn SessionStore>, policy: &str, upstream: &str) -> (Served, Sidecar) {
     let policies = PolicySet::from_yaml(policy, "test.yaml", "default").unwrap();
@@ -101,7 +92,7 @@ fn id(session: &Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn evicting_the_oldest_viewer_closes_its_stream_and_no_other() {
-    let (upstream, _) = origin().await;
+    let (upstream, _) = common::demo_origin().await;
     let policy = default_policy("  maxStreamsPerAccount: 3\n  onLimitExceeded: EvictOldest");
     let (Served { base, admin }, _sidecar) =
         sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
@@ -178,7 +169,7 @@ async fn a_kick_on_one_sidecar_cuts_a_stream_flowing_through_another() {
     let url = std::env::var("STREAMGATE_TEST_REDIS").unwrap_or_else(|_| {
         panic!("STREAMGATE_TEST_REDIS is not set: run the tests with ./scripts/test, which starts Redis")
     });
-    let (upstream, _) = origin().await;
+    let (upstream, _) = common::demo_origin().await;
     let policy = default_policy("  maxStreamsPerAccount: 2");
     let store = |url: &str| -> Arc<dyn SessionStore> {
         Arc::new(RedisStore::new(
@@ -217,7 +208,7 @@ async fn a_kick_on_one_sidecar_cuts_a_stream_flowing_through_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_viewer_that_stops_heartbeating_is_cut_after_the_ttl() {
-    let (upstream, _) = origin().await;
+    let (upstream, _) = common::demo_origin().await;
     let policy = default_policy(
         "  maxStreamsPerAccount: 1\n  sessionTTLSeconds: 2\n  heartbeatIntervalSeconds: 1",
     );
@@ -239,7 +230,7 @@ async fn a_viewer_that_stops_heartbeating_is_cut_after_the_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn heartbeats_keep_a_stream_flowing_past_the_ttl() {
-    let (upstream, _) = origin().await;
+    let (upstream, _) = common::demo_origin().await;
     let policy = default_policy(
         "  maxStreamsPerAccount: 1\n  sessionTTLSeconds: 2\n  heartbeatIntervalSeconds: 1",
     );
@@ -261,7 +252,7 @@ async fn heartbeats_keep_a_stream_flowing_past_the_ttl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dry_run_cuts_nothing_and_counts_what_it_would_cut() {
-    let (upstream, _) = origin().await;
+    let (upstream, _) = common::demo_origin().await;
     let policy =
         default_policy("  maxStreamsPerAccount: 1\n  onLimitExceeded: EvictOldest\n  mode: DryRun");
     let (Served { base, admin }, _) =
@@ -337,7 +328,7 @@ async fn dry_run_cuts_nothing_and_counts_what_it_would_cut() {
 /// act on sessions.
 #[tokio::test]
 async fn admin_paths_on_the_viewer_port_are_404_even_with_the_proxy_on() {
-    let (upstream, stats) = origin().await;
+    let (upstream, stats) = common::demo_origin().await;
     let policy = default_policy("  maxStreamsPerAccount: 2");
     let (Served { base, admin }, _) =
         sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
@@ -380,7 +371,7 @@ async fn admin_paths_on_the_viewer_port_are_404_even_with_the_proxy_on() {
 
 #[tokio::test]
 async fn requests_without_an_active_session_never_reach_the_upstream() {
-    let (upstream, stats) = origin().await;
+    let (upstream, stats) = common::demo_origin().await;
     let policy = default_policy("  maxStreamsPerAccount: 2");
     let (Served { base, .. }, _) = sidecar(Arc::new(MemoryStore::new()), &policy, &upstream).await;
     let (_, ended) = open(&base, "acct", "tv").await;
