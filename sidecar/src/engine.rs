@@ -20,9 +20,15 @@ use crate::policy::{EffectivePolicy, FailurePolicy, Mode, PolicySet, SharingActi
 use crate::session::{
     EndReason, Revocation, Session, SessionId, SessionRecord, SessionState, account_tag,
 };
+use crate::store::media::{StreamClaim, StreamHolder};
 use crate::store::{
     HeartbeatOutcome, KickOutcome, OpenOutcome, OpenRequest, SessionStore, StoreError,
 };
+
+/// How long a long-lived media response's claim on its session's streams lasts unless renewed
+/// (the proxy renews it every third of this while the response streams): a sidecar that dies
+/// mid-stream holds its session's stream for this long at most.
+pub const MEDIA_STREAM_LEASE: Duration = Duration::from_secs(15);
 
 /// The policies in force; replaced whole on reload, read lock-free on every request.
 pub type Policies = Arc<ArcSwap<PolicySet>>;
@@ -334,10 +340,28 @@ impl Engine {
     ) -> bool {
         let policy = self.policy_for(account);
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let networks =
+        let window_ms = i64::from(policy.sharing.window_seconds) * 1000;
+        let observed =
             self.playback
                 .observe_network(id, client, now_ms, policy.sharing.window_seconds);
-        if networks as u64 <= u64::from(policy.sharing.max_networks) {
+        let mut networks = observed.networks as u32;
+        if observed.report {
+            // The store counts the networks every sidecar saw; when it cannot be asked, this
+            // sidecar's own count still applies.
+            let network = crate::playback::Network::of(client).key();
+            let keep = policy.sharing.max_networks.saturating_add(1);
+            match self.store.note_network(id, network, window_ms, keep).await {
+                Ok(fleet) => {
+                    self.answered();
+                    networks = networks.max(fleet.unwrap_or(0));
+                }
+                Err(error) => {
+                    let error = self.store_failed(Operation::Media, error);
+                    tracing::debug!(%error, "sharing detection counts this sidecar's networks only");
+                }
+            }
+        }
+        if networks <= policy.sharing.max_networks {
             return false;
         }
         let action = policy.sharing.action;
@@ -364,6 +388,38 @@ impl Engine {
                 tracing::warn!(%error, "could not revoke a shared session; retried on its next use");
                 false
             }
+        }
+    }
+
+    /// Claims, or renews, one of session `id`'s at most `max` long-lived media responses for
+    /// `holder` across every sidecar ([`SessionStore::claim_stream`]), for
+    /// [`MEDIA_STREAM_LEASE`]. `None` when the store cannot be asked: then only this sidecar's
+    /// own count of the session's streams applies.
+    pub async fn claim_media_stream(
+        &self,
+        id: SessionId,
+        holder: StreamHolder,
+        max: u32,
+    ) -> Option<StreamClaim> {
+        let lease_ms = MEDIA_STREAM_LEASE.as_millis() as i64;
+        match self.store.claim_stream(id, holder, max, lease_ms).await {
+            Ok(claim) => {
+                self.answered();
+                Some(claim)
+            }
+            Err(error) => {
+                let error = self.store_failed(Operation::Media, error);
+                tracing::warn!(%error, "a media stream's claim was not recorded; this sidecar's own count applies");
+                None
+            }
+        }
+    }
+
+    /// Drops `holder`'s claim on session `id`'s streams. A claim that cannot be dropped lapses
+    /// one lease later.
+    pub async fn release_media_stream(&self, id: SessionId, holder: StreamHolder) {
+        if let Err(error) = self.store.release_stream(id, holder).await {
+            tracing::debug!(%error, "a media stream's claim lapses instead of being released");
         }
     }
 

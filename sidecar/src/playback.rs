@@ -72,6 +72,15 @@ impl Network {
         }
     }
 
+    /// The network as the session store records it ([`crate::store::media::NetworkKey`]): the
+    /// /64's eight bytes, or `0:0:0:0:0:a:b:c` for the /24 `a.b.c.0`.
+    pub fn key(self) -> crate::store::media::NetworkKey {
+        match self {
+            Self::V4([a, b, c]) => [0, 0, 0, 0, 0, a, b, c],
+            Self::V6(bytes) => bytes,
+        }
+    }
+
     /// Parses the form [`Network`]'s `Display` writes (`203.0.113.0/24`, `2001:db8::/64`).
     pub fn parse(text: &str) -> Option<Self> {
         let (address, prefix) = text.split_once('/')?;
@@ -433,13 +442,32 @@ pub const REFUSAL_REASONS: [&str; 7] = [
     "wrong_network",
 ];
 
-/// Distinct client networks each session was used from recently, for sharing detection.
+/// Distinct client networks each session was used from recently, as this sidecar saw them, and
+/// when each was last reported to the store, which counts them across every sidecar: a network
+/// is reported when it is new to this sidecar and then at most every quarter window while it is
+/// in use, so the store is asked a few times per window, not per request.
 /// Bounded: at most [`SharingTracker::CAPACITY`] sessions are remembered; past that the least
 /// recently seen is forgotten, in constant time (a sidecar seeing more sessions than that within
 /// the sharing window must not pay per request for it).
 #[derive(Debug)]
 pub struct SharingTracker {
-    sessions: lru::LruCache<SessionId, Vec<(Network, i64)>>,
+    sessions: lru::LruCache<SessionId, Vec<SeenNetwork>>,
+}
+
+#[derive(Debug)]
+struct SeenNetwork {
+    network: Network,
+    seen_ms: i64,
+    reported_ms: i64,
+}
+
+/// What [`SharingTracker::observe`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Observed {
+    /// Distinct networks this sidecar saw the session used from within the window.
+    pub networks: usize,
+    /// True when this use should be reported to the store.
+    pub report: bool,
 }
 
 impl Default for SharingTracker {
@@ -461,19 +489,33 @@ impl SharingTracker {
         }
     }
 
-    /// Records that `session` was used from `network` at `now_ms`; returns how many distinct
-    /// networks it was used from within the last `window_ms`, this one included.
+    /// Records that `session` was used from `network` at `now_ms`: how many distinct networks
+    /// it was used from within the last `window_ms`, this one included, and whether this use
+    /// is due to be reported to the store (a network new here, or last reported a quarter
+    /// window ago).
     pub fn observe(
         &mut self,
         session: SessionId,
         network: Network,
         now_ms: i64,
         window_ms: i64,
-    ) -> usize {
+    ) -> Observed {
         let seen = self.sessions.get_or_insert_mut(session, Vec::new);
-        seen.retain(|(n, at)| *n != network && *at > now_ms - window_ms);
-        seen.push((network, now_ms));
-        seen.len()
+        let reported_ms = seen
+            .iter()
+            .find(|s| s.network == network)
+            .map(|s| s.reported_ms)
+            .filter(|at| now_ms - at < window_ms / 4);
+        seen.retain(|s| s.network != network && s.seen_ms > now_ms - window_ms);
+        seen.push(SeenNetwork {
+            network,
+            seen_ms: now_ms,
+            reported_ms: reported_ms.unwrap_or(now_ms),
+        });
+        Observed {
+            networks: seen.len(),
+            report: reported_ms.is_none(),
+        }
     }
 
     /// Forgets a session (it was revoked or ended).
@@ -630,15 +672,14 @@ impl Playback {
         verify(&self.keys.load(), token, now, client)
     }
 
-    /// Records a use of `session` from `client`; returns the distinct networks it was used from
-    /// within `window_seconds`.
+    /// Records a use of `session` from `client` (see [`SharingTracker::observe`]).
     pub fn observe_network(
         &self,
         session: SessionId,
         client: IpAddr,
         now_ms: i64,
         window_seconds: u32,
-    ) -> usize {
+    ) -> Observed {
         self.lock_sharing().observe(
             session,
             Network::of(client),
@@ -853,23 +894,23 @@ mod tests {
             Network::V4([5, 6, 7]),
             Network::V6([9; 8]),
         );
-        assert_eq!(tracker.observe(a, home, 0, 1_000), 1);
+        assert_eq!(tracker.observe(a, home, 0, 1_000).networks, 1);
         assert_eq!(
-            tracker.observe(a, home, 10, 1_000),
+            tracker.observe(a, home, 10, 1_000).networks,
             1,
             "one network seen twice is one"
         );
-        assert_eq!(tracker.observe(a, phone, 20, 1_000), 2);
+        assert_eq!(tracker.observe(a, phone, 20, 1_000).networks, 2);
         assert_eq!(
-            tracker.observe(b, friend, 30, 1_000),
+            tracker.observe(b, friend, 30, 1_000).networks,
             1,
             "sessions are counted apart"
         );
-        assert_eq!(tracker.observe(a, friend, 40, 1_000), 3);
+        assert_eq!(tracker.observe(a, friend, 40, 1_000).networks, 3);
         // Later than the window after home's and phone's last use: only friend and home now.
-        assert_eq!(tracker.observe(a, home, 1_025, 1_000), 2);
+        assert_eq!(tracker.observe(a, home, 1_025, 1_000).networks, 2);
         tracker.forget(a);
-        assert_eq!(tracker.observe(a, phone, 1_030, 1_000), 1);
+        assert_eq!(tracker.observe(a, phone, 1_030, 1_000).networks, 1);
     }
 
     #[test]
@@ -884,15 +925,39 @@ mod tests {
         tracker.observe(ids[2], home, 30, 1_000);
         assert_eq!(tracker.len(), 2);
         assert_eq!(
-            tracker.observe(ids[0], home, 40, 1_000),
+            tracker.observe(ids[0], home, 40, 1_000).networks,
             2,
             "ids[0] kept its networks"
         );
         assert_eq!(
-            tracker.observe(ids[1], phone, 50, 1_000),
+            tracker.observe(ids[1], phone, 50, 1_000).networks,
             1,
             "ids[1] was forgotten"
         );
+    }
+
+    #[test]
+    fn a_network_is_reported_when_new_and_then_once_a_quarter_window() {
+        let mut tracker = SharingTracker::default();
+        let id = SessionId::for_account("x");
+        let (home, phone) = (Network::V4([1, 2, 3]), Network::V4([5, 6, 7]));
+        let reports = |tracker: &mut SharingTracker, network, at| {
+            tracker.observe(id, network, at, 100_000).report
+        };
+        assert!(reports(&mut tracker, home, 0), "new here");
+        assert!(!reports(&mut tracker, home, 1_000));
+        assert!(!reports(&mut tracker, home, 24_999));
+        assert!(
+            reports(&mut tracker, phone, 25_000),
+            "another network is new"
+        );
+        assert!(
+            reports(&mut tracker, home, 25_000),
+            "a quarter window since"
+        );
+        assert!(!reports(&mut tracker, home, 40_000));
+        assert!(!reports(&mut tracker, phone, 49_999));
+        assert!(reports(&mut tracker, phone, 50_000));
     }
 
     #[test]

@@ -53,12 +53,13 @@ use futures::{Stream, StreamExt};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::engine::{Engine, EngineError, MediaAccess, fingerprint};
+use crate::engine::{Engine, EngineError, MEDIA_STREAM_LEASE, MediaAccess, fingerprint};
 use crate::error::{ApiError, ErrorCode};
 use crate::playback::{self, Claims, TokenError};
 use crate::policy::Mode;
 use crate::policy::viewer_auth::AuthMode;
 use crate::session::{EndReason, SessionId, SessionRecord, SessionState};
+use crate::store::media::{StreamClaim, StreamHolder};
 
 /// Header carrying the session id of a media request.
 pub const SESSION_HEADER: &str = "x-streamgate-session";
@@ -713,16 +714,37 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
         Err(in_flight) => {
             count_stream_refused(proxy, false);
             // The upstream answer is dropped unread: its connection is closed.
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                ErrorCode::StreamInUse,
-                format!(
-                    "this session already plays {in_flight} stream(s), its limit (maxMediaStreamsPerSession); stop the other stream or open a session of its own"
-                ),
-            ));
+            return Err(stream_in_use(in_flight as u32));
         }
     };
     let (token, registration) = registered;
+    if long_lived && let (Some((account, _)), Some(max)) = (&owner, max_long_lived) {
+        // This sidecar's count passed; the session's streams on other sidecars count too.
+        let holder: StreamHolder = rand::random();
+        match proxy.engine.claim_media_stream(id, holder, max).await {
+            Some(StreamClaim::Full { streams }) if !dry_run => {
+                count_stream_refused(proxy, false);
+                return Err(stream_in_use(streams));
+            }
+            Some(StreamClaim::Full { streams }) => {
+                count_stream_refused(proxy, true);
+                tracing::info!(session = %fingerprint(&id.to_string()), in_flight = streams,
+                    "dry run: would refuse another stream of one session (on another sidecar)");
+            }
+            Some(StreamClaim::Held { .. }) => {
+                tokio::spawn(hold_stream_claim(
+                    proxy.clone(),
+                    id,
+                    holder,
+                    account.clone(),
+                    token.clone(),
+                    registration.done.clone(),
+                ));
+            }
+            // Cut between the look-up and now: its notice cuts this response.
+            Some(StreamClaim::Gone) | None => {}
+        }
+    }
     tokio::spawn(watch_expiry(
         proxy.clone(),
         id,
@@ -743,6 +765,55 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
     *response.status_mut() = status;
     *response.headers_mut() = response_headers;
     Ok(response)
+}
+
+/// 409 `stream_in_use`: the session already plays `in_flight` long-lived streams, its limit.
+fn stream_in_use(in_flight: u32) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        ErrorCode::StreamInUse,
+        format!(
+            "this session already plays {in_flight} stream(s), its limit (maxMediaStreamsPerSession); stop the other stream or open a session of its own"
+        ),
+    )
+}
+
+/// Keeps a long-lived response's claim on its session's streams while it streams (renewed
+/// every third of [`MEDIA_STREAM_LEASE`]) and drops it when the response ends. A claim that
+/// lapsed (the store was out of reach for a whole lease) and was taken by another stream
+/// meanwhile cuts this one: the session's other stream started while this one could not
+/// vouch for itself, and only one may play.
+async fn hold_stream_claim(
+    proxy: Arc<Proxy>,
+    id: SessionId,
+    holder: StreamHolder,
+    account: String,
+    token: CancellationToken,
+    done: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = done.cancelled() => break,
+            () = tokio::time::sleep(MEDIA_STREAM_LEASE / 3) => {}
+        }
+        let max = proxy
+            .engine
+            .policy_of(&account)
+            .max_media_streams_per_session;
+        match proxy.engine.claim_media_stream(id, holder, max).await {
+            Some(StreamClaim::Full { streams }) => {
+                tracing::warn!(session = %fingerprint(&id.to_string()), in_flight = streams,
+                    "a stream's claim lapsed and another stream of its session took it: cut");
+                count_stream_refused(&proxy, false);
+                token.cancel();
+                break;
+            }
+            // The session was cut: its notice or the expiry re-check cuts the response.
+            Some(StreamClaim::Gone) => return,
+            Some(StreamClaim::Held { .. }) | None => {}
+        }
+    }
+    proxy.engine.release_media_stream(id, holder).await;
 }
 
 fn count_stream_refused(proxy: &Proxy, dry_run: bool) {

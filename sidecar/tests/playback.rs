@@ -760,6 +760,138 @@ async fn a_revocation_on_one_sidecar_stops_the_token_on_another_within_a_second(
     eprintln!("stream cut {cut_after:?} after the kick on the other sidecar");
 }
 
+/// Two sidecars on one Redis with one namespace key set, as in a streaming Deployment.
+async fn two_sidecars_on_redis(policy: &str, upstream: &str) -> [(String, Sidecar); 2] {
+    let url = redis_env("STREAMGATE_TEST_REDIS");
+    let keys = KeyRing::new("ns-1", vec![("ns-1".into(), vec![42; 32])]).unwrap();
+    let mut pair = Vec::new();
+    for _ in 0..2 {
+        let store: Arc<dyn SessionStore> = Arc::new(RedisStore::new(
+            RedisTarget::parse(&url).unwrap(),
+            Duration::from_secs(2),
+        ));
+        let (base, sidecar) = sidecar(store, policy, upstream).await;
+        sidecar.engine().playback().set_keys(keys.clone());
+        pair.push((base, sidecar));
+    }
+    pair.try_into().unwrap_or_else(|_| unreachable!())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_session_plays_one_stream_across_sidecars() {
+    let (upstream, stats) = common::demo_origin().await;
+    let [(a, a_sidecar), (b, _b_sidecar)] =
+        two_sidecars_on_redis(&default_policy("  maxStreamsPerAccount: 3"), &upstream).await;
+    let account = format!("one-stream-{:08x}", rand::random::<u32>());
+    let client = Client::new();
+    let (_, opened) = open_with(&client, &a, &account, "tv").await;
+    let token = token(&opened);
+    let first = Viewer::watch(&a, &token).await;
+
+    // The token handed to a second player whose requests land on the other sidecar: that
+    // sidecar has no stream of the session in flight, but the store knows of the first.
+    let (status, body) =
+        json(get_with_token(&client, &format!("{b}/live?interval_ms=20"), &token).await).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("stream_in_use")),
+        "{body}"
+    );
+    // Short responses are not streams, on any sidecar.
+    let segment = get_with_token(&client, &format!("{b}/hls/segment1.ts"), &token).await;
+    assert_eq!(segment.status(), 200);
+    assert!(*first.bytes.borrow() > 0);
+
+    // The first player stops: its sidecar releases the claim, and the session plays on the
+    // other sidecar; then the first sidecar refuses a second stream in turn.
+    first.stop();
+    let proxy = a_sidecar.proxy().unwrap().clone();
+    eventually("the stopped stream is unregistered", async || {
+        proxy.streams_in_flight() == 0
+    })
+    .await;
+    let mut moved = None;
+    for _ in 0..50 {
+        let response = get_with_token(&client, &format!("{b}/live?interval_ms=20"), &token).await;
+        if response.status() == 200 {
+            moved = Some(response);
+            break;
+        }
+        assert_eq!(
+            response.status(),
+            409,
+            "only refused while the release is on its way"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _moved = moved.expect("the session streams on the other sidecar once the first stopped");
+    let before = stats.requests();
+    let (status, body) =
+        json(get_with_token(&client, &format!("{a}/live?interval_ms=20"), &token).await).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("stream_in_use"))
+    );
+    assert_eq!(
+        stats.requests(),
+        before + 1,
+        "asked once, its answer dropped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sharing_is_counted_across_sidecars() {
+    let (upstream, stats) = common::demo_origin().await;
+    let policy = default_policy(
+        "  maxStreamsPerAccount: 3\n  sharing: {maxNetworks: 2, windowSeconds: 600, action: Revoke}",
+    );
+    let [(a, a_sidecar), (b, b_sidecar)] = two_sidecars_on_redis(&policy, &upstream).await;
+    // Carrier-grade NAT setting: tokens are not bound, so only sharing detection stands.
+    for sidecar in [&a_sidecar, &b_sidecar] {
+        sidecar.engine().playback().set_bind_network(false);
+    }
+    let account = format!("sharing-{:08x}", rand::random::<u32>());
+    let home = Client::new();
+    let (_, opened) = open_with(&home, &a, &account, "tv").await;
+    let token = token(&opened);
+    let segment = |base: &str| format!("{base}/hls/segment1.ts");
+    assert_eq!(
+        get_with_token(&home, &segment(&a), &token).await.status(),
+        200
+    );
+    // A friend's network, through the other sidecar.
+    let friend = client_from("127.0.1.1");
+    assert_eq!(
+        get_with_token(&friend, &segment(&b), &token).await.status(),
+        200
+    );
+    // A third network, back through the first sidecar, which has seen only two networks of
+    // the session: the store has seen three.
+    let before = stats.requests();
+    let (status, body) =
+        json(get_with_token(&client_from("127.0.2.1"), &segment(&a), &token).await).await;
+    assert_eq!(
+        (status, body["error"].as_str(), body["reason"].as_str()),
+        (403, Some("session_gone"), Some("shared")),
+        "{body}"
+    );
+    assert_eq!(stats.requests(), before);
+    // Revoked for every sidecar and every viewer.
+    assert_eq!(
+        get_with_token(&friend, &segment(&b), &token).await.status(),
+        403
+    );
+    assert_eq!(
+        get_with_token(&home, &segment(&a), &token).await.status(),
+        403
+    );
+    let m = a_sidecar.engine().render_metrics().await;
+    assert_eq!(
+        metric(&m, r#"streamgate_sharing_detected_total{action="revoke"}"#),
+        Some(1.0)
+    );
+}
+
 #[tokio::test]
 async fn keys_rotate_without_a_restart() {
     let (upstream, _) = common::demo_origin().await;
@@ -1276,6 +1408,32 @@ impl SessionStore for ImpairedStore {
             ));
         }
         self.inner.touch(id, ttl_ms, renew_after_ms).await
+    }
+    async fn note_network(
+        &self,
+        id: SessionId,
+        network: streamgate_sidecar::store::media::NetworkKey,
+        window_ms: i64,
+        keep: u32,
+    ) -> Result<Option<u32>, streamgate_sidecar::store::StoreError> {
+        self.inner.note_network(id, network, window_ms, keep).await
+    }
+    async fn claim_stream(
+        &self,
+        id: SessionId,
+        holder: streamgate_sidecar::store::media::StreamHolder,
+        max: u32,
+        lease_ms: i64,
+    ) -> Result<streamgate_sidecar::store::media::StreamClaim, streamgate_sidecar::store::StoreError>
+    {
+        self.inner.claim_stream(id, holder, max, lease_ms).await
+    }
+    async fn release_stream(
+        &self,
+        id: SessionId,
+        holder: streamgate_sidecar::store::media::StreamHolder,
+    ) -> Result<(), streamgate_sidecar::store::StoreError> {
+        self.inner.release_stream(id, holder).await
     }
     async fn adopt(
         &self,

@@ -604,8 +604,23 @@ async fn an_ended_session_leaves_only_a_marker_for_one_ttl() {
     else {
         panic!("admitted")
     };
+    // It played media: its networks and stream claim are recorded beside it...
+    assert_eq!(
+        store
+            .note_network(session.id, [0, 0, 0, 0, 0, 192, 0, 2], 60_000, 3)
+            .await
+            .unwrap(),
+        Some(1)
+    );
+    assert!(matches!(
+        store
+            .claim_stream(session.id, [7; 8], 1, 15_000)
+            .await
+            .unwrap(),
+        streamgate_sidecar::store::media::StreamClaim::Held { streams: 1 }
+    ));
     assert!(store.end(&account, "tv").await.unwrap().is_some());
-    // What stays of the account: its id and the session's field, overwritten by a marker
+    // ...and go with the session. What stays of the account: its id and the session's field, overwritten by a marker
     // ('n' and until when the end is remembered, in ms); the hash expires then.
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();

@@ -476,6 +476,134 @@ pub async fn adopt_writes_back_a_session_unless_its_stream_moved_on_or_it_ended(
     assert!(store.adopt(&tv).await.unwrap());
 }
 
+/// Sharing detection's memory: the distinct networks a session was used from within a window,
+/// across every caller (sidecar), at most `keep` of them; none for a session that is not active.
+pub async fn networks_are_counted_per_session_within_the_window(
+    store: Arc<dyn SessionStore>,
+    clock: ManualClock,
+) {
+    let a = account("networks");
+    let tv = admit(store.as_ref(), &a, "tv", 3).await;
+    let phone = admit(store.as_ref(), &a, "phone", 3).await;
+    let (home, office, cafe) = (
+        [0, 0, 0, 0, 0, 203, 0, 113],
+        [0, 0, 0, 0, 0, 198, 51, 100],
+        [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 1],
+    );
+    let window = 20_000;
+    let note = async |id, network, keep| store.note_network(id, network, window, keep).await;
+    assert_eq!(note(tv, home, 10).await.unwrap(), Some(1));
+    assert_eq!(
+        note(tv, home, 10).await.unwrap(),
+        Some(1),
+        "one network twice"
+    );
+    assert_eq!(note(tv, office, 10).await.unwrap(), Some(2));
+    assert_eq!(
+        note(phone, cafe, 10).await.unwrap(),
+        Some(1),
+        "sessions apart"
+    );
+    clock.advance(10_000);
+    assert_eq!(note(tv, cafe, 10).await.unwrap(), Some(3));
+    // Home and office were last seen more than a window ago; cafe within it.
+    clock.advance(window - 9_000);
+    assert_eq!(note(tv, home, 10).await.unwrap(), Some(2));
+    // At most `keep` are counted: enough to know the limit is passed.
+    assert_eq!(note(tv, office, 2).await.unwrap(), Some(2));
+    // A session that is not active has no networks to count.
+    assert!(matches!(
+        store.kick(tv).await.unwrap(),
+        KickOutcome::Kicked(_)
+    ));
+    assert_eq!(note(tv, home, 10).await.unwrap(), None);
+    assert_eq!(
+        note(SessionId::for_account(&a), home, 10).await.unwrap(),
+        None
+    );
+    // A session admitted again starts afresh.
+    let tv = admit(store.as_ref(), &a, "tv", 3).await;
+    assert_eq!(note(tv, cafe, 10).await.unwrap(), Some(1));
+}
+
+/// One session, one stream: claims on a session's long-lived responses, across every caller,
+/// held while renewed within their lease, dropped on release or when the lease lapses, and gone
+/// with the session.
+pub async fn stream_claims_hold_one_stream_per_session(
+    store: Arc<dyn SessionStore>,
+    clock: ManualClock,
+) {
+    use streamgate_sidecar::store::media::StreamClaim;
+    let a = account("streams");
+    let tv = admit(store.as_ref(), &a, "tv", 3).await;
+    let phone = admit(store.as_ref(), &a, "phone", 3).await;
+    let lease = 15_000;
+    let claim = async |id, holder: u8, max| store.claim_stream(id, [holder; 8], max, lease).await;
+    assert_eq!(
+        claim(tv, 1, 1).await.unwrap(),
+        StreamClaim::Held { streams: 1 }
+    );
+    assert_eq!(
+        claim(tv, 2, 1).await.unwrap(),
+        StreamClaim::Full { streams: 1 },
+        "a second stream of one session, from another sidecar"
+    );
+    assert_eq!(
+        claim(phone, 2, 1).await.unwrap(),
+        StreamClaim::Held { streams: 1 },
+        "another session has its own stream"
+    );
+    // Renewed by its holder within the lease: it holds past the first lease.
+    clock.advance(10_000);
+    assert_eq!(
+        claim(tv, 1, 1).await.unwrap(),
+        StreamClaim::Held { streams: 1 }
+    );
+    clock.advance(10_000);
+    assert_eq!(
+        claim(tv, 2, 1).await.unwrap(),
+        StreamClaim::Full { streams: 1 }
+    );
+    // Released: the next stream may play.
+    store.release_stream(tv, [1; 8]).await.unwrap();
+    assert_eq!(
+        claim(tv, 2, 1).await.unwrap(),
+        StreamClaim::Held { streams: 1 }
+    );
+    // A policy allowing two.
+    assert_eq!(
+        claim(tv, 3, 2).await.unwrap(),
+        StreamClaim::Held { streams: 2 }
+    );
+    assert_eq!(
+        claim(tv, 4, 2).await.unwrap(),
+        StreamClaim::Full { streams: 2 }
+    );
+    // Holders that died: their leases lapse and free the session.
+    clock.advance(lease + 1);
+    assert_eq!(
+        claim(tv, 4, 1).await.unwrap(),
+        StreamClaim::Held { streams: 1 }
+    );
+    // Releasing what is not held changes nothing.
+    store.release_stream(tv, [9; 8]).await.unwrap();
+    store
+        .release_stream(SessionId::for_account(&a), [4; 8])
+        .await
+        .unwrap();
+    assert_eq!(
+        claim(tv, 5, 1).await.unwrap(),
+        StreamClaim::Full { streams: 1 }
+    );
+    // Gone with the session.
+    assert!(store.end(&a, "tv").await.unwrap().is_some());
+    assert_eq!(claim(tv, 4, 1).await.unwrap(), StreamClaim::Gone);
+    assert_eq!(
+        claim(SessionId::for_account(&a), 1, 1).await.unwrap(),
+        StreamClaim::Gone
+    );
+}
+
 /// Instantiates every contract case for one store.
 /// Listing every account's sessions (the operator's live-session API): paged in id order, each
 /// active session exactly once, cut ones left out. The store may hold other cases' sessions.
@@ -606,6 +734,18 @@ macro_rules! store_contract {
                     store, clock,
                 )
                 .await;
+            }
+
+            #[tokio::test]
+            async fn networks_are_counted_per_session_within_the_window() {
+                let (store, clock) = store();
+                super::networks_are_counted_per_session_within_the_window(store, clock).await;
+            }
+
+            #[tokio::test]
+            async fn stream_claims_hold_one_stream_per_session() {
+                let (store, clock) = store();
+                super::stream_claims_hold_one_stream_per_session(store, clock).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod clock;
+pub mod media;
 pub mod memory;
 pub mod redis_connection;
 pub mod redis_store;
@@ -27,6 +28,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::OverLimit;
+use crate::media::{NetworkKey, StreamClaim, StreamHolder};
 use crate::policy::{Mode, OnLimitExceeded};
 use crate::session::{EndReason, Revocation, SessionId, SessionRecord, SessionState};
 
@@ -220,6 +222,33 @@ pub trait SessionStore: Send + Sync + 'static {
         ttl_ms: i64,
         renew_after_ms: i64,
     ) -> Result<Option<Touched>, StoreError>;
+
+    /// Records that active session `id` was used from client `network` (sharing detection,
+    /// [`media::MediaUse::note_network`]): returns the distinct networks it was used from within
+    /// the last `window_ms` across every sidecar, this one included, counting at most `keep`;
+    /// `None` when the session is not active. Media use is soft state: not waited for by
+    /// replicas (`--store-wait-replicas`), as losing some in a failover only forgets some use.
+    async fn note_network(
+        &self,
+        id: SessionId,
+        network: NetworkKey,
+        window_ms: i64,
+        keep: u32,
+    ) -> Result<Option<u32>, StoreError>;
+
+    /// Claims, or renews, one of active session `id`'s at most `max` long-lived responses for
+    /// `holder`, for `lease_ms` ([`media::MediaUse::claim_stream`]): one session, one stream,
+    /// across every sidecar.
+    async fn claim_stream(
+        &self,
+        id: SessionId,
+        holder: StreamHolder,
+        max: u32,
+        lease_ms: i64,
+    ) -> Result<StreamClaim, StoreError>;
+
+    /// Drops `holder`'s claim on session `id`'s streams (its response ended).
+    async fn release_stream(&self, id: SessionId, holder: StreamHolder) -> Result<(), StoreError>;
 
     /// Writes back a session admitted without the store (failurePolicy Open during an outage),
     /// with its id and creation time, renewed from now. Admitted whatever the account's count

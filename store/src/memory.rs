@@ -28,6 +28,7 @@ use super::{
 };
 use crate::admission::{self, Decision};
 use crate::clock::{Clock, SystemClock};
+use crate::media::{MediaUse, NetworkKey, StreamClaim, StreamHolder};
 use crate::session::{EndReason, Revocation, SessionId, SessionRecord, SessionState};
 
 /// How often the background reaper expires overdue sessions and drops old tombstones.
@@ -73,6 +74,8 @@ struct Entry {
     seq: u64,
     /// The wheel bucket this session is filed in.
     tick: i64,
+    /// Its media use, once media was played; dropped when the session stops being active.
+    media: Option<Box<MediaUse>>,
 }
 
 impl Entry {
@@ -252,6 +255,7 @@ impl State {
     /// Turns an active session into a tombstone with `reason`. Returns the cut record.
     fn end_active(&mut self, id: SessionId, now: i64, reason: EndReason) -> SessionRecord {
         let entry = self.sessions.get_mut(&id).expect("active session exists");
+        entry.media = None;
         let record = &mut entry.record;
         // An expired session ended when its TTL ran out, not when we noticed.
         let ended_at = match reason {
@@ -431,6 +435,7 @@ impl State {
                 record,
                 seq,
                 tick: i64::MIN,
+                media: None,
             },
         );
         self.schedule(id, expires);
@@ -468,6 +473,25 @@ impl State {
             renewed: false,
         };
         (Some(touched), cut)
+    }
+
+    /// The media use of session `id` if it is active at `now` (its account's overdue sessions
+    /// expired first, returned as the second value).
+    fn active_media(
+        &mut self,
+        id: SessionId,
+        now: i64,
+    ) -> (Option<&mut MediaUse>, Vec<SessionRecord>) {
+        let Some(account) = self.sessions.get(&id).map(|e| e.record.account.clone()) else {
+            return (None, Vec::new());
+        };
+        let cut = self.expire_overdue(&account, now);
+        let media = self
+            .sessions
+            .get_mut(&id)
+            .filter(|e| e.record.state == SessionState::Active)
+            .map(|e| &mut **e.media.get_or_insert_with(Box::default));
+        (media, cut)
     }
 
     fn adopt(&mut self, session: &SessionRecord, now: i64) -> (bool, Vec<SessionRecord>) {
@@ -676,6 +700,57 @@ impl SessionStore for MemoryStore {
         let (touched, cut) = self.lock().touch(id, ttl_ms, renew_after_ms, now);
         self.publish(cut);
         Ok(touched)
+    }
+
+    async fn note_network(
+        &self,
+        id: SessionId,
+        network: NetworkKey,
+        window_ms: i64,
+        keep: u32,
+    ) -> Result<Option<u32>, StoreError> {
+        let now = self.now();
+        let (networks, cut) = {
+            let mut state = self.lock();
+            let (media, cut) = state.active_media(id, now);
+            (
+                media.map(|m| m.note_network(network, now, window_ms, keep)),
+                cut,
+            )
+        };
+        self.publish(cut);
+        Ok(networks)
+    }
+
+    async fn claim_stream(
+        &self,
+        id: SessionId,
+        holder: StreamHolder,
+        max: u32,
+        lease_ms: i64,
+    ) -> Result<StreamClaim, StoreError> {
+        let now = self.now();
+        let (claim, cut) = {
+            let mut state = self.lock();
+            let (media, cut) = state.active_media(id, now);
+            (
+                media.map_or(StreamClaim::Gone, |m| {
+                    m.claim_stream(holder, now, lease_ms, max)
+                }),
+                cut,
+            )
+        };
+        self.publish(cut);
+        Ok(claim)
+    }
+
+    async fn release_stream(&self, id: SessionId, holder: StreamHolder) -> Result<(), StoreError> {
+        if let Some(entry) = self.lock().sessions.get_mut(&id)
+            && let Some(media) = &mut entry.media
+        {
+            media.release_stream(holder);
+        }
+        Ok(())
     }
 
     async fn adopt(&self, session: &SessionRecord) -> Result<bool, StoreError> {

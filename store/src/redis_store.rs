@@ -29,6 +29,7 @@ use super::{
 };
 use crate::admission::OverLimit;
 use crate::clock::Clock;
+use crate::media::{MAX_NETWORKS_KEPT, NetworkKey, StreamClaim, StreamHolder};
 use crate::policy::{Mode, OnLimitExceeded};
 use crate::session::{EndReason, Revocation, SessionId, SessionRecord, SessionState, account_tag};
 
@@ -500,10 +501,13 @@ enum Op {
     Touch,
     Adopt,
     Discard,
+    Network,
+    Claim,
+    Release,
 }
 
 impl Op {
-    const ALL: [Op; 9] = [
+    const ALL: [Op; 12] = [
         Op::Open,
         Op::Heartbeat,
         Op::End,
@@ -513,6 +517,9 @@ impl Op {
         Op::Touch,
         Op::Adopt,
         Op::Discard,
+        Op::Network,
+        Op::Claim,
+        Op::Release,
     ];
 
     fn name(self) -> &'static str {
@@ -526,6 +533,9 @@ impl Op {
             Op::Touch => "touch",
             Op::Adopt => "adopt",
             Op::Discard => "discard",
+            Op::Network => "network",
+            Op::Claim => "claim",
+            Op::Release => "release",
         }
     }
 
@@ -540,6 +550,9 @@ impl Op {
             Op::Touch => include_str!("lua/touch.lua"),
             Op::Adopt => include_str!("lua/adopt.lua"),
             Op::Discard => include_str!("lua/discard.lua"),
+            Op::Network => include_str!("lua/network.lua"),
+            Op::Claim => include_str!("lua/claim.lua"),
+            Op::Release => include_str!("lua/release.lua"),
         }
     }
 }
@@ -1764,6 +1777,74 @@ impl SessionStore for RedisStore {
         Ok(session(found)
             .ok_or_else(bad)?
             .map(|session| Touched { session, renewed }))
+    }
+
+    async fn note_network(
+        &self,
+        id: SessionId,
+        network: NetworkKey,
+        window_ms: i64,
+        keep: u32,
+    ) -> Result<Option<u32>, StoreError> {
+        let mut call = self.inner.library.call(Op::Network, account_key(id.tag));
+        call.arg(&id_bytes(id)[..])
+            .arg(&network[..])
+            .arg(window_ms)
+            .arg(keep.clamp(1, MAX_NETWORKS_KEPT));
+        self.origin_and_channel(&mut call);
+        // Soft state: not waited for by replicas (see the trait).
+        let connection = self.connection().await?;
+        let value = self.run_on(&connection, &call).await?;
+        let bad = || malformed("network", &value);
+        let [networks, expired] = items(&value).ok_or_else(bad)? else {
+            return Err(bad());
+        };
+        self.publish_local(sessions(expired).ok_or_else(bad)?);
+        match networks {
+            Value::Nil => Ok(None),
+            other => Ok(Some(
+                int(other)
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(bad)?,
+            )),
+        }
+    }
+
+    async fn claim_stream(
+        &self,
+        id: SessionId,
+        holder: StreamHolder,
+        max: u32,
+        lease_ms: i64,
+    ) -> Result<StreamClaim, StoreError> {
+        let mut call = self.inner.library.call(Op::Claim, account_key(id.tag));
+        call.arg(&id_bytes(id)[..])
+            .arg(&holder[..])
+            .arg(max)
+            .arg(lease_ms);
+        self.origin_and_channel(&mut call);
+        let connection = self.connection().await?;
+        let value = self.run_on(&connection, &call).await?;
+        let (kind, fields, expired) = reply("claim", &value)?;
+        self.publish_local(expired);
+        let streams = fields
+            .first()
+            .and_then(int)
+            .and_then(|n| u32::try_from(n).ok());
+        Ok(match (kind.as_str(), streams) {
+            ("held", Some(streams)) => StreamClaim::Held { streams },
+            ("full", Some(streams)) => StreamClaim::Full { streams },
+            ("gone", _) => StreamClaim::Gone,
+            _ => return Err(malformed("claim", &value)),
+        })
+    }
+
+    async fn release_stream(&self, id: SessionId, holder: StreamHolder) -> Result<(), StoreError> {
+        let mut call = self.inner.library.call(Op::Release, account_key(id.tag));
+        call.arg(&id_bytes(id)[..]).arg(&holder[..]);
+        let connection = self.connection().await?;
+        self.run_on(&connection, &call).await?;
+        Ok(())
     }
 
     async fn adopt(&self, record: &SessionRecord) -> Result<bool, StoreError> {

@@ -17,6 +17,12 @@
 --                 still, and answers nothing else (an ended session is gone, not cut). Ending
 --                 overwrites the session's field (no field added or deleted), and the marker
 --                 costs about 25 bytes of the hash while it lasts.
+--   K[ID .. '~']  the media use of active session ID, once its media was played through a
+--                 sidecar (sharing detection, one session one stream: store/src/media.rs):
+--                 struct '>c1I1I1' ('u', networks, streams), then per network '>c8i6' (the
+--                 network, last seen ms), most recent first, then per stream '>c8i6' (the
+--                 response holding the claim, claim lapses at ms). Deleted when the session
+--                 stops being active (by the next call that saves the hash).
 --   K['o']        only when other accounts share the tag (a 32-bit tag: about a hundred pairs
 --                 among a million accounts): their hex ids, space-separated. Such an account
 --                 lives in the hash K .. hex(account), same layout, same slot.
@@ -44,6 +50,8 @@ local STATE = {a = 'active', e = 'revoked', k = 'revoked', d = 'revoked', s = 'r
   x = 'expired'}
 local REASON = {a = '', e = 'evicted', k = 'kicked', d = 'denied', s = 'shared', x = 'expired'}
 local CODE = {evicted = 'e', kicked = 'k', denied = 'd', shared = 's', expired = 'x'}
+local MEDIA_HEAD = '>c1I1I1'
+local MEDIA_ENTRY = '>c8i6'
 
 local function now_ms()
   if #ARGV >= 2 and ARGV[#ARGV - 1] == '__now__' then
@@ -60,7 +68,7 @@ end
 -- The account hash at key `k`: {key, account, over, sessions = {...}, dirty = {}, gone = {}}.
 local function load(k)
   local flat = redis.call('HGETALL', k)
-  local h = {key = k, sessions = {}, ended = {}, dirty = {}, gone = {}}
+  local h = {key = k, sessions = {}, ended = {}, media = {}, dirty = {}, gone = {}}
   for i = 1, #flat, 2 do
     local f, v = flat[i], flat[i + 1]
     if f == '@' then
@@ -70,6 +78,8 @@ local function load(k)
     elseif string.byte(v) == 110 then -- 'n': an ended session's marker
       local _, until_ms = struct.unpack(MARKER, v)
       h.ended[f] = until_ms
+    elseif string.byte(v) == 117 then -- 'u': a session's media use
+      h.media[string.sub(f, 1, 16)] = v
     else
       local code, seq, created, expires, ttl, at = struct.unpack(FORMAT, v)
       h.sessions[#h.sessions + 1] = {id = f, code = code, seq = seq, created = created,
@@ -258,6 +268,21 @@ local function save(h)
   if #h.dirty == 0 and #h.gone == 0 and not h.marked then
     return
   end
+  if next(h.media) ~= nil then
+    -- Media use lasts only while its session is active.
+    local live = {}
+    for _, s in ipairs(h.sessions) do
+      if s.code == 'a' and not s.removed then
+        live[s.id] = true
+      end
+    end
+    for id in pairs(h.media) do
+      if not live[id] then
+        h.media[id] = nil
+        h.gone[#h.gone + 1] = id .. '~'
+      end
+    end
+  end
   local until_ms, left = 0, 0
   for _, s in ipairs(h.sessions) do
     if not s.removed then
@@ -361,4 +386,62 @@ local function records(h, list)
     out[i] = record(h, s)
   end
   return out
+end
+
+-- The media use of session `id` in `h`: {networks = {{network, seen}...}, streams = {{holder,
+-- until}...}}, empty when none is recorded.
+local function media_of(h, id)
+  local m = {networks = {}, streams = {}}
+  local v = h.media[id]
+  if v == nil then
+    return m
+  end
+  local _, networks, streams, at = struct.unpack(MEDIA_HEAD, v)
+  for i = 1, networks do
+    local network, seen
+    network, seen, at = struct.unpack(MEDIA_ENTRY, v, at)
+    m.networks[i] = {network, seen}
+  end
+  for i = 1, streams do
+    local holder, until_ms
+    holder, until_ms, at = struct.unpack(MEDIA_ENTRY, v, at)
+    m.streams[i] = {holder, until_ms}
+  end
+  return m
+end
+
+-- Writes session `id`'s media use `m` (deletes it when empty).
+local function put_media(h, id, m)
+  if #m.networks == 0 and #m.streams == 0 then
+    if h.media[id] ~= nil then
+      h.media[id] = nil
+      redis.call('HDEL', h.key, id .. '~')
+    end
+    return
+  end
+  local parts = {struct.pack(MEDIA_HEAD, 'u', #m.networks, #m.streams)}
+  for _, e in ipairs(m.networks) do
+    parts[#parts + 1] = struct.pack(MEDIA_ENTRY, e[1], e[2])
+  end
+  for _, e in ipairs(m.streams) do
+    parts[#parts + 1] = struct.pack(MEDIA_ENTRY, e[1], e[2])
+  end
+  local v = table.concat(parts)
+  h.media[id] = v
+  redis.call('HSET', h.key, id .. '~', v)
+end
+
+-- Active session `id` (found by `find`) at `now`, after expiring its account's overdue
+-- sessions: the hash, the session (nil when it is not active) and the expired sessions.
+local function active_by_id(id, now, origin, channel)
+  local h, s = find(KEYS[1], id)
+  if not h then
+    return nil, nil, {}
+  end
+  local expired = expire_overdue(h, now, origin, channel)
+  save(h)
+  if not s or s.removed or s.code ~= 'a' then
+    return h, nil, expired
+  end
+  return h, s, expired
 end
