@@ -280,8 +280,28 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         let ended_one_of_five =
             additional + (nodes.used_memory().await? as f64 - before as f64) / 1000.0;
+        // Sessions playing media: one client network and one long-lived response's claim
+        // recorded beside each (sharing detection, one session one stream).
+        let playing: Vec<SessionId> = futures::future::try_join_all((0..1000).map(|i| {
+            let (store, account) = (&store, format!("play-{run}-{n}-{i}"));
+            async move { open(store, &account, "s").await }
+        }))
+        .await?;
+        let before = nodes.used_memory().await?;
+        drive(0..1000, 512, |i| {
+            let (store, id) = (&store, playing[i as usize]);
+            async move {
+                store
+                    .note_network(id, [0, 0, 0, 0, 0, 198, 51, (i % 256) as u8], 600_000, 3)
+                    .await?;
+                store.claim_stream(id, [7; 8], 1, 15_000).await?;
+                Ok::<_, anyhow::Error>(())
+            }
+        })
+        .await?;
+        let media = (nodes.used_memory().await? as f64 - before as f64) / 1000.0;
         println!(
-            "memory\t{n}\t{per_session:.0} B per live session (one per account), {additional:.0} B per additional session of an account (seeded at {:.0}/s); ended-session marker: {ended_account:.0} B for an account whose only session ended, {ended_one_of_five:.0} B beside other sessions",
+            "memory\t{n}\t{per_session:.0} B per live session (one per account), {additional:.0} B per additional session of an account (seeded at {:.0}/s); ended-session marker: {ended_account:.0} B for an account whose only session ended, {ended_one_of_five:.0} B beside other sessions; {media:.0} B more for a session playing media (a network and a stream claim)",
             n as f64 / seconds.max(1e-9)
         );
         let mut results = Vec::new();
@@ -355,7 +375,7 @@ async fn main() -> anyhow::Result<()> {
             serde_json::json!({
                 "liveSessions": n, "bytesPerSession": per_session,
                 "bytesPerAdditionalSession": additional, "bytesPerEndedAccount": ended_account,
-                "bytesPerEndedMarker": ended_one_of_five, "phases": results,
+                "bytesPerEndedMarker": ended_one_of_five, "bytesPerPlayingSessionMedia": media, "phases": results,
             })
         );
     }
