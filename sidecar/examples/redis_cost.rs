@@ -294,14 +294,23 @@ async fn main() -> anyhow::Result<()> {
                 store
                     .note_network(id, [0, 0, 0, 0, 0, 198, 51, (i % 256) as u8], 600_000, 3)
                     .await?;
+                Ok::<_, anyhow::Error>(())
+            }
+        })
+        .await?;
+        let network = (nodes.used_memory().await? as f64 - before as f64) / 1000.0;
+        let before = nodes.used_memory().await?;
+        drive(0..1000, 512, |i| {
+            let (store, id) = (&store, playing[i as usize]);
+            async move {
                 store.claim_stream(id, [7; 8], 1, 15_000).await?;
                 Ok::<_, anyhow::Error>(())
             }
         })
         .await?;
-        let media = (nodes.used_memory().await? as f64 - before as f64) / 1000.0;
+        let media = network + (nodes.used_memory().await? as f64 - before as f64) / 1000.0;
         println!(
-            "memory\t{n}\t{per_session:.0} B per live session (one per account), {additional:.0} B per additional session of an account (seeded at {:.0}/s); ended-session marker: {ended_account:.0} B for an account whose only session ended, {ended_one_of_five:.0} B beside other sessions; {media:.0} B more for a session playing media (a network and a stream claim)",
+            "memory\t{n}\t{per_session:.0} B per live session (one per account), {additional:.0} B per additional session of an account (seeded at {:.0}/s); ended-session marker: {ended_account:.0} B for an account whose only session ended, {ended_one_of_five:.0} B beside other sessions; a session's media use: {network:.0} B for its network, {media:.0} B with a stream claim too",
             n as f64 / seconds.max(1e-9)
         );
         let mut results = Vec::new();
@@ -375,7 +384,7 @@ async fn main() -> anyhow::Result<()> {
             serde_json::json!({
                 "liveSessions": n, "bytesPerSession": per_session,
                 "bytesPerAdditionalSession": additional, "bytesPerEndedAccount": ended_account,
-                "bytesPerEndedMarker": ended_one_of_five, "bytesPerPlayingSessionMedia": media, "phases": results,
+                "bytesPerEndedMarker": ended_one_of_five, "bytesPerSessionNetwork": network, "bytesPerPlayingSessionMedia": media, "phases": results,
             })
         );
     }

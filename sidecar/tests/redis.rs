@@ -646,3 +646,111 @@ async fn an_ended_session_leaves_only_a_marker_for_one_ttl() {
     assert!(!store.adopt(&session).await.unwrap());
     assert!(store.list(&account).await.unwrap().is_empty());
 }
+
+/// During a rolling upgrade, sidecars of the previous release share the store with this one:
+/// the media use this release records beside a session (a 17-byte field) must not break their
+/// scripts, which know nothing of it. They take it for an ended session's marker and leave the
+/// session alone.
+#[tokio::test]
+async fn the_previous_release_reads_an_account_hash_with_media_use() {
+    use streamgate_sidecar::store::media::StreamClaim;
+    use streamgate_sidecar::store::redis_store::account_key;
+    let url = redis_env("STREAMGATE_TEST_REDIS");
+    let store = RedisStore::new(RedisTarget::parse(&url).unwrap(), Duration::from_secs(2));
+    let account = unique("previous");
+    let open = OpenRequest {
+        account: &account,
+        stream_id: "tv",
+        limit: 2,
+        ttl_ms: 60_000,
+        on_limit: OnLimitExceeded::RejectNew,
+        mode: Mode::Enforce,
+    };
+    let OpenOutcome::Admitted { session, .. } = store.open(&open).await.unwrap() else {
+        panic!("admitted")
+    };
+    assert_eq!(
+        store
+            .note_network(session.id, [0, 0, 0, 0, 0, 192, 0, 2], 600_000, 3)
+            .await
+            .unwrap(),
+        Some(1)
+    );
+    assert!(matches!(
+        store
+            .claim_stream(session.id, [1; 8], 1, 15_000)
+            .await
+            .unwrap(),
+        StreamClaim::Held { .. }
+    ));
+
+    // The previous release's scripts, on the same hash.
+    let fixture = |name: &str| {
+        std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("tests/fixtures/previous-store/{name}.lua")),
+        )
+        .unwrap()
+    };
+    // Its functions set KEYS and ARGV for the shared part; EVAL has them as globals.
+    let script = |body: &str| {
+        redis::Script::new(&format!(
+            "local K0, A0 = KEYS, ARGV\n{}\nKEYS, ARGV = K0, A0\n{}",
+            fixture("common"),
+            fixture(body)
+        ))
+    };
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let key = account_key(account_tag(&account));
+    let id = session.id.random.to_be_bytes();
+    let touched: redis::Value = script("touch")
+        .key(&key)
+        .arg(&id[..])
+        .arg(60_000)
+        .arg(0)
+        .arg("previous")
+        .arg("unused-channel")
+        .invoke_async(&mut conn)
+        .await
+        .expect("the previous release's media look-up runs");
+    assert!(
+        format!("{touched:?}").contains("active"),
+        "it finds the session active: {touched:?}"
+    );
+    let opened: redis::Value = script("open")
+        .key(&key)
+        .arg(&account)
+        .arg("phone")
+        .arg(&7u128.to_be_bytes()[..])
+        .arg(2)
+        .arg(60_000)
+        .arg("reject")
+        .arg("enforce")
+        .arg(0)
+        .arg("previous")
+        .arg("unused-channel")
+        .invoke_async(&mut conn)
+        .await
+        .expect("the previous release's admission runs");
+    assert!(
+        format!("{opened:?}").contains("admitted"),
+        "it counts one session, not two: {opened:?}"
+    );
+    // This release still finds what it recorded: the session is active with its stream claim.
+    assert_eq!(store.list(&account).await.unwrap().len(), 2);
+    assert!(matches!(
+        store
+            .claim_stream(session.id, [2; 8], 1, 15_000)
+            .await
+            .unwrap(),
+        StreamClaim::Full { streams: 1 }
+    ));
+    assert_eq!(
+        store
+            .note_network(session.id, [0, 0, 0, 0, 0, 198, 51, 100], 600_000, 3)
+            .await
+            .unwrap(),
+        Some(2)
+    );
+}

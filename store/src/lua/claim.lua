@@ -10,7 +10,7 @@ local h, s, expired = active_by_id(id, now, ARGV[5], ARGV[6])
 if not s then
   return {'gone', 0, expired}
 end
-local m = media_of(h, id)
+local m = media_of(h, id, now)
 local streams, mine = {}, nil
 for _, e in ipairs(m.streams) do
   if e[2] > now then
@@ -29,5 +29,5 @@ elseif #streams < max then
 else
   outcome = 'full'
 end
-put_media(h, id, m)
+put_media(h, id, m, now + lease)
 return {outcome, #streams, expired}

@@ -17,12 +17,16 @@
 --                 still, and answers nothing else (an ended session is gone, not cut). Ending
 --                 overwrites the session's field (no field added or deleted), and the marker
 --                 costs about 25 bytes of the hash while it lasts.
---   K[ID .. '~']  the media use of active session ID, once its media was played through a
---                 sidecar (sharing detection, one session one stream: store/src/media.rs):
---                 struct '>c1I1I1' ('u', networks, streams), then per network '>c8i6' (the
---                 network, last seen ms), most recent first, then per stream '>c8i6' (the
---                 response holding the claim, claim lapses at ms). Deleted when the session
---                 stops being active (by the next call that saves the hash).
+--   K[ID .. '~']  the media use of active session ID, once it was used through a sidecar
+--                 (sharing detection, one session one stream: store/src/media.rs): struct
+--                 '>c1i6I1I1' ('n', until ms, networks, streams), then per network '>c8i6' (the
+--                 network, last seen ms), then per stream '>c8i6' (the response holding the
+--                 claim, claim lapses at ms). Deleted when the session stops being active (by
+--                 the next call that saves the hash) or once `until` (when nothing in it
+--                 matters any more) has passed. Its field name is 17 bytes, which is how it is
+--                 told apart; it starts like an ended session's marker so that a sidecar of an
+--                 earlier version, which knows no media use, takes it for one: kept until
+--                 `until`, then deleted, never read as a session.
 --   K['o']        only when other accounts share the tag (a 32-bit tag: about a hundred pairs
 --                 among a million accounts): their hex ids, space-separated. Such an account
 --                 lives in the hash K .. hex(account), same layout, same slot.
@@ -50,7 +54,7 @@ local STATE = {a = 'active', e = 'revoked', k = 'revoked', d = 'revoked', s = 'r
   x = 'expired'}
 local REASON = {a = '', e = 'evicted', k = 'kicked', d = 'denied', s = 'shared', x = 'expired'}
 local CODE = {evicted = 'e', kicked = 'k', denied = 'd', shared = 's', expired = 'x'}
-local MEDIA_HEAD = '>c1I1I1'
+local MEDIA_HEAD = '>c1i6I1I1'
 local MEDIA_ENTRY = '>c8i6'
 
 local function now_ms()
@@ -75,11 +79,11 @@ local function load(k)
       h.account = v
     elseif f == 'o' then
       h.over = v
+    elseif #f == 17 then -- a session's media use
+      h.media[string.sub(f, 1, 16)] = v
     elseif string.byte(v) == 110 then -- 'n': an ended session's marker
       local _, until_ms = struct.unpack(MARKER, v)
       h.ended[f] = until_ms
-    elseif string.byte(v) == 117 then -- 'u': a session's media use
-      h.media[string.sub(f, 1, 16)] = v
     else
       local code, seq, created, expires, ttl, at = struct.unpack(FORMAT, v)
       h.sessions[#h.sessions + 1] = {id = f, code = code, seq = seq, created = created,
@@ -388,15 +392,19 @@ local function records(h, list)
   return out
 end
 
--- The media use of session `id` in `h`: {networks = {{network, seen}...}, streams = {{holder,
--- until}...}}, empty when none is recorded.
-local function media_of(h, id)
-  local m = {networks = {}, streams = {}}
+-- The media use of session `id` in `h` at `now`: {networks = {{network, seen}...}, streams =
+-- {{holder, until}...}, until = ms}, empty when none is recorded or all of it is past.
+local function media_of(h, id, now)
+  local m = {networks = {}, streams = {}, until_ms = 0}
   local v = h.media[id]
   if v == nil then
     return m
   end
-  local _, networks, streams, at = struct.unpack(MEDIA_HEAD, v)
+  local _, until_ms, networks, streams, at = struct.unpack(MEDIA_HEAD, v)
+  if until_ms <= now then
+    return m
+  end
+  m.until_ms = until_ms
   for i = 1, networks do
     local network, seen
     network, seen, at = struct.unpack(MEDIA_ENTRY, v, at)
@@ -410,8 +418,9 @@ local function media_of(h, id)
   return m
 end
 
--- Writes session `id`'s media use `m` (deletes it when empty).
-local function put_media(h, id, m)
+-- Writes session `id`'s media use `m`, which matters until `until_ms` at least (deletes it
+-- when empty).
+local function put_media(h, id, m, until_ms)
   if #m.networks == 0 and #m.streams == 0 then
     if h.media[id] ~= nil then
       h.media[id] = nil
@@ -419,7 +428,10 @@ local function put_media(h, id, m)
     end
     return
   end
-  local parts = {struct.pack(MEDIA_HEAD, 'u', #m.networks, #m.streams)}
+  if until_ms < m.until_ms then
+    until_ms = m.until_ms
+  end
+  local parts = {struct.pack(MEDIA_HEAD, 'n', until_ms, #m.networks, #m.streams)}
   for _, e in ipairs(m.networks) do
     parts[#parts + 1] = struct.pack(MEDIA_ENTRY, e[1], e[2])
   end

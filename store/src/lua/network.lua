@@ -11,7 +11,7 @@ local h, s, expired = active_by_id(id, now, ARGV[5], ARGV[6])
 if not s then
   return {false, expired}
 end
-local m = media_of(h, id)
+local m = media_of(h, id, now)
 table.sort(m.networks, function(x, y) return x[2] > y[2] end)
 local kept = {{network, now}}
 for _, e in ipairs(m.networks) do
@@ -23,5 +23,5 @@ for _, e in ipairs(m.networks) do
   end
 end
 m.networks = kept
-put_media(h, id, m)
+put_media(h, id, m, now + window)
 return {#kept, expired}

@@ -7,7 +7,7 @@ local h = find(KEYS[1], id)
 if not h or h.media[id] == nil then
   return 1
 end
-local m = media_of(h, id)
+local m = media_of(h, id, now_ms())
 local streams = {}
 for _, e in ipairs(m.streams) do
   if e[1] ~= holder then
@@ -15,5 +15,5 @@ for _, e in ipairs(m.streams) do
   end
 end
 m.streams = streams
-put_media(h, id, m)
+put_media(h, id, m, 0)
 return 1
