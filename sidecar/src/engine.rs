@@ -345,8 +345,9 @@ impl Engine {
             self.playback
                 .observe_network(id, client, now_ms, policy.sharing.window_seconds);
         let mut networks = observed.networks as u32;
-        if observed.report {
-            // The store counts the networks every sidecar saw; when it cannot be asked, this
+        if observed.report && !self.store_down() {
+            // The store counts the networks every sidecar saw; while it cannot be asked (and
+            // while the breaker judges it down, so that requests do not wait on it twice), this
             // sidecar's own count still applies.
             let network = crate::playback::Network::of(client).key();
             let keep = policy.sharing.max_networks.saturating_add(1);
@@ -393,14 +394,17 @@ impl Engine {
 
     /// Claims, or renews, one of session `id`'s at most `max` long-lived media responses for
     /// `holder` across every sidecar ([`SessionStore::claim_stream`]), for
-    /// [`MEDIA_STREAM_LEASE`]. `None` when the store cannot be asked: then only this sidecar's
-    /// own count of the session's streams applies.
+    /// [`MEDIA_STREAM_LEASE`]. `None` when the store cannot be asked, or the breaker judges it
+    /// down: then only this sidecar's own count of the session's streams applies.
     pub async fn claim_media_stream(
         &self,
         id: SessionId,
         holder: StreamHolder,
         max: u32,
     ) -> Option<StreamClaim> {
+        if self.store_down() {
+            return None;
+        }
         let lease_ms = MEDIA_STREAM_LEASE.as_millis() as i64;
         match self.store.claim_stream(id, holder, max, lease_ms).await {
             Ok(claim) => {
