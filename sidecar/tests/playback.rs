@@ -839,6 +839,49 @@ async fn one_session_plays_one_stream_across_sidecars() {
     );
 }
 
+/// A stream whose claim lapsed (its sidecar could not renew it for a whole lease) while another
+/// stream of its session took the claim is cut when its sidecar next renews: only one plays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_whose_claim_was_taken_while_it_lapsed_is_cut() {
+    use streamgate_sidecar::store::redis_store::account_key;
+    let (upstream, _) = common::demo_origin().await;
+    let [(a, _a_sidecar), (b, _b_sidecar)] =
+        two_sidecars_on_redis(&default_policy("  maxStreamsPerAccount: 3"), &upstream).await;
+    let account = format!("lapsed-{:08x}", rand::random::<u32>());
+    let (_, opened) = open_with(&Client::new(), &a, &account, "tv").await;
+    let token = token(&opened);
+    let first = Viewer::watch(&a, &token).await;
+    // The claim lapses as if the first sidecar had not reached the store for a whole lease.
+    let id = session_id(&opened);
+    let client = redis::Client::open(redis_env("STREAMGATE_TEST_REDIS").as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut field = id.random.to_be_bytes().to_vec();
+    field.push(b'~');
+    let deleted: u32 = redis::cmd("HDEL")
+        .arg(account_key(id.tag))
+        .arg(field)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        deleted, 1,
+        "the session's media use is where the store keeps it"
+    );
+    // Another player takes the session's stream on the other sidecar meanwhile.
+    let second = Viewer::watch(&b, &token).await;
+    // The first sidecar renews its claim within a third of a lease, finds it taken, and cuts.
+    let ended = tokio::time::timeout(Duration::from_secs(15), first.ended)
+        .await
+        .expect("the stream whose claim was taken is cut at its next renewal");
+    assert!(ended.is_ok());
+    let flowing = *second.bytes.borrow();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        *second.bytes.borrow() > flowing,
+        "the stream holding the claim plays on"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sharing_is_counted_across_sidecars() {
     let (upstream, stats) = common::demo_origin().await;
