@@ -167,7 +167,8 @@ pub struct PlaybackMetrics {
     pub tokens_issued: Counter,
     /// Media requests refused for their credential, by reason.
     pub token_refusals: Family<TokenRefusalLabel, Counter>,
-    /// Long-lived media responses refused because their session already had its streams.
+    /// Long-lived media responses refused (or cut, their lapsed claim taken) because their
+    /// session already had its streams, on this sidecar or another.
     pub media_streams_refused: Family<DryRunLabel, Counter>,
     /// Sessions seen from more networks than allowed, by action taken.
     pub sharing_detected: Family<SharingLabel, Counter>,
@@ -190,7 +191,7 @@ impl PlaybackMetrics {
         );
         registry.register(
             "media_streams_refused",
-            "Long-lived media responses refused because their session already played its streams (maxMediaStreamsPerSession)",
+            "Long-lived media responses refused, or cut when another stream took their lapsed claim, because their session already played its streams on any sidecar (maxMediaStreamsPerSession)",
             metrics.media_streams_refused.clone(),
         );
         registry.register(
