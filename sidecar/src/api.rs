@@ -15,7 +15,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::admission::OverLimit;
-use crate::engine::{Engine, Heartbeat, Kicked, Opened};
+use crate::engine::{Engine, Heartbeat, Kicked, Opened, SessionUse};
 use crate::error::{ActiveStream, ApiError, ErrorBody, ErrorCode};
 use crate::identity::{Identity, Refusal};
 use crate::session::{Session, SessionId};
@@ -281,9 +281,10 @@ async fn playback_response(
     status: StatusCode,
     session: Session,
     peer: Option<std::net::IpAddr>,
+    kind: SessionUse,
 ) -> Result<Response, ApiError> {
     if let (Some(peer), Ok(id)) = (peer, session.session_id.parse::<SessionId>())
-        && engine.observe_use(id, &session.account, peer).await
+        && engine.observe_use(id, &session.account, peer, kind).await
     {
         let mut shared = session;
         shared.state = crate::session::SessionState::Revoked;
@@ -379,8 +380,14 @@ async fn open_stream(
                 .validate_admission(session, facts)
                 .await
                 .map_err(|denied| ApiError::denied(&denied.message, denied.session))?;
-            let mut response =
-                playback_response(&engine, StatusCode::CREATED, session, peer_ip).await?;
+            let mut response = playback_response(
+                &engine,
+                StatusCode::CREATED,
+                session,
+                peer_ip,
+                SessionUse::Open,
+            )
+            .await?;
             if let Some(would) = dry_run {
                 let value = match would {
                     OverLimit::Refuse => "would-refuse",
@@ -400,7 +407,7 @@ async fn open_stream(
             Ok(response)
         }
         Opened::Renewed(session) => {
-            playback_response(&engine, StatusCode::OK, session, peer_ip).await
+            playback_response(&engine, StatusCode::OK, session, peer_ip, SessionUse::Open).await
         }
         Opened::Refused { limit, sessions } => {
             let mut e = ApiError::new(
@@ -453,7 +460,14 @@ async fn heartbeat(
         .await?
     {
         Heartbeat::Renewed(session) => {
-            playback_response(&engine, StatusCode::OK, session, peer).await
+            playback_response(
+                &engine,
+                StatusCode::OK,
+                session,
+                peer,
+                SessionUse::Heartbeat,
+            )
+            .await
         }
         Heartbeat::Gone(session) => Err(ApiError::gone(session)),
         Heartbeat::NotFound => Err(ApiError::not_found(format!(

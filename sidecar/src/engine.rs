@@ -25,6 +25,17 @@ use crate::store::{
     HeartbeatOutcome, KickOutcome, OpenOutcome, OpenRequest, SessionStore, StoreError,
 };
 
+/// What a use of a session was, for sharing detection ([`Engine::observe_use`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionUse {
+    /// An open (new or renewing) answered with a token.
+    Open,
+    /// A heartbeat answered with a token.
+    Heartbeat,
+    /// A media request.
+    Media,
+}
+
 /// How long a long-lived media response's claim on its session's streams lasts unless renewed
 /// (the proxy renews it every third of this while the response streams): a sidecar that dies
 /// mid-stream holds its session's stream for this long at most.
@@ -332,18 +343,28 @@ impl Engine {
     /// it was used from more networks than the account's policy allows within its window, the
     /// session is reported and, under `action: Revoke` (and not in DryRun), revoked with reason
     /// `shared`. Returns true when it was revoked.
+    ///
+    /// Networks are counted across every sidecar by the store: a network is reported to it
+    /// when new to this sidecar and then every quarter window while in use, except on an
+    /// open (`SessionUse::Open`), whose network is reported on the session's next use, so an
+    /// admission stays a single store call.
     pub async fn observe_use(
         &self,
         id: SessionId,
         account: &str,
         client: std::net::IpAddr,
+        kind: SessionUse,
     ) -> bool {
         let policy = self.policy_for(account);
         let now_ms = chrono::Utc::now().timestamp_millis();
         let window_ms = i64::from(policy.sharing.window_seconds) * 1000;
-        let observed =
-            self.playback
-                .observe_network(id, client, now_ms, policy.sharing.window_seconds);
+        let observed = self.playback.observe_network(
+            id,
+            client,
+            now_ms,
+            policy.sharing.window_seconds,
+            kind == SessionUse::Open,
+        );
         let mut networks = observed.networks as u32;
         if observed.report && !self.store_down() {
             // The store counts the networks every sidecar saw; while it cannot be asked (and

@@ -458,7 +458,8 @@ pub struct SharingTracker {
 struct SeenNetwork {
     network: Network,
     seen_ms: i64,
-    reported_ms: i64,
+    /// When this network was last reported to the store; `None`: not yet.
+    reported_ms: Option<i64>,
 }
 
 /// What [`SharingTracker::observe`] found.
@@ -491,30 +492,33 @@ impl SharingTracker {
 
     /// Records that `session` was used from `network` at `now_ms`: how many distinct networks
     /// it was used from within the last `window_ms`, this one included, and whether this use
-    /// is due to be reported to the store (a network new here, or last reported a quarter
-    /// window ago).
+    /// is due to be reported to the store (a network not reported yet, or last reported a
+    /// quarter window ago). With `defer_report` a due report is left to the session's next use
+    /// here (an open: admissions stay one store call; the network counts once it is used).
     pub fn observe(
         &mut self,
         session: SessionId,
         network: Network,
         now_ms: i64,
         window_ms: i64,
+        defer_report: bool,
     ) -> Observed {
         let seen = self.sessions.get_or_insert_mut(session, Vec::new);
-        let reported_ms = seen
+        let last_report = seen
             .iter()
             .find(|s| s.network == network)
-            .map(|s| s.reported_ms)
+            .and_then(|s| s.reported_ms)
             .filter(|at| now_ms - at < window_ms / 4);
+        let report = last_report.is_none() && !defer_report;
         seen.retain(|s| s.network != network && s.seen_ms > now_ms - window_ms);
         seen.push(SeenNetwork {
             network,
             seen_ms: now_ms,
-            reported_ms: reported_ms.unwrap_or(now_ms),
+            reported_ms: if report { Some(now_ms) } else { last_report },
         });
         Observed {
             networks: seen.len(),
-            report: reported_ms.is_none(),
+            report,
         }
     }
 
@@ -679,12 +683,14 @@ impl Playback {
         client: IpAddr,
         now_ms: i64,
         window_seconds: u32,
+        defer_report: bool,
     ) -> Observed {
         self.lock_sharing().observe(
             session,
             Network::of(client),
             now_ms,
             i64::from(window_seconds) * 1000,
+            defer_report,
         )
     }
 
@@ -894,23 +900,23 @@ mod tests {
             Network::V4([5, 6, 7]),
             Network::V6([9; 8]),
         );
-        assert_eq!(tracker.observe(a, home, 0, 1_000).networks, 1);
+        assert_eq!(tracker.observe(a, home, 0, 1_000, false).networks, 1);
         assert_eq!(
-            tracker.observe(a, home, 10, 1_000).networks,
+            tracker.observe(a, home, 10, 1_000, false).networks,
             1,
             "one network seen twice is one"
         );
-        assert_eq!(tracker.observe(a, phone, 20, 1_000).networks, 2);
+        assert_eq!(tracker.observe(a, phone, 20, 1_000, false).networks, 2);
         assert_eq!(
-            tracker.observe(b, friend, 30, 1_000).networks,
+            tracker.observe(b, friend, 30, 1_000, false).networks,
             1,
             "sessions are counted apart"
         );
-        assert_eq!(tracker.observe(a, friend, 40, 1_000).networks, 3);
+        assert_eq!(tracker.observe(a, friend, 40, 1_000, false).networks, 3);
         // Later than the window after home's and phone's last use: only friend and home now.
-        assert_eq!(tracker.observe(a, home, 1_025, 1_000).networks, 2);
+        assert_eq!(tracker.observe(a, home, 1_025, 1_000, false).networks, 2);
         tracker.forget(a);
-        assert_eq!(tracker.observe(a, phone, 1_030, 1_000).networks, 1);
+        assert_eq!(tracker.observe(a, phone, 1_030, 1_000, false).networks, 1);
     }
 
     #[test]
@@ -918,19 +924,19 @@ mod tests {
         let mut tracker = SharingTracker::with_capacity(2);
         let ids: Vec<SessionId> = (0..3).map(|_| SessionId::for_account("x")).collect();
         let (home, phone) = (Network::V4([1, 2, 3]), Network::V4([5, 6, 7]));
-        tracker.observe(ids[0], home, 0, 1_000);
-        tracker.observe(ids[1], home, 10, 1_000);
+        tracker.observe(ids[0], home, 0, 1_000, false);
+        tracker.observe(ids[1], home, 10, 1_000, false);
         // ids[0] seen again: ids[1] is now the least recently seen, and goes for ids[2].
-        tracker.observe(ids[0], phone, 20, 1_000);
-        tracker.observe(ids[2], home, 30, 1_000);
+        tracker.observe(ids[0], phone, 20, 1_000, false);
+        tracker.observe(ids[2], home, 30, 1_000, false);
         assert_eq!(tracker.len(), 2);
         assert_eq!(
-            tracker.observe(ids[0], home, 40, 1_000).networks,
+            tracker.observe(ids[0], home, 40, 1_000, false).networks,
             2,
             "ids[0] kept its networks"
         );
         assert_eq!(
-            tracker.observe(ids[1], phone, 50, 1_000).networks,
+            tracker.observe(ids[1], phone, 50, 1_000, false).networks,
             1,
             "ids[1] was forgotten"
         );
@@ -942,7 +948,7 @@ mod tests {
         let id = SessionId::for_account("x");
         let (home, phone) = (Network::V4([1, 2, 3]), Network::V4([5, 6, 7]));
         let reports = |tracker: &mut SharingTracker, network, at| {
-            tracker.observe(id, network, at, 100_000).report
+            tracker.observe(id, network, at, 100_000, false).report
         };
         assert!(reports(&mut tracker, home, 0), "new here");
         assert!(!reports(&mut tracker, home, 1_000));
@@ -958,6 +964,13 @@ mod tests {
         assert!(!reports(&mut tracker, home, 40_000));
         assert!(!reports(&mut tracker, phone, 49_999));
         assert!(reports(&mut tracker, phone, 50_000));
+        // An open defers its report to the session's next use here.
+        let office = Network::V4([9, 9, 9]);
+        assert!(!tracker.observe(id, office, 60_000, 100_000, true).report);
+        assert!(!tracker.observe(id, office, 61_000, 100_000, true).report);
+        let next = tracker.observe(id, office, 62_000, 100_000, false);
+        assert!(next.report, "reported on its first use after the open");
+        assert_eq!(next.networks, 3);
     }
 
     #[test]

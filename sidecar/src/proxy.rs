@@ -53,7 +53,9 @@ use futures::{Stream, StreamExt};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::engine::{Engine, EngineError, MEDIA_STREAM_LEASE, MediaAccess, fingerprint};
+use crate::engine::{
+    Engine, EngineError, MEDIA_STREAM_LEASE, MediaAccess, SessionUse, fingerprint,
+};
 use crate::error::{ApiError, ErrorCode};
 use crate::playback::{self, Claims, TokenError};
 use crate::policy::Mode;
@@ -616,7 +618,10 @@ async fn forward_checked(proxy: &Arc<Proxy>, request: Request) -> Result<Respons
                 .map(|c| (c.account.clone(), c.stream_id.clone()))
         });
     if let (Some(peer), Some((account, _))) = (peer, &owner)
-        && proxy.engine.observe_use(id, account, peer).await
+        && proxy
+            .engine
+            .observe_use(id, account, peer, SessionUse::Media)
+            .await
     {
         return Err(shared_gone(proxy, id, session.as_ref()));
     }
