@@ -346,11 +346,20 @@ fn session_response(status: StatusCode, session: Session) -> Response {
 )]
 async fn open_stream(
     State(engine): State<Engine>,
-    PeerIp(peer_ip): PeerIp,
-    headers: axum::http::HeaderMap,
-    extensions: axum::http::Extensions,
-    params: ViewerStream,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
+    // The request's parts are read in place: extracting `HeaderMap` and `Extensions` would
+    // copy both on every admission, though only session validators look at them.
+    let (mut parts, _) = request.into_parts();
+    let params = match ViewerStream::from_request_parts(&mut parts, &engine).await {
+        Ok(params) => params,
+        Err(refused) => return Ok(refused),
+    };
+    let peer = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    let peer_ip = peer.map(|p| p.ip());
     match engine
         .open_claimed(&params.account, &params.stream_id, params.claimed_limit())
         .await?
@@ -361,9 +370,6 @@ async fn open_stream(
             degraded,
         } => {
             // Session validators (none: unchanged). Blocking ones answer here.
-            let peer = extensions
-                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                .map(|c| c.0);
             // The verified identity, when the account comes from a token.
             let claims = params.identity.as_ref().map(|identity| {
                 let mut claims = serde_json::Map::new();
@@ -375,7 +381,7 @@ async fn open_stream(
                 }
                 claims
             });
-            let facts = crate::validation::RequestFacts::from_request(peer, &headers, claims);
+            let facts = crate::validation::RequestFacts::from_request(peer, &parts.headers, claims);
             let session = engine
                 .validate_admission(session, facts)
                 .await
