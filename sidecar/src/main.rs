@@ -4,6 +4,11 @@ use clap::Parser;
 use streamgate_sidecar::config::{Config, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+// Allocation is a tenth of a request's CPU under the system allocator (BENCHMARKS.md, "Where
+// the sidecar's CPU goes"); mimalloc's thread-local free lists make it cheaper.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = Config::parse();
