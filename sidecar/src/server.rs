@@ -290,7 +290,7 @@ fn with_openapi_document(routes: Router<Engine>, doc: &utoipa::openapi::OpenApi)
 fn observed(routes: Router<Engine>, engine: Engine, fallback_route: &'static str) -> Router {
     routes
         .layer(middleware::from_fn_with_state(
-            (engine.clone(), fallback_route),
+            (engine.metrics().clone(), fallback_route),
             observe,
         ))
         .layer(
@@ -357,9 +357,10 @@ async fn json_payload_too_large(response: Response) -> Response {
 }
 
 /// Records every request's duration by method (folded into a fixed set), route template (or
-/// `fallback_route`: `proxy` or `unmatched`) and status.
+/// `fallback_route`: `proxy` or `unmatched`) and status. Its state is the metrics alone, not
+/// the engine: the state is cloned for every request, and an engine is a dozen shared pointers.
 async fn observe(
-    State((engine, fallback_route)): State<(Engine, &'static str)>,
+    State((metrics, fallback_route)): State<(Arc<Metrics>, &'static str)>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -370,8 +371,7 @@ async fn observe(
         .get::<MatchedPath>()
         .map_or_else(|| fallback_route.to_string(), |p| p.as_str().to_string());
     let response = next.run(request).await;
-    engine
-        .metrics()
+    metrics
         .http_requests
         .get_or_create(&HttpLabels {
             method,
