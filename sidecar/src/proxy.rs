@@ -801,11 +801,15 @@ async fn hold_stream_claim(
             () = done.cancelled() => break,
             () = tokio::time::sleep(MEDIA_STREAM_LEASE / 3) => {}
         }
-        let max = proxy
-            .engine
-            .policy_of(&account)
-            .max_media_streams_per_session;
+        let policy = proxy.engine.policy_of(&account);
+        let max = policy.max_media_streams_per_session;
         match proxy.engine.claim_media_stream(id, holder, max).await {
+            Some(StreamClaim::Full { streams }) if policy.mode == Mode::DryRun => {
+                count_stream_refused(&proxy, true);
+                tracing::info!(session = %fingerprint(&id.to_string()), in_flight = streams,
+                    "dry run: would cut a stream whose lapsed claim another stream took");
+                break;
+            }
             Some(StreamClaim::Full { streams }) => {
                 tracing::warn!(session = %fingerprint(&id.to_string()), in_flight = streams,
                     "a stream's claim lapsed and another stream of its session took it: cut");
