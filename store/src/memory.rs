@@ -749,6 +749,10 @@ impl SessionStore for MemoryStore {
             && let Some(media) = &mut entry.media
         {
             media.release_stream(holder);
+            // Like the Redis store, which deletes an empty media record.
+            if media.is_empty() {
+                entry.media = None;
+            }
         }
         Ok(())
     }

@@ -1793,8 +1793,7 @@ impl SessionStore for RedisStore {
             .arg(keep.clamp(1, MAX_NETWORKS_KEPT));
         self.origin_and_channel(&mut call);
         // Soft state: not waited for by replicas (see the trait).
-        let connection = self.connection().await?;
-        let value = self.run_on(&connection, &call).await?;
+        let value = self.run(&call).await?;
         let bad = || malformed("network", &value);
         let [networks, expired] = items(&value).ok_or_else(bad)? else {
             return Err(bad());
@@ -1823,8 +1822,7 @@ impl SessionStore for RedisStore {
             .arg(max)
             .arg(lease_ms);
         self.origin_and_channel(&mut call);
-        let connection = self.connection().await?;
-        let value = self.run_on(&connection, &call).await?;
+        let value = self.run(&call).await?;
         let (kind, fields, expired) = reply("claim", &value)?;
         self.publish_local(expired);
         let streams = fields
@@ -1842,9 +1840,7 @@ impl SessionStore for RedisStore {
     async fn release_stream(&self, id: SessionId, holder: StreamHolder) -> Result<(), StoreError> {
         let mut call = self.inner.library.call(Op::Release, account_key(id.tag));
         call.arg(&id_bytes(id)[..]).arg(&holder[..]);
-        let connection = self.connection().await?;
-        self.run_on(&connection, &call).await?;
-        Ok(())
+        self.run(&call).await.map(drop)
     }
 
     async fn adopt(&self, record: &SessionRecord) -> Result<bool, StoreError> {
