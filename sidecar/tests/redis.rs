@@ -754,3 +754,160 @@ async fn the_previous_release_reads_an_account_hash_with_media_use() {
         Some(2)
     );
 }
+
+/// What an account's hash holds and when it expires, with the session's 16-byte field name
+/// (random, so different on every run) written as `<session>`.
+async fn hash_snapshot(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> (Vec<(Vec<u8>, Vec<u8>)>, i64) {
+    let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let mut fields: Vec<(Vec<u8>, Vec<u8>)> = fields
+        .into_iter()
+        .map(|(f, v)| match f.len() {
+            16 => (b"<session>".to_vec(), v),
+            17 => (b"<session>~".to_vec(), v),
+            _ => (f, v),
+        })
+        .collect();
+    fields.sort();
+    let expires_at: i64 = redis::cmd("PEXPIRETIME")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .unwrap();
+    (fields, expires_at)
+}
+
+/// Most accounts hold one session, and the functions answer that shape without loading the hash
+/// into tables. Each such call must answer, write and set the hash's expiry exactly as the
+/// general path does: every call is made twice at the same (test) time, once on an account with
+/// one session (the short path) and once on the same account also holding an ended session's
+/// stale marker, which sends the call down the general path and is deleted there.
+#[tokio::test]
+async fn the_one_session_short_path_answers_and_writes_as_the_general_path() {
+    use streamgate_sidecar::store::clock::{Clock, ManualClock};
+    use streamgate_sidecar::store::redis_store::account_key;
+    let url = redis_env("STREAMGATE_TEST_REDIS");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let account = unique("short-path");
+    let key = account_key(account_tag(&account));
+    let open = |stream: &'static str| OpenRequest {
+        account: &account,
+        stream_id: stream,
+        limit: 3,
+        ttl_ms: 60_000,
+        on_limit: OnLimitExceeded::RejectNew,
+        mode: Mode::Enforce,
+    };
+
+    // Each call, with the answer's session id written as `<id>`.
+    #[derive(Clone, Copy, Debug)]
+    enum Call {
+        OpenFirst,
+        Open,
+        OpenOtherStream,
+        Heartbeat,
+        End,
+        TouchRenewing,
+        TouchNotRenewing,
+    }
+    for call in [
+        Call::OpenFirst,
+        Call::Open,
+        Call::OpenOtherStream,
+        Call::Heartbeat,
+        Call::End,
+        Call::TouchRenewing,
+        Call::TouchNotRenewing,
+    ] {
+        let mut results = Vec::new();
+        for with_stale_marker in [false, true] {
+            // Both runs at the same times.
+            let clock = Arc::new(ManualClock::new(1_900_000_000_000));
+            let store = RedisStore::with_clock(
+                RedisTarget::parse(&url).unwrap(),
+                Duration::from_secs(2),
+                clock.clone(),
+            );
+            let _: () = redis::cmd("DEL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let start = clock.now_ms();
+            let session = if matches!(call, Call::OpenFirst) {
+                None
+            } else {
+                let OpenOutcome::Admitted { session, .. } = store.open(&open("tv")).await.unwrap()
+                else {
+                    panic!("admitted")
+                };
+                Some(session)
+            };
+            let id = session.as_ref().map(|s| s.id);
+            if with_stale_marker {
+                // An ended session's marker ('n', remembered until 1 ms after the open).
+                let mut marker = vec![b'n'];
+                marker.extend_from_slice(&(start + 1).to_be_bytes()[2..]);
+                let _: () = redis::cmd("HSET")
+                    .arg(&key)
+                    .arg(&[9u8; 16][..])
+                    .arg(marker)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            clock.advance(20_000);
+            let answer = match call {
+                Call::OpenFirst | Call::Open => {
+                    format!("{:?}", store.open(&open("tv")).await.unwrap())
+                }
+                Call::OpenOtherStream => {
+                    format!("{:?}", store.open(&open("radio")).await.unwrap())
+                }
+                Call::Heartbeat => {
+                    format!(
+                        "{:?}",
+                        store.heartbeat(&account, "tv", 30_000).await.unwrap()
+                    )
+                }
+                Call::End => format!("{:?}", store.end(&account, "tv").await.unwrap()),
+                Call::TouchRenewing => {
+                    format!("{:?}", store.touch(id.unwrap(), 30_000, 0).await.unwrap())
+                }
+                Call::TouchNotRenewing => format!(
+                    "{:?}",
+                    store.touch(id.unwrap(), 30_000, 50_000).await.unwrap()
+                ),
+            };
+            let answer = match id {
+                Some(id) => answer.replace(&format!("{id:?}"), "<id>"),
+                None => answer,
+            };
+            let (fields, expires_at) = hash_snapshot(&mut conn, &key).await;
+            // Sessions admitted by this call have ids of their own: compared by their values.
+            results.push((answer, fields, expires_at));
+        }
+        let [short, general] = &results[..] else {
+            unreachable!()
+        };
+        if matches!(call, Call::OpenFirst | Call::OpenOtherStream) {
+            // Admits a session under a new id of its own: the answers differ in that id only.
+            assert_eq!(short.1, general.1, "{call:?}: the hash");
+            assert_eq!(short.2, general.2, "{call:?}: the hash's expiry");
+            continue;
+        }
+        assert_eq!(short, general, "{call:?}");
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}

@@ -1281,7 +1281,7 @@ impl RedisStore {
         // nobody holds (which expires after one TTL), and waiting would stall the discards
         // while replicas lag.
         let value = self.run(&call).await?;
-        let (kind, _, expired) = reply("discard", &value)?;
+        let (kind, _, expired) = reply("discard", &value, |_| 0)?;
         self.publish_local(expired);
         match kind.as_str() {
             "discarded" => Ok(true),
@@ -1532,17 +1532,25 @@ fn sessions(value: &Value) -> Option<Vec<SessionRecord>> {
     items(value)?.iter().map(|v| session(v).flatten()).collect()
 }
 
-/// Splits a reply `{kind, ..., expired}` into its kind, its fields and the expired sessions.
+/// Splits a reply `{kind, fields..., [expired]}` into its kind, its `fields(kind)` fields and
+/// the expired sessions: a trailing list, which the functions leave out when they expired none
+/// (an empty list costs Redis about as much to send as several fields).
 fn reply<'a>(
     what: &str,
     value: &'a Value,
+    fields: impl Fn(&str) -> usize,
 ) -> Result<(String, &'a [Value], Vec<SessionRecord>), StoreError> {
-    let parts = items(value).ok_or_else(|| malformed(what, value))?;
-    let (Some(kind), Some(last)) = (parts.first().and_then(text), parts.last()) else {
-        return Err(malformed(what, value));
-    };
-    let expired = sessions(last).ok_or_else(|| malformed(what, value))?;
-    Ok((kind, &parts[1..parts.len() - 1], expired))
+    let bad = || malformed(what, value);
+    let parts = items(value).ok_or_else(bad)?;
+    let kind = parts.first().and_then(text).ok_or_else(bad)?;
+    let n = fields(&kind);
+    match &parts[1..] {
+        own if own.len() == n => Ok((kind, own, Vec::new())),
+        [own @ .., expired] if own.len() == n => {
+            Ok((kind, own, sessions(expired).ok_or_else(bad)?))
+        }
+        _ => Err(bad()),
+    }
 }
 
 #[async_trait]
@@ -1607,7 +1615,29 @@ impl SessionStore for RedisStore {
             Err(error) => return Err(error),
         };
         let bad = || malformed("open", &value);
-        let (kind, fields, expired) = reply("open", &value)?;
+        if let Value::Int(now) = value {
+            // The account's first session, admitted with our id at `now`.
+            let now = Value::Int(now);
+            return Ok(OpenOutcome::Admitted {
+                session: own_session(
+                    id,
+                    request.account,
+                    request.stream_id,
+                    &now,
+                    &now,
+                    request.ttl_ms,
+                )
+                .ok_or_else(bad)?,
+                evicted: Vec::new(),
+                active: 1,
+                dry_run: None,
+            });
+        }
+        let (kind, fields, expired) = reply("open", &value, |kind| match kind {
+            "renewed" | "admitted" => 4,
+            "refused" => 2,
+            _ => 1,
+        })?;
         self.publish_local(expired);
         let count = fields.first().and_then(int).ok_or_else(bad)? as u32;
         let own = |id: SessionId, created: &Value, now: &Value| {
@@ -1672,7 +1702,10 @@ impl SessionStore for RedisStore {
         self.origin_and_channel(&mut call);
         let value = self.run_changing(&call).await?;
         let bad = || malformed("heartbeat", &value);
-        let (kind, fields, expired) = reply("heartbeat", &value)?;
+        let (kind, fields, expired) = reply("heartbeat", &value, |kind| match kind {
+            "renewed" => 4,
+            _ => 2,
+        })?;
         self.publish_local(expired);
         Ok(match (kind.as_str(), fields) {
             ("renewed", [count, id, created, now]) => HeartbeatOutcome::Renewed {
@@ -1703,10 +1736,23 @@ impl SessionStore for RedisStore {
         self.origin_and_channel(&mut call);
         let value = self.run_changing(&call).await?;
         let bad = || malformed("end", &value);
-        let (kind, fields, expired) = reply("end", &value)?;
+        let (kind, fields, expired) = reply("end", &value, |kind| match kind {
+            "ended" => 4,
+            _ => 1,
+        })?;
         self.publish_local(expired);
         match (kind.as_str(), fields) {
-            ("ended", [s]) => Ok(session(s).flatten()),
+            // The session as it was, active: the reply carries what the caller does not know.
+            ("ended", [id, created, expires, ttl]) => Ok(Some(SessionRecord {
+                id: renewed_id(id, account).ok_or_else(bad)?,
+                account: account.to_string(),
+                stream_id: stream_id.to_string(),
+                state: SessionState::Active,
+                reason: None,
+                created_at_ms: int(created).ok_or_else(bad)?,
+                expires_at_ms: int(expires).ok_or_else(bad)?,
+                ttl_ms: int(ttl).ok_or_else(bad)?,
+            })),
             ("none", _) => Ok(None),
             _ => Err(bad()),
         }
@@ -1739,7 +1785,7 @@ impl SessionStore for RedisStore {
             .run_for_session_with(Op::Kick, id, true, Some(reason.as_str()))
             .await?;
         let bad = || malformed("kick", &value);
-        let (kind, fields, expired) = reply("kick", &value)?;
+        let (kind, fields, expired) = reply("kick", &value, |_| 1)?;
         self.publish_local(expired);
         Ok(match (kind.as_str(), fields) {
             ("kicked", [s]) => {
@@ -1765,10 +1811,13 @@ impl SessionStore for RedisStore {
         let connection = self.connection().await?;
         let value = self.run_on(&connection, &call).await?;
         let bad = || malformed("touch", &value);
-        let [found, renewed, expired] = items(&value).ok_or_else(bad)? else {
-            return Err(bad());
+        // The expired sessions come last, only when there are any.
+        let (found, renewed, expired) = match items(&value).ok_or_else(bad)? {
+            [found, renewed] => (found, renewed, Vec::new()),
+            [found, renewed, expired] => (found, renewed, sessions(expired).ok_or_else(bad)?),
+            _ => return Err(bad()),
         };
-        self.publish_local(sessions(expired).ok_or_else(bad)?);
+        self.publish_local(expired);
         let renewed = int(renewed).ok_or_else(bad)? == 1;
         // Only a renewal changed the store.
         if renewed {
@@ -1823,7 +1872,7 @@ impl SessionStore for RedisStore {
             .arg(lease_ms);
         self.origin_and_channel(&mut call);
         let value = self.run(&call).await?;
-        let (kind, fields, expired) = reply("claim", &value)?;
+        let (kind, fields, expired) = reply("claim", &value, |_| 1)?;
         self.publish_local(expired);
         let streams = fields
             .first()
@@ -1851,7 +1900,7 @@ impl SessionStore for RedisStore {
             .arg(record.ttl_ms);
         self.origin_and_channel(&mut call);
         let value = self.run_changing(&call).await?;
-        let (kind, _, expired) = reply("adopt", &value)?;
+        let (kind, _, expired) = reply("adopt", &value, |_| 0)?;
         self.publish_local(expired);
         match kind.as_str() {
             "adopted" | "present" => Ok(true),

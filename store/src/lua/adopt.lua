@@ -16,7 +16,7 @@ for _, s in ipairs(h.sessions) do
     return {'present', expired}
   end
 end
-if h.ended[id] then
+if h.ended and h.ended[id] then
   save(h)
   return {'ended', expired}
 end

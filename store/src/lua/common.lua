@@ -56,6 +56,11 @@ local REASON = {a = '', e = 'evicted', k = 'kicked', d = 'denied', s = 'shared',
 local CODE = {evicted = 'e', kicked = 'k', denied = 'd', shared = 's', expired = 'x'}
 local MEDIA_HEAD = '>c1i6I1I1'
 local MEDIA_ENTRY = '>c8i6'
+-- The empty list in replies. Nothing writes to it: a hash's optional parts (ended, media, dirty,
+-- gone) are nil until it has some, and lists are made when their first entry comes, so the
+-- common call allocates no empty tables (allocation and garbage collection are a good part of a
+-- call's Lua time).
+local EMPTY = {}
 
 local function now_ms()
   if #ARGV >= 2 and ARGV[#ARGV - 1] == '__now__' then
@@ -69,10 +74,13 @@ local function hex(s)
   return (string.gsub(s, '.', function(c) return string.format('%02x', string.byte(c)) end))
 end
 
--- The account hash at key `k`: {key, account, over, sessions = {...}, dirty = {}, gone = {}}.
-local function load(k)
-  local flat = redis.call('HGETALL', k)
-  local h = {key = k, sessions = {}, ended = {}, media = {}, dirty = {}, gone = {}}
+-- The account hash at key `k`: {key, account, over, sessions = {...}, ...}, from its fields
+-- `flat` (HGETALL) when the caller has read them already.
+local function load(k, flat)
+  flat = flat or redis.call('HGETALL', k)
+  -- Optional parts, nil until the hash has one: ended (id -> until ms), media (id -> value),
+  -- dirty (changed sessions), gone (fields to delete).
+  local h = {key = k, sessions = {}, account = false, new = false, dirty = false}
   for i = 1, #flat, 2 do
     local f, v = flat[i], flat[i + 1]
     if f == '@' then
@@ -80,9 +88,11 @@ local function load(k)
     elseif f == 'o' then
       h.over = v
     elseif #f == 17 then -- a session's media use
+      h.media = h.media or {}
       h.media[string.sub(f, 1, 16)] = v
     elseif string.byte(v) == 110 then -- 'n': an ended session's marker
       local _, until_ms = struct.unpack(MARKER, v)
+      h.ended = h.ended or {}
       h.ended[f] = until_ms
     else
       local code, seq, created, expires, ttl, at = struct.unpack(FORMAT, v)
@@ -93,10 +103,48 @@ local function load(k)
   return h
 end
 
--- The hash of `account`, whose tag hash is `main`: `main` itself unless another account holds it.
-local function account_hash(main, account)
-  local h = load(main)
-  if h.account == nil or h.account == account then
+-- The one session of hash fields `flat` (HGETALL), when they hold exactly the account's id and
+-- that session, active and not yet due at `now`, and the account is `account` (any when nil):
+-- its id, admission seq, created, expires, ttl and stream. Nil otherwise. This is the shape of
+-- almost every account (one viewer, one stream), and the calls below answer it without loading
+-- the hash into tables: what they write and answer is what the general path would.
+local function only_session(flat, account, now)
+  if #flat ~= 4 then
+    return nil
+  end
+  local a, f, v
+  if flat[1] == '@' then
+    a, f, v = flat[2], flat[3], flat[4]
+  elseif flat[3] == '@' then
+    a, f, v = flat[4], flat[1], flat[2]
+  else
+    return nil
+  end
+  -- 'a' (97): an active session; a 16-byte field name: a session, not media use or a list.
+  if (account and a ~= account) or #f ~= 16 or string.byte(v) ~= 97 then
+    return nil
+  end
+  local _, seq, created, expires, ttl, at = struct.unpack(FORMAT, v)
+  if expires <= now then
+    return nil
+  end
+  return f, seq, created, expires, ttl, string.sub(v, at)
+end
+
+-- Reply `r`, with the expired sessions' records appended when there are any (an empty list costs
+-- the reply as much as several fields, and most calls expire nothing).
+local function with_expired(r, expired)
+  if expired ~= EMPTY then
+    r[#r + 1] = expired
+  end
+  return r
+end
+
+-- The hash of `account`, whose tag hash is `main` (with fields `flat` when read already): `main`
+-- itself unless another account holds it.
+local function account_hash(main, account, flat)
+  local h = load(main, flat)
+  if not h.account or h.account == account then
     h.account = h.account or account
     h.new = #h.sessions == 0
     return h
@@ -108,10 +156,12 @@ local function account_hash(main, account)
   return o
 end
 
--- The hash holding session `id` and the session, or nil.
-local function find(main, id)
-  local h = load(main)
-  for _, s in ipairs(h.sessions) do
+-- The hash holding session `id` and the session, or nil (`flat`: the fields of `main` when read
+-- already).
+local function find(main, id, flat)
+  local h = load(main, flat)
+  for i = 1, #h.sessions do
+    local s = h.sessions[i]
     if s.id == id then
       return h, s
     end
@@ -119,13 +169,19 @@ local function find(main, id)
   for suffix in string.gmatch(h.over or '', '%S+') do
     local o = load(main .. suffix)
     o.main, o.main_over = main, h.over
-    for _, s in ipairs(o.sessions) do
+    for i = 1, #o.sessions do
+      local s = o.sessions[i]
       if s.id == id then
         return o, s
       end
     end
   end
   return nil, nil
+end
+
+-- A session's field value.
+local function pack_session(code, seq, created, expires, ttl, stream)
+  return struct.pack(FORMAT, code, seq, created, expires, ttl) .. stream
 end
 
 local function record(h, s)
@@ -141,12 +197,27 @@ local function answerable(s, now)
 end
 
 local function touched(h, s)
-  h.dirty[#h.dirty + 1] = s
+  local dirty = h.dirty
+  if dirty then
+    dirty[#dirty + 1] = s
+  else
+    h.dirty = {s}
+  end
+end
+
+-- Deletes field `f` of `h` when it is saved.
+local function forget(h, f)
+  local gone = h.gone
+  if gone then
+    gone[#gone + 1] = f
+  else
+    h.gone = {f}
+  end
 end
 
 local function remove(h, s)
   s.removed = true
-  h.gone[#h.gone + 1] = s.id
+  forget(h, s.id)
 end
 
 -- Removes active session `s`, which its player ended, and marks its id ended until one TTL
@@ -154,6 +225,7 @@ end
 local function mark_ended(h, s, now)
   -- Removed from the sessions, but its field is overwritten by the marker, not deleted.
   s.removed = true
+  h.ended = h.ended or {}
   h.ended[s.id] = now + s.ttl
   h.marked = s.id
 end
@@ -180,31 +252,37 @@ local function cut(h, s, reason, at, now, origin, channel)
 end
 
 -- Expires the account's overdue sessions and forgets tombstones and ended markers past their
--- time. Returns the expired sessions.
+-- time. Returns the expired sessions' records.
 local function expire_overdue(h, now, origin, channel)
-  for id, until_ms in pairs(h.ended) do
-    if until_ms <= now then
-      h.ended[id] = nil
-      h.gone[#h.gone + 1] = id
+  local ended = h.ended
+  if ended then
+    for id, until_ms in pairs(ended) do
+      if until_ms <= now then
+        ended[id] = nil
+        forget(h, id)
+      end
     end
   end
-  local expired = {}
-  for _, s in ipairs(h.sessions) do
+  local expired
+  for i = 1, #h.sessions do
+    local s = h.sessions[i]
     if s.code == 'a' then
       if s.expires <= now then
+        expired = expired or {}
         expired[#expired + 1] = cut(h, s, 'expired', s.expires, now, origin, channel)
       end
     elseif s.expires + s.ttl <= now then
       remove(h, s)
     end
   end
-  return expired
+  return expired or EMPTY
 end
 
 -- The account's active sessions, oldest first (by creation, then admission order).
 local function active(h)
   local out = {}
-  for _, s in ipairs(h.sessions) do
+  for i = 1, #h.sessions do
+    local s = h.sessions[i]
     if s.code == 'a' and not s.removed then
       out[#out + 1] = s
     end
@@ -220,7 +298,8 @@ end
 
 local function count_active(h)
   local n = 0
-  for _, s in ipairs(h.sessions) do
+  for i = 1, #h.sessions do
+    local s = h.sessions[i]
     if s.code == 'a' and not s.removed then
       n = n + 1
     end
@@ -229,7 +308,8 @@ local function count_active(h)
 end
 
 local function active_of_stream(h, stream)
-  for _, s in ipairs(h.sessions) do
+  for i = 1, #h.sessions do
+    local s = h.sessions[i]
     if s.code == 'a' and not s.removed and s.stream == stream then
       return s
     end
@@ -247,7 +327,8 @@ end
 -- Adds a new active session.
 local function insert(h, id, stream, created, now, ttl)
   local seq = 0
-  for _, s in ipairs(h.sessions) do
+  for i = 1, #h.sessions do
+    local s = h.sessions[i]
     if s.seq > seq then
       seq = s.seq
     end
@@ -269,13 +350,14 @@ end
 -- Writes back what changed in `h`, and sets the key to expire when its last session or
 -- tombstone stops mattering (or deletes it when it holds none).
 local function save(h)
-  if #h.dirty == 0 and #h.gone == 0 and not h.marked then
+  if not h.dirty and not h.gone and not h.marked then
     return
   end
-  if next(h.media) ~= nil then
+  if h.media then
     -- Media use lasts only while its session is active.
     local live = {}
-    for _, s in ipairs(h.sessions) do
+    for i = 1, #h.sessions do
+      local s = h.sessions[i]
       if s.code == 'a' and not s.removed then
         live[s.id] = true
       end
@@ -283,12 +365,13 @@ local function save(h)
     for id in pairs(h.media) do
       if not live[id] then
         h.media[id] = nil
-        h.gone[#h.gone + 1] = id .. '~'
+        forget(h, id .. '~')
       end
     end
   end
   local until_ms, left = 0, 0
-  for _, s in ipairs(h.sessions) do
+  for i = 1, #h.sessions do
+    local s = h.sessions[i]
     if not s.removed then
       left = left + 1
       if s.expires + s.ttl > until_ms then
@@ -296,7 +379,7 @@ local function save(h)
       end
     end
   end
-  for _, marker_until in pairs(h.ended) do
+  for _, marker_until in pairs(h.ended or EMPTY) do
     left = left + 1
     if marker_until > until_ms then
       until_ms = marker_until
@@ -321,19 +404,24 @@ local function save(h)
     end
     return
   end
-  if #h.gone > 0 then
-    for i = 1, #h.gone, 1000 do
-      redis.call('HDEL', h.key, unpack(h.gone, i, math.min(i + 999, #h.gone)))
+  local gone = h.gone
+  if gone then
+    for i = 1, #gone, 1000 do
+      redis.call('HDEL', h.key, unpack(gone, i, math.min(i + 999, #gone)))
     end
   end
-  local args = {}
+  local args
   if h.new then
-    args[1], args[2] = '@', h.account
+    args = {'@', h.account}
+  else
+    args = {}
   end
-  for _, s in ipairs(h.dirty) do
+  local dirty = h.dirty or EMPTY
+  for i = 1, #dirty do
+    local s = dirty[i]
     if not s.removed then
       args[#args + 1] = s.id
-      args[#args + 1] = struct.pack(FORMAT, s.code, s.seq, s.created, s.expires, s.ttl) .. s.stream
+      args[#args + 1] = pack_session(s.code, s.seq, s.created, s.expires, s.ttl, s.stream)
     end
   end
   if h.marked then
@@ -396,7 +484,7 @@ end
 -- {{holder, until}...}, until = ms}, empty when none is recorded or all of it is past.
 local function media_of(h, id, now)
   local m = {networks = {}, streams = {}, until_ms = 0}
-  local v = h.media[id]
+  local v = h.media and h.media[id]
   if v == nil then
     return m
   end
@@ -422,7 +510,7 @@ end
 -- when empty).
 local function put_media(h, id, m, until_ms)
   if #m.networks == 0 and #m.streams == 0 then
-    if h.media[id] ~= nil then
+    if h.media and h.media[id] ~= nil then
       h.media[id] = nil
       redis.call('HDEL', h.key, id .. '~')
     end
@@ -439,6 +527,7 @@ local function put_media(h, id, m, until_ms)
     parts[#parts + 1] = struct.pack(MEDIA_ENTRY, e[1], e[2])
   end
   local v = table.concat(parts)
+  h.media = h.media or {}
   h.media[id] = v
   redis.call('HSET', h.key, id .. '~', v)
 end
@@ -448,7 +537,7 @@ end
 local function active_by_id(id, now, origin, channel)
   local h, s = find(KEYS[1], id)
   if not h then
-    return nil, nil, {}
+    return nil, nil, EMPTY
   end
   local expired = expire_overdue(h, now, origin, channel)
   save(h)

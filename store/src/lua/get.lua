@@ -6,7 +6,7 @@
 local id, origin, channel = ARGV[1], ARGV[2], ARGV[3]
 local h, s = find(KEYS[1], id)
 if not h then
-  return {false, {}}
+  return {false, EMPTY}
 end
 local now = now_ms()
 local expired = expire_overdue(h, now, origin, channel)

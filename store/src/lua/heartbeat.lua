@@ -1,18 +1,27 @@
 -- heartbeat: renews the active session of (account, stream).
 -- KEYS[1] the account's tag hash
 -- ARGV: account, stream, ttl ms, origin, channel
--- Reply: {'renewed', active count, raw id, created, now, expired} (the caller knows the rest of
---        its session: as open's) | {'gone', 0, session, expired}
---      | {'notfound', 0, false, expired}
+-- Reply: {'renewed', active count, raw id, created, now[, expired]} (the caller knows the rest of
+--        its session: as open's) | {'gone', 0, session[, expired]}
+--      | {'notfound', 0, false[, expired]}
+-- (expired: the sessions this call found overdue, only when there are any.)
 local account, stream, ttl, origin, channel = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local now = now_ms()
-local h = account_hash(KEYS[1], account)
+local flat = redis.call('HGETALL', KEYS[1])
+local id, seq, created, _, _, own_stream = only_session(flat, account, now)
+if id and own_stream == stream then
+  -- The account's only session, renewed: its expiry, and the key's (its expiry plus one TTL).
+  redis.call('HSET', KEYS[1], id, pack_session('a', seq, created, now + ttl, ttl, stream))
+  redis.call('PEXPIREAT', KEYS[1], now + 2 * ttl)
+  return {'renewed', 1, id, created, now}
+end
+local h = account_hash(KEYS[1], account, flat)
 local expired = expire_overdue(h, now, origin, channel)
 local s = active_of_stream(h, stream)
 if s then
   renew(h, s, now, ttl)
   save(h)
-  return {'renewed', count_active(h), s.id, s.created, now, expired}
+  return with_expired({'renewed', count_active(h), s.id, s.created, now}, expired)
 end
 save(h)
 -- The stream's most recently cut session, while it answers. A stream has one active session at a
@@ -24,6 +33,6 @@ for _, t in ipairs(h.sessions) do
   end
 end
 if answerable(last, now) then
-  return {'gone', 0, record(h, last), expired}
+  return with_expired({'gone', 0, record(h, last)}, expired)
 end
-return {'notfound', 0, false, expired}
+return with_expired({'notfound', 0, false}, expired)

@@ -6,7 +6,7 @@
 local id, reason, origin, channel = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local h, s = find(KEYS[1], id)
 if not h then
-  return {'notfound', false, {}}
+  return {'notfound', false, EMPTY}
 end
 local now = now_ms()
 local expired = expire_overdue(h, now, origin, channel)

@@ -4,7 +4,7 @@
 -- Reply: 1
 local id, holder = ARGV[1], ARGV[2]
 local h = find(KEYS[1], id)
-if not h or h.media[id] == nil then
+if not h or not h.media or h.media[id] == nil then
   return 1
 end
 local m = media_of(h, id, now_ms())

@@ -2,23 +2,36 @@
 -- (expires - ttl) is at least `renew after` ms old: the implicit heartbeat of a playing viewer.
 -- KEYS[1] the tag hash of the id
 -- ARGV: id (16 raw bytes), ttl ms, renew after ms, origin, channel
--- Reply: {session or false, renewed (0 | 1), expired}
+-- Reply: {session or false, renewed (0 | 1)[, expired]} (expired: the sessions this call found
+-- overdue, only when there are any)
 local id, ttl, renew_after = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local origin, channel = ARGV[4], ARGV[5]
-local h, s = find(KEYS[1], id)
-if not h then
-  return {false, 0, {}}
-end
 local now = now_ms()
+local flat = redis.call('HGETALL', KEYS[1])
+local own, seq, created, expires, own_ttl, stream = only_session(flat, nil, now)
+if own == id then
+  -- The only session of its hash (the account's id is the other field).
+  local account = flat[1] == '@' and flat[2] or flat[4]
+  if now - (expires - own_ttl) >= renew_after then
+    redis.call('HSET', KEYS[1], id, pack_session('a', seq, created, now + ttl, ttl, stream))
+    redis.call('PEXPIREAT', KEYS[1], now + 2 * ttl)
+    return {{id, account, stream, 'active', '', created, now + ttl, ttl}, 1}
+  end
+  return {{id, account, stream, 'active', '', created, expires, own_ttl}, 0}
+end
+local h, s = find(KEYS[1], id, flat)
+if not h then
+  return {false, 0}
+end
 local expired = expire_overdue(h, now, origin, channel)
 if not answerable(s, now) then
   save(h)
-  return {false, 0, expired}
+  return with_expired({false, 0}, expired)
 end
 if s.code == 'a' and now - (s.expires - s.ttl) >= renew_after then
   renew(h, s, now, ttl)
   save(h)
-  return {record(h, s), 1, expired}
+  return with_expired({record(h, s), 1}, expired)
 end
 save(h)
-return {record(h, s), 0, expired}
+return with_expired({record(h, s), 0}, expired)
