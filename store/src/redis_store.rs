@@ -1811,21 +1811,47 @@ impl SessionStore for RedisStore {
         let connection = self.connection().await?;
         let value = self.run_on(&connection, &call).await?;
         let bad = || malformed("touch", &value);
-        // The expired sessions come last, only when there are any.
-        let (found, renewed, expired) = match items(&value).ok_or_else(bad)? {
-            [found, renewed] => (found, renewed, Vec::new()),
-            [found, renewed, expired] => (found, renewed, sessions(expired).ok_or_else(bad)?),
+        // `{renewed, account, stream, state, reason, created, expires, ttl}` or `{0, nil}`, then
+        // the expired sessions, only when there are any.
+        let parts = items(&value).ok_or_else(bad)?;
+        let (answer, expired) = match parts.len() {
+            2 | 8 => (parts, Vec::new()),
+            3 | 9 => (
+                &parts[..parts.len() - 1],
+                sessions(&parts[parts.len() - 1]).ok_or_else(bad)?,
+            ),
             _ => return Err(bad()),
         };
         self.publish_local(expired);
+        let [
+            renewed,
+            account,
+            stream,
+            state,
+            reason,
+            created,
+            expires,
+            ttl,
+        ] = answer
+        else {
+            return Ok(None);
+        };
         let renewed = int(renewed).ok_or_else(bad)? == 1;
         // Only a renewal changed the store.
         if renewed {
             self.replicated(&connection).await?;
         }
-        Ok(session(found)
-            .ok_or_else(bad)?
-            .map(|session| Touched { session, renewed }))
+        let session = SessionRecord {
+            id,
+            account: text(account).ok_or_else(bad)?,
+            stream_id: text(stream).ok_or_else(bad)?,
+            state: text(state).and_then(|s| parse_state(&s)).ok_or_else(bad)?,
+            reason: text(reason).and_then(|r| parse_reason(&r)),
+            created_at_ms: int(created).ok_or_else(bad)?,
+            expires_at_ms: int(expires).ok_or_else(bad)?,
+            ttl_ms: int(ttl).ok_or_else(bad)?,
+        };
+        Ok(Some(Touched { session, renewed }))
     }
 
     async fn note_network(

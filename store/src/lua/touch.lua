@@ -2,8 +2,15 @@
 -- (expires - ttl) is at least `renew after` ms old: the implicit heartbeat of a playing viewer.
 -- KEYS[1] the tag hash of the id
 -- ARGV: id (16 raw bytes), ttl ms, renew after ms, origin, channel
--- Reply: {session or false, renewed (0 | 1)[, expired]} (expired: the sessions this call found
--- overdue, only when there are any)
+-- Reply: {renewed (0 | 1), account, stream, state, reason, created, expires, ttl[, expired]}: the
+--        session, active or cut within its TTL (the caller knows its id)
+--      | {0, false[, expired]}: no such session
+-- (expired: the sessions this call found overdue, only when there are any)
+-- The answer for session `s` of hash `h`.
+local function found(h, s, renewed)
+  return {renewed, h.account, s.stream, STATE[s.code], REASON[s.code], s.created, s.expires, s.ttl}
+end
+
 local id, ttl, renew_after = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local origin, channel = ARGV[4], ARGV[5]
 local now = now_ms()
@@ -15,23 +22,23 @@ if own == id then
   if now - (expires - own_ttl) >= renew_after then
     redis.call('HSET', KEYS[1], id, pack_session('a', seq, created, now + ttl, ttl, stream))
     redis.call('PEXPIREAT', KEYS[1], now + 2 * ttl)
-    return {{id, account, stream, 'active', '', created, now + ttl, ttl}, 1}
+    return {1, account, stream, 'active', '', created, now + ttl, ttl}
   end
-  return {{id, account, stream, 'active', '', created, expires, own_ttl}, 0}
+  return {0, account, stream, 'active', '', created, expires, own_ttl}
 end
 local h, s = find(KEYS[1], id, flat)
 if not h then
-  return {false, 0}
+  return {0, false}
 end
 local expired = expire_overdue(h, now, origin, channel)
 if not answerable(s, now) then
   save(h)
-  return with_expired({false, 0}, expired)
+  return with_expired({0, false}, expired)
 end
 if s.code == 'a' and now - (s.expires - s.ttl) >= renew_after then
   renew(h, s, now, ttl)
   save(h)
-  return with_expired({record(h, s), 1}, expired)
+  return with_expired(found(h, s, 1), expired)
 end
 save(h)
-return with_expired({record(h, s), 0}, expired)
+return with_expired(found(h, s, 0), expired)
