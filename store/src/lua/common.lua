@@ -184,6 +184,24 @@ local function pack_session(code, seq, created, expires, ttl, stream)
   return struct.pack(FORMAT, code, seq, created, expires, ttl) .. stream
 end
 
+-- Renews the one session of hash `key` (found by only_session) for `ttl` ms from `now`: its
+-- field, and the key's expiry (the session's plus one TTL), as save() would.
+local function renew_only(key, id, seq, created, stream, now, ttl)
+  redis.call('HSET', key, id, pack_session('a', seq, created, now + ttl, ttl, stream))
+  redis.call('PEXPIREAT', key, now + 2 * ttl)
+end
+
+-- When the session of (account, stream) is its hash's only one (only_session): renews it for
+-- `ttl` ms from `now` and returns the answer of a renewal. Nil otherwise.
+local function renew_if_only(flat, account, stream, now, ttl)
+  local id, seq, created, _, _, own_stream = only_session(flat, account, now)
+  if id and own_stream == stream then
+    renew_only(KEYS[1], id, seq, created, stream, now, ttl)
+    return {'renewed', 1, id, created, now}
+  end
+  return nil
+end
+
 local function record(h, s)
   return {s.id, h.account, s.stream, STATE[s.code], REASON[s.code], s.created, s.expires, s.ttl}
 end
@@ -196,23 +214,23 @@ local function answerable(s, now)
   return nil
 end
 
-local function touched(h, s)
-  local dirty = h.dirty
-  if dirty then
-    dirty[#dirty + 1] = s
+-- Appends `v` to `h`'s list `name`, made with its first entry.
+local function push(h, name, v)
+  local list = h[name]
+  if list then
+    list[#list + 1] = v
   else
-    h.dirty = {s}
+    h[name] = {v}
   end
+end
+
+local function touched(h, s)
+  push(h, 'dirty', s)
 end
 
 -- Deletes field `f` of `h` when it is saved.
 local function forget(h, f)
-  local gone = h.gone
-  if gone then
-    gone[#gone + 1] = f
-  else
-    h.gone = {f}
-  end
+  push(h, 'gone', f)
 end
 
 local function remove(h, s)

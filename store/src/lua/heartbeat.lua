@@ -8,12 +8,9 @@
 local account, stream, ttl, origin, channel = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local now = now_ms()
 local flat = redis.call('HGETALL', KEYS[1])
-local id, seq, created, _, _, own_stream = only_session(flat, account, now)
-if id and own_stream == stream then
-  -- The account's only session, renewed: its expiry, and the key's (its expiry plus one TTL).
-  redis.call('HSET', KEYS[1], id, pack_session('a', seq, created, now + ttl, ttl, stream))
-  redis.call('PEXPIREAT', KEYS[1], now + 2 * ttl)
-  return {'renewed', 1, id, created, now}
+local renewed = renew_if_only(flat, account, stream, now, ttl)
+if renewed then
+  return renewed
 end
 local h = account_hash(KEYS[1], account, flat)
 local expired = expire_overdue(h, now, origin, channel)

@@ -29,12 +29,10 @@ if #flat == 0 and limit > 0 then
   redis.call('PEXPIREAT', KEYS[1], now + 2 * ttl)
   return now
 end
-local own, seq, created, _, _, own_stream = only_session(flat, account, now)
-if own and own_stream == stream then
-  -- The account's only session is this stream's: renewed, as a heartbeat would.
-  redis.call('HSET', KEYS[1], own, pack_session('a', seq, created, now + ttl, ttl, stream))
-  redis.call('PEXPIREAT', KEYS[1], now + 2 * ttl)
-  return {'renewed', 1, own, created, now}
+-- The account's only session is this stream's: renewed, as a heartbeat would.
+local renewed = renew_if_only(flat, account, stream, now, ttl)
+if renewed then
+  return renewed
 end
 local h = account_hash(KEYS[1], account, flat)
 local expired = expire_overdue(h, now, origin, channel)

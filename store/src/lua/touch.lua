@@ -20,8 +20,7 @@ if own == id then
   -- The only session of its hash (the account's id is the other field).
   local account = flat[1] == '@' and flat[2] or flat[4]
   if now - (expires - own_ttl) >= renew_after then
-    redis.call('HSET', KEYS[1], id, pack_session('a', seq, created, now + ttl, ttl, stream))
-    redis.call('PEXPIREAT', KEYS[1], now + 2 * ttl)
+    renew_only(KEYS[1], id, seq, created, stream, now, ttl)
     return {1, account, stream, 'active', '', created, now + ttl, ttl}
   end
   return {0, account, stream, 'active', '', created, expires, own_ttl}
