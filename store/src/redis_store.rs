@@ -1471,28 +1471,32 @@ fn session(value: &Value) -> Option<Option<SessionRecord>> {
     if matches!(value, Value::Nil) {
         return Some(None);
     }
-    let f = items(value)?;
-    let [id, account, stream, state, reason, created, expires, ttl] = f else {
+    let [Value::BulkString(raw), fields @ ..] = items(value)? else {
         return None;
     };
-    let Value::BulkString(id) = id else {
+    // Stored by its random bytes; the tag is the account's, as when it was made.
+    let id = SessionId {
+        random: u128::from_be_bytes(raw.as_slice().try_into().ok()?),
+        tag: account_tag(&text(fields.first()?)?),
+    };
+    record_of(id, fields).map(Some)
+}
+
+/// Session `id` from `{account, stream, state, reason, created, expires, ttl}`.
+fn record_of(id: SessionId, fields: &[Value]) -> Option<SessionRecord> {
+    let [account, stream, state, reason, created, expires, ttl] = fields else {
         return None;
     };
-    let account = text(account)?;
-    Some(Some(SessionRecord {
-        // Stored by its random bytes; the tag is the account's, as when it was made.
-        id: SessionId {
-            random: u128::from_be_bytes(id.as_slice().try_into().ok()?),
-            tag: account_tag(&account),
-        },
-        account,
+    Some(SessionRecord {
+        id,
+        account: text(account)?,
         stream_id: text(stream)?,
         state: parse_state(&text(state)?)?,
         reason: parse_reason(&text(reason)?),
         created_at_ms: int(created)?,
         expires_at_ms: int(expires)?,
         ttl_ms: int(ttl)?,
-    }))
+    })
 }
 
 /// The id of a session of `account` from the raw bytes a function returned.
@@ -1823,34 +1827,18 @@ impl SessionStore for RedisStore {
             _ => return Err(bad()),
         };
         self.publish_local(expired);
-        let [
-            renewed,
-            account,
-            stream,
-            state,
-            reason,
-            created,
-            expires,
-            ttl,
-        ] = answer
-        else {
-            return Ok(None);
+        let [renewed, fields @ ..] = answer else {
+            return Err(bad());
         };
+        if let [Value::Nil] = fields {
+            return Ok(None);
+        }
+        let session = record_of(id, fields).ok_or_else(bad)?;
         let renewed = int(renewed).ok_or_else(bad)? == 1;
         // Only a renewal changed the store.
         if renewed {
             self.replicated(&connection).await?;
         }
-        let session = SessionRecord {
-            id,
-            account: text(account).ok_or_else(bad)?,
-            stream_id: text(stream).ok_or_else(bad)?,
-            state: text(state).and_then(|s| parse_state(&s)).ok_or_else(bad)?,
-            reason: text(reason).and_then(|r| parse_reason(&r)),
-            created_at_ms: int(created).ok_or_else(bad)?,
-            expires_at_ms: int(expires).ok_or_else(bad)?,
-            ttl_ms: int(ttl).ok_or_else(bad)?,
-        };
         Ok(Some(Touched { session, renewed }))
     }
 

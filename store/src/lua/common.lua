@@ -105,7 +105,7 @@ end
 
 -- The one session of hash fields `flat` (HGETALL), when they hold exactly the account's id and
 -- that session, active and not yet due at `now`, and the account is `account` (any when nil):
--- its id, admission seq, created, expires, ttl and stream. Nil otherwise. This is the shape of
+-- its id, admission seq, created, expires, ttl and stream, and the account. Nil otherwise. This is the shape of
 -- almost every account (one viewer, one stream), and the calls below answer it without loading
 -- the hash into tables: what they write and answer is what the general path would.
 local function only_session(flat, account, now)
@@ -128,7 +128,7 @@ local function only_session(flat, account, now)
   if expires <= now then
     return nil
   end
-  return f, seq, created, expires, ttl, string.sub(v, at)
+  return f, seq, created, expires, ttl, string.sub(v, at), a
 end
 
 -- Reply `r`, with the expired sessions' records appended when there are any (an empty list costs

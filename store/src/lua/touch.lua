@@ -15,10 +15,9 @@ local id, ttl, renew_after = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local origin, channel = ARGV[4], ARGV[5]
 local now = now_ms()
 local flat = redis.call('HGETALL', KEYS[1])
-local own, seq, created, expires, own_ttl, stream = only_session(flat, nil, now)
+local own, seq, created, expires, own_ttl, stream, account = only_session(flat, nil, now)
 if own == id then
-  -- The only session of its hash (the account's id is the other field).
-  local account = flat[1] == '@' and flat[2] or flat[4]
+  -- The only session of its hash.
   if now - (expires - own_ttl) >= renew_after then
     renew_only(KEYS[1], id, seq, created, stream, now, ttl)
     return {1, account, stream, 'active', '', created, now + ttl, ttl}
