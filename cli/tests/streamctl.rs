@@ -335,10 +335,11 @@ async fn bad_flags_name_the_flag_and_fail() {
 
 #[tokio::test]
 async fn unreachable_endpoint_is_a_clear_error() {
-    // A port that was just free: nothing listens there.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    drop(listener);
+    // A port bound but not listening: connections are refused, and no other process can
+    // take the port meanwhile.
+    let refusing = tokio::net::TcpSocket::new_v4().unwrap();
+    refusing.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = format!("http://{}", refusing.local_addr().unwrap());
     for command in ["simulate", "load"] {
         let output = streamctl(&[command, "--endpoint", &url, "--duration", "1s"]).await;
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -15,6 +15,8 @@
 //! `tools.env` it writes into the cache); the control plane from `testenv/build`; Redis from
 //! `scripts/redis-up` (`STREAMGATE_TEST_REDIS`). Without them the tests fail, saying so.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use common::{refusing_port, reported_addrs};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
@@ -952,7 +955,8 @@ async fn live_sidecar_metrics() -> Result<Vec<String>> {
     watching.await?;
 
     // A sidecar whose Redis is not there: store errors, and failurePolicy Open admits anyway.
-    let unreachable = format!("redis://127.0.0.1:{}", free_port()?);
+    let (_refusing, port) = refusing_port()?;
+    let unreachable = format!("redis://127.0.0.1:{port}");
     let lonely = Sidecar::with_store(
         Arc::new(RedisStore::new(
             RedisTarget::parse(&unreachable).map_err(anyhow::Error::msg)?,
@@ -988,14 +992,9 @@ impl Drop for Operator {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Starts the operator binary with the chart's Deployment args (listen addresses moved to free
-/// loopback ports); returns it, its metrics port and its webhook port.
+/// Starts the operator binary with the chart's Deployment args (listen addresses moved to
+/// loopback ports the kernel picks, learnt from its log); returns it, its metrics port and its
+/// webhook port.
 fn start_operator(
     deployment: &Deployment,
     namespace: &str,
@@ -1008,7 +1007,6 @@ fn start_operator(
         .as_ref()
         .context("Deployment without a pod spec")?
         .containers[0];
-    let metrics_port = free_port()?;
     let mut args: Vec<String> = container
         .args
         .clone()
@@ -1016,20 +1014,28 @@ fn start_operator(
         .into_iter()
         .filter(|a| !a.starts_with("--metrics-listen=") && !a.starts_with("--webhook-listen="))
         .collect();
-    let webhook_port = free_port()?;
-    args.push(format!("--metrics-listen=127.0.0.1:{metrics_port}"));
-    args.push(format!("--webhook-listen=127.0.0.1:{webhook_port}"));
-    let child = Command::new(env!("CARGO_BIN_EXE_streamgate-operator"))
+    args.push("--metrics-listen=127.0.0.1:0".into());
+    args.push("--webhook-listen=127.0.0.1:0".into());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_streamgate-operator"))
         .args(&args)
         .env("KUBECONFIG", cp.kubeconfig_path())
         .env("POD_NAMESPACE", namespace)
         .env("POD_NAME", "monitoring-test-operator")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
+        .env("RUST_LOG", "warn,streamgate_operator=info")
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting streamgate-operator")?;
-    Ok((Operator(child), metrics_port, webhook_port))
+    let addrs = reported_addrs(
+        &mut child,
+        &[
+            "serving health and metrics",
+            "serving the sidecar injection webhook",
+        ],
+    );
+    let operator = Operator(child);
+    let addrs = addrs?;
+    Ok((operator, addrs[0].port(), addrs[1].port()))
 }
 
 fn monitoring_api(client: &kube::Client, namespace: &str, kind: &str) -> Api<DynamicObject> {

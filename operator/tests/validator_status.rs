@@ -6,6 +6,8 @@
 //! Needs `testenv/build` (the control plane) and `redis-server`/`redis-cli`. Without them the
 //! test fails.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
+use common::refusing_port;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client};
@@ -130,14 +133,6 @@ async fn switchable_validator(mode: Arc<AtomicU8>) -> Result<String> {
     let url = format!("http://{}/review", listener.local_addr()?);
     tokio::spawn(async move { axum::serve(listener, router).await });
     Ok(url)
-}
-
-/// A loopback URL nothing listens on.
-fn closed_port_url() -> Result<String> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    Ok(format!("http://127.0.0.1:{port}/review"))
 }
 
 fn policies(entitlement: &str, geo: &str) -> String {
@@ -409,7 +404,9 @@ async fn the_status_names_a_failing_validator_and_clears_when_it_answers_again()
 
     let mode = Arc::new(AtomicU8::new(FAIL));
     let entitlement = switchable_validator(mode.clone()).await?;
-    let yaml = policies(&entitlement, &closed_port_url()?);
+    // A validator URL whose port refuses connections, held for the whole test.
+    let (_refusing, port) = refusing_port()?;
+    let yaml = policies(&entitlement, &format!("http://127.0.0.1:{port}/review"));
     apply_policies(&client, &ns, &yaml).await?;
     apply_policies(&client, &embedded_ns, &yaml).await?;
     // The reconciler's Ready condition, under its own field manager: the two coexist.

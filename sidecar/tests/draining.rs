@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{SidecarProcess, demo_origin, json, redis_env, unique};
+use common::{SidecarProcess, demo_origin, json, redis_env, refusing_addr, unique};
 use futures::StreamExt;
 use reqwest::Client;
 use streamgate_sidecar::session::{SessionId, SessionState};
@@ -123,11 +123,8 @@ async fn sigterm_closes_streams_as_shutdown_and_keeps_every_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_refusing_connections_is_503_with_retry_after() {
-    // A port nothing listens on: bound, then released.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port that refuses connections.
+    let (_refusing, closed) = refusing_addr();
     let sidecar = SidecarProcess::start(&["--upstream", &format!("http://{closed}")]).await;
     sidecar.wait_ready().await;
     let session = open(&sidecar.base, &unique("refused")).await;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{SidecarProcess, default_policy, metric};
+use common::{SidecarProcess, default_policy, metric, refusing_addr};
 use streamgate_sidecar::engine::Policies;
 use streamgate_sidecar::policy::PolicySet;
 use streamgate_sidecar::server::Sidecar;
@@ -209,11 +209,8 @@ async fn count_matches_the_true_count_during_a_load_run_on_redis_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_cluster_fails_the_count_with_an_error_naming_no_credentials() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (_refusing, addr) = refusing_addr();
+    let port = addr.port();
     let target = RedisTarget::parse(&format!("redis-cluster://:secret@127.0.0.1:{port}")).unwrap();
     let error = count_active(&target)
         .await
@@ -271,19 +268,12 @@ async fn the_sidecar_exports_the_fleet_wide_count_by_policy_with_its_age() {
         "--active-sessions-refresh",
         "200ms",
     ];
-    // Two sidecars on one store: each reports the whole store's figure. The second serves
-    // /metrics also on a port of its own, as injected sidecars do for the PodMonitor.
+    // Two sidecars on one store: each reports the whole store's figure. Each also serves
+    // /metrics on a port of its own (`--metrics-listen`), as injected sidecars do for the
+    // PodMonitor.
     let first = SidecarProcess::start(&args).await;
     first.wait_ready().await;
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics_listen = format!("127.0.0.1:{metrics_port}");
-    let mut with_metrics_port = args.to_vec();
-    with_metrics_port.extend(["--metrics-listen", metrics_listen.as_str()]);
-    let second = SidecarProcess::start(&with_metrics_port).await;
+    let second = SidecarProcess::start(&args).await;
     second.wait_ready().await;
     let http = reqwest::Client::new();
     for (account, stream) in [("a", "1"), ("a", "2"), ("a", "3"), ("b", "1"), ("c", "1")] {
@@ -299,7 +289,7 @@ async fn the_sidecar_exports_the_fleet_wide_count_by_policy_with_its_age() {
     let series = r#"streamgate_active_sessions{policy="default",store="redis"}"#;
     wait_for_series(&first, series, 4.0).await;
     wait_for_series(&second, series, 4.0).await;
-    let text = reqwest::get(format!("http://{metrics_listen}/metrics"))
+    let text = reqwest::get(format!("{}/metrics", second.metrics))
         .await
         .unwrap()
         .text()

@@ -600,3 +600,12 @@ pub async fn demo_origin() -> (String, streamgate_demo_origin::OriginStats) {
     tokio::spawn(async move { axum::serve(listener, app).await });
     (url, stats)
 }
+
+/// Holds a loopback address bound but not listening, so connections to it are refused and no
+/// other process can take its port while the test runs (a port released after binding could be).
+pub fn refusing_addr() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
