@@ -1547,13 +1547,17 @@ fn reply<'a>(
     let bad = || malformed(what, value);
     let parts = items(value).ok_or_else(bad)?;
     let kind = parts.first().and_then(text).ok_or_else(bad)?;
-    let n = fields(&kind);
-    match &parts[1..] {
-        own if own.len() == n => Ok((kind, own, Vec::new())),
-        [own @ .., expired] if own.len() == n => {
-            Ok((kind, own, sessions(expired).ok_or_else(bad)?))
-        }
-        _ => Err(bad()),
+    let (own, expired) = own_and_expired(&parts[1..], fields(&kind)).ok_or_else(bad)?;
+    Ok((kind, own, expired))
+}
+
+/// Splits reply items into the call's own `own_len` items and the expired sessions of the
+/// trailing list, which the functions send only when there are any.
+fn own_and_expired(parts: &[Value], own_len: usize) -> Option<(&[Value], Vec<SessionRecord>)> {
+    match parts {
+        own if own.len() == own_len => Some((own, Vec::new())),
+        [own @ .., expired] if own.len() == own_len => Some((own, sessions(expired)?)),
+        _ => None,
     }
 }
 
@@ -1619,16 +1623,15 @@ impl SessionStore for RedisStore {
             Err(error) => return Err(error),
         };
         let bad = || malformed("open", &value);
-        if let Value::Int(now) = value {
-            // The account's first session, admitted with our id at `now`.
-            let now = Value::Int(now);
+        if let Value::Int(_) = value {
+            // The account's first session, admitted with our id at the time the reply is.
             return Ok(OpenOutcome::Admitted {
                 session: own_session(
                     id,
                     request.account,
                     request.stream_id,
-                    &now,
-                    &now,
+                    &value,
+                    &value,
                     request.ttl_ms,
                 )
                 .ok_or_else(bad)?,
@@ -1818,14 +1821,12 @@ impl SessionStore for RedisStore {
         // `{renewed, account, stream, state, reason, created, expires, ttl}` or `{0, nil}`, then
         // the expired sessions, only when there are any.
         let parts = items(&value).ok_or_else(bad)?;
-        let (answer, expired) = match parts.len() {
-            2 | 8 => (parts, Vec::new()),
-            3 | 9 => (
-                &parts[..parts.len() - 1],
-                sessions(&parts[parts.len() - 1]).ok_or_else(bad)?,
-            ),
-            _ => return Err(bad()),
+        let own_len = if matches!(parts.get(1), Some(Value::Nil)) {
+            2
+        } else {
+            8
         };
+        let (answer, expired) = own_and_expired(parts, own_len).ok_or_else(bad)?;
         self.publish_local(expired);
         let [renewed, fields @ ..] = answer else {
             return Err(bad());
